@@ -1,0 +1,388 @@
+//! The command line: clap definitions, merging flags with the rules file, and running a role
+//! until SIGINT/SIGTERM. Errors become one clear line on stderr and an exit code: 2 for a
+//! mistake in flags or rules (as clap does), 1 for anything else.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use tracing::info;
+
+use crate::config::{
+    ConfigError, ConnectRules, Dur, ExposeRules, LocalRule, PeerAddr, RulesFile, ServiceRule,
+};
+use crate::identity::{default_identity_path, Identity, PeerId};
+use crate::node::Node;
+use crate::roles::connect::SessionConfig;
+use crate::roles::expose::{Authorized, ExposeConfig};
+use crate::transport::Tuning;
+
+const DEFAULT_LISTEN: &str = "0.0.0.0:4433";
+const DEFAULT_DRAIN: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tunnel",
+    version,
+    about = "Reach an RTSP camera or a web UI behind someone else's NAT, peer to peer over QUIC"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print this host's peer id (creating the identity if there is none yet).
+    Id(CommonArgs),
+    /// Serve the named local services to allowed peers.
+    Expose(ExposeArgs),
+    /// Reach a peer's services through local TCP ports.
+    Connect(ConnectArgs),
+}
+
+#[derive(Debug, Args)]
+struct CommonArgs {
+    /// Identity file (key and certificate) [default: ~/.config/tunnel/identity.pem].
+    #[arg(long, env = "TUNNEL_IDENTITY", value_name = "PATH")]
+    identity: Option<PathBuf>,
+    /// Rules file (see proxy-rules.toml); flags add to and override it.
+    #[arg(long, short = 'c', env = "TUNNEL_CONFIG", value_name = "PATH")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct ExposeArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// UDP address to listen on [default: 0.0.0.0:4433].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// A service to expose, NAME=HOST:PORT (repeat for more).
+    #[arg(long = "service", value_name = "NAME=HOST:PORT")]
+    services: Vec<ServiceRule>,
+    /// A peer id allowed to connect (repeat for more).
+    #[arg(long = "allow", value_name = "PEER_ID")]
+    allow: Vec<PeerId>,
+    /// Allow ANY peer that can reach the port. Use only on a trusted network.
+    #[arg(long)]
+    allow_any: bool,
+    /// Proxied sockets at once over all peers; more are answered "busy" [default: 20000].
+    #[arg(long, value_name = "N")]
+    max_streams: Option<usize>,
+    /// How long live streams may take to finish at shutdown [default: 5s].
+    #[arg(long, value_name = "DURATION")]
+    drain_timeout: Option<Dur>,
+}
+
+#[derive(Debug, Args)]
+struct ConnectArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// The peer, as printed by `tunnel expose`: <peer-id>@<host:port>.
+    #[arg(value_name = "PEER_ID@HOST:PORT")]
+    peer: Option<PeerAddr>,
+    /// A local listener, ADDR=SERVICE, e.g. 127.0.0.1:8554=cam (repeat for more).
+    #[arg(long = "local", value_name = "ADDR=SERVICE")]
+    locals: Vec<LocalRule>,
+    /// Local UDP address for the QUIC endpoint [default: 0.0.0.0:0].
+    #[arg(long, value_name = "ADDR")]
+    bind: Option<SocketAddr>,
+    /// Connect at start and stay connected, instead of on the first client.
+    #[arg(long)]
+    eager: bool,
+    /// How long an unused connection stays up after its last stream [default: 30s].
+    #[arg(long, value_name = "DURATION")]
+    idle_grace: Option<Dur>,
+    /// How long a client waits for the connection to come up [default: 10s].
+    #[arg(long, value_name = "DURATION")]
+    connect_timeout: Option<Dur>,
+    /// How long live streams may take to finish at shutdown [default: 5s].
+    #[arg(long, value_name = "DURATION")]
+    drain_timeout: Option<Dur>,
+}
+
+/// A failure with its exit code.
+struct Failure {
+    code: u8,
+    error: anyhow::Error,
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(error: anyhow::Error) -> Self {
+        let code = if error.downcast_ref::<ConfigError>().is_some() {
+            2
+        } else {
+            1
+        };
+        Failure { code, error }
+    }
+}
+
+fn usage(message: String) -> Failure {
+    Failure {
+        code: 2,
+        error: anyhow::anyhow!(message),
+    }
+}
+
+/// Parses the command line and runs it; the process's exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("error: {:#}", f.error);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    std::panic::set_hook(Box::new(|info| {
+        tracing::error!("panic: {info}");
+    }));
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    match cli.command {
+        Command::Id(common) => {
+            let rules = load_rules(&common)?;
+            let identity = load_identity(&common, &rules)?;
+            println!("{}", identity.peer_id());
+            Ok(())
+        }
+        Command::Expose(args) => runtime.block_on(expose(args)),
+        Command::Connect(args) => runtime.block_on(connect(args)),
+    }
+}
+
+fn load_rules(common: &CommonArgs) -> Result<RulesFile, Failure> {
+    match &common.config {
+        Some(path) => Ok(RulesFile::load(path).map_err(anyhow::Error::from)?),
+        None => Ok(RulesFile::default()),
+    }
+}
+
+fn load_identity(common: &CommonArgs, rules: &RulesFile) -> Result<Arc<Identity>, Failure> {
+    let path = common
+        .identity
+        .clone()
+        .or_else(|| rules.identity.clone())
+        .or_else(default_identity_path)
+        .ok_or_else(|| usage("no identity path: set HOME, or give --identity PATH".into()))?;
+    let (identity, created) = Identity::load_or_create(&path).map_err(anyhow::Error::from)?;
+    if created {
+        info!(path = %path.display(), "created a new identity");
+    }
+    Ok(Arc::new(identity))
+}
+
+async fn expose(args: ExposeArgs) -> Result<(), Failure> {
+    let mut rules = load_rules(&args.common)?;
+    let identity = load_identity(&args.common, &rules)?;
+    let file = rules.expose.take().unwrap_or_default();
+    let (listen, config) = expose_config(args_over_file(&args, file))?;
+    let drain = args
+        .drain_timeout
+        .or(rules.drain_timeout)
+        .map_or(DEFAULT_DRAIN, |d| d.0);
+
+    let node = Node::bind(listen, identity, Tuning::default()).map_err(|e| {
+        anyhow::anyhow!("{e}; choose another port with --listen ADDR")
+    })?;
+    let local = node.local_addr().context("reading the bound address")?;
+    let services: Vec<_> = config.services.iter().map(|(n, t)| (n.clone(), t.clone())).collect();
+    node.expose(config).context("starting the QUIC server")?;
+
+    let host = match local.ip() {
+        ip if ip.is_unspecified() => hostname().unwrap_or_else(|| "THIS-HOST".into()),
+        IpAddr::V6(ip) => format!("[{ip}]"),
+        ip => ip.to_string(),
+    };
+    let mut command = format!("tunnel connect {}@{host}:{}", node.peer_id(), local.port());
+    for (name, target) in &services {
+        let port = target.as_str().rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).unwrap_or(0);
+        let local_port = if port >= 1024 { port } else { 8000 + port };
+        command.push_str(&format!(" --local 127.0.0.1:{local_port}={name}"));
+    }
+    info!(peer_id = %node.peer_id(), %local, "exposing {}", services.iter().map(|(n, t)| format!("{n}={t}")).collect::<Vec<_>>().join(", "));
+    println!("peer id: {}", node.peer_id());
+    println!("on the other side, run:\n  {command}");
+
+    wait_for_signal().await;
+    info!("shutting down");
+    tokio::select! {
+        () = node.shutdown(drain) => {}
+        () = wait_for_signal() => {
+            eprintln!("second signal: exiting now");
+            std::process::exit(130);
+        }
+    }
+    Ok(())
+}
+
+/// The file's `[expose]` with the flags applied on top.
+fn args_over_file(args: &ExposeArgs, mut file: ExposeRules) -> ExposeRules {
+    for rule in &args.services {
+        file.services.insert(rule.name.clone(), rule.target.clone());
+    }
+    file.authorized_peers.extend(args.allow.iter().copied());
+    file.allow_any |= args.allow_any;
+    file.listen = args.listen.or(file.listen);
+    file.max_streams = args.max_streams.or(file.max_streams);
+    file
+}
+
+fn expose_config(rules: ExposeRules) -> Result<(SocketAddr, ExposeConfig), Failure> {
+    if rules.services.is_empty() {
+        return Err(usage(
+            "nothing to expose: give --service NAME=HOST:PORT, or [expose.services] in the rules file".into(),
+        ));
+    }
+    let authorized = if rules.allow_any {
+        Authorized::Any
+    } else if rules.authorized_peers.is_empty() {
+        return Err(usage(
+            "no peer is allowed: give --allow PEER_ID (the other side prints it with `tunnel id`), or authorized_peers in the rules file".into(),
+        ));
+    } else {
+        Authorized::Only(rules.authorized_peers.iter().copied().collect::<HashSet<_>>())
+    };
+    let mut config = ExposeConfig::new(rules.services, authorized);
+    if let Some(n) = rules.max_streams {
+        if n == 0 {
+            return Err(usage("max_streams must be at least 1".into()));
+        }
+        config.max_streams = n;
+    }
+    if let Some(d) = rules.dial_timeout {
+        config.dial_timeout = d.0;
+    }
+    let listen = rules.listen.unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default"));
+    Ok((listen, config))
+}
+
+async fn connect(args: ConnectArgs) -> Result<(), Failure> {
+    let mut rules = load_rules(&args.common)?;
+    let identity = load_identity(&args.common, &rules)?;
+    let file = rules.connect.take().unwrap_or_default();
+    let drain = args
+        .drain_timeout
+        .or(rules.drain_timeout)
+        .map_or(DEFAULT_DRAIN, |d| d.0);
+    let (peer, bind, locals, config) = connect_config(&args, file)?;
+
+    // Bind the local ports first: a port in use is the commonest mistake; say so at once.
+    let mut listeners = Vec::new();
+    for rule in &locals {
+        let listener = tokio::net::TcpListener::bind(rule.listen).await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen on {} for service {}: {e}; pick another port with --local ADDR={}",
+                rule.listen,
+                rule.service,
+                rule.service
+            )
+        })?;
+        listeners.push((listener, rule.service.clone()));
+    }
+    let node = Node::bind(bind, identity, Tuning::default())
+        .map_err(|e| anyhow::anyhow!("{e}; choose another address with --bind ADDR"))?;
+    info!(peer_id = %node.peer_id(), "this side's peer id (the other side allows it with --allow)");
+    let session = node.connect(peer.clone(), config);
+    for (listener, service) in listeners {
+        let addr = listener.local_addr().context("reading a listener's address")?;
+        println!("{addr} -> {service} on {}", peer.id);
+        node.serve_local(&session, listener, service);
+    }
+
+    wait_for_signal().await;
+    info!("shutting down");
+    drop(session);
+    tokio::select! {
+        () = node.shutdown(drain) => {}
+        () = wait_for_signal() => {
+            eprintln!("second signal: exiting now");
+            std::process::exit(130);
+        }
+    }
+    Ok(())
+}
+
+type ConnectParts = (PeerAddr, SocketAddr, Vec<LocalRule>, SessionConfig);
+
+fn connect_config(args: &ConnectArgs, file: ConnectRules) -> Result<ConnectParts, Failure> {
+    let peer = args.peer.clone().or(file.peer).ok_or_else(|| {
+        usage("no peer given: run `tunnel connect PEER_ID@HOST:PORT` as printed by `tunnel expose`, or set peer in [connect]".into())
+    })?;
+    let mut locals = file.local;
+    locals.extend(args.locals.iter().cloned());
+    if locals.is_empty() {
+        return Err(usage(
+            "no local listener: give --local ADDR=SERVICE, e.g. --local 127.0.0.1:8554=cam".into(),
+        ));
+    }
+    let mut seen = BTreeMap::new();
+    for rule in &locals {
+        if let Some(other) = seen.insert(rule.listen, &rule.service) {
+            return Err(usage(format!(
+                "{} is given twice (for {other} and {}): each local listener needs its own port",
+                rule.listen, rule.service
+            )));
+        }
+    }
+    let mut config = SessionConfig {
+        eager: args.eager || file.eager,
+        ..SessionConfig::default()
+    };
+    if let Some(d) = args.idle_grace.or(file.idle_grace) {
+        config.idle_grace = d.0;
+    }
+    if let Some(d) = args.connect_timeout.or(file.connect_timeout) {
+        config.connect_timeout = d.0;
+    }
+    let bind = args
+        .bind
+        .or(file.bind)
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+    Ok((peer, bind, locals, config))
+}
+
+fn hostname() -> Option<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    let name = name.trim();
+    (!name.is_empty()).then(|| name.to_owned())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("cannot watch SIGTERM: {e}");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

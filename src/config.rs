@@ -1,0 +1,358 @@
+//! `proxy-rules.toml` and the command-line forms of the same rules.
+//!
+//! Strict: unknown keys are errors, every value is parsed into its type while reading, so an
+//! error names the file, the line and the key. `cli` merges the file with the flags (flags add
+//! to lists and override single values) and validates the result.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::identity::PeerId;
+use crate::protocol::header::check_service_name;
+
+/// Problems with the rules file or the flags.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read rules file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("rules file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The whole rules file. Both sections are optional; one file may serve both roles.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RulesFile {
+    /// Identity file (key and certificate).
+    pub identity: Option<PathBuf>,
+    /// How long live streams may take to finish at shutdown.
+    pub drain_timeout: Option<Dur>,
+    pub expose: Option<ExposeRules>,
+    pub connect: Option<ConnectRules>,
+}
+
+impl RulesFile {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    /// Parses the text of a rules file; the error text names the line and the key.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())
+    }
+}
+
+/// `[expose]`: what this host serves, and to whom.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExposeRules {
+    /// UDP address of the QUIC endpoint.
+    pub listen: Option<SocketAddr>,
+    /// Service name → the address of the real server.
+    #[serde(default)]
+    pub services: BTreeMap<ServiceName, Target>,
+    /// Peer ids allowed to connect.
+    #[serde(default)]
+    pub authorized_peers: Vec<PeerId>,
+    /// Allow any peer at all. Logged loudly.
+    #[serde(default)]
+    pub allow_any: bool,
+    /// Proxied sockets at once, over all peers; more are answered "busy".
+    pub max_streams: Option<usize>,
+    /// How long to wait for a real server to accept a connection.
+    pub dial_timeout: Option<Dur>,
+}
+
+/// `[connect]`: the remote peer and the local listeners.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectRules {
+    /// `<peer-id>@<host:port>`.
+    pub peer: Option<PeerAddr>,
+    /// Local UDP address of the QUIC endpoint (default: any address, any port).
+    pub bind: Option<SocketAddr>,
+    #[serde(default)]
+    pub local: Vec<LocalRule>,
+    /// How long an unused connection stays up after its last stream.
+    pub idle_grace: Option<Dur>,
+    /// How long a client waits for the connection to come up.
+    pub connect_timeout: Option<Dur>,
+    /// Connect at start and stay connected, instead of on the first client.
+    #[serde(default)]
+    pub eager: bool,
+}
+
+/// A service name: 1 to 64 of `a-z A-Z 0-9 . _ -`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceName(String);
+
+impl ServiceName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ServiceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for ServiceName {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        check_service_name(s).map_err(|e| format!("invalid service name {s:?}: {e}"))?;
+        Ok(ServiceName(s.to_owned()))
+    }
+}
+
+/// The address of a real server: `HOST:PORT` (a name or an IP; `[v6]:port`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target(String);
+
+impl Target {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for Target {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        check_host_port(s).map_err(|why| format!("invalid target {s:?}: {why}; expected HOST:PORT, e.g. 127.0.0.1:554"))?;
+        Ok(Target(s.to_owned()))
+    }
+}
+
+fn check_host_port(s: &str) -> Result<(), &'static str> {
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return match addr.port() {
+            0 => Err("the port must be 1 to 65535"),
+            _ => Ok(()),
+        };
+    }
+    let (host, port) = s.rsplit_once(':').ok_or("no port")?;
+    match port.parse::<u16>() {
+        Ok(0) | Err(_) => return Err("the port must be 1 to 65535"),
+        Ok(_) => {}
+    }
+    let valid_host = !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+    if !valid_host {
+        return Err("the host must be an IP address or a host name");
+    }
+    Ok(())
+}
+
+/// Where a peer is: `<peer-id>@<host:port>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerAddr {
+    pub id: PeerId,
+    pub addr: String,
+}
+
+impl fmt::Display for PeerAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.id, self.addr)
+    }
+}
+
+impl FromStr for PeerAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (id, addr) = s.split_once('@').ok_or_else(|| {
+            format!("invalid peer {s:?}: expected <peer-id>@<host:port>, as printed by `tunnel expose`")
+        })?;
+        let id = id.parse::<PeerId>().map_err(|e| e.to_string())?;
+        check_host_port(addr).map_err(|why| format!("invalid peer address {addr:?}: {why}"))?;
+        Ok(PeerAddr {
+            id,
+            addr: addr.to_owned(),
+        })
+    }
+}
+
+/// A local listener: TCP `listen` address → the remote `service`. CLI form `ADDR=SERVICE`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalRule {
+    pub listen: SocketAddr,
+    pub service: ServiceName,
+}
+
+impl FromStr for LocalRule {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (listen, service) = s.split_once('=').ok_or_else(|| {
+            format!("invalid local rule {s:?}: expected ADDR=SERVICE, e.g. 127.0.0.1:8554=cam")
+        })?;
+        let listen = listen
+            .parse()
+            .map_err(|_| format!("invalid listen address {listen:?}: expected IP:PORT, e.g. 127.0.0.1:8554"))?;
+        Ok(LocalRule {
+            listen,
+            service: service.parse()?,
+        })
+    }
+}
+
+/// A service rule from the command line: `NAME=HOST:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceRule {
+    pub name: ServiceName,
+    pub target: Target,
+}
+
+impl FromStr for ServiceRule {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, target) = s.split_once('=').ok_or_else(|| {
+            format!("invalid service {s:?}: expected NAME=HOST:PORT, e.g. cam=127.0.0.1:554")
+        })?;
+        Ok(ServiceRule {
+            name: name.parse()?,
+            target: target.parse()?,
+        })
+    }
+}
+
+/// A duration written like `30s`, `500ms` or `2m`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl FromStr for Dur {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        humantime::parse_duration(s)
+            .map(Dur)
+            .map_err(|e| format!("invalid duration {s:?} ({e}): write e.g. 30s, 500ms or 2m"))
+    }
+}
+
+fn from_str<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: FromStr<Err = String>,
+{
+    let s = String::deserialize(d)?;
+    s.parse().map_err(serde::de::Error::custom)
+}
+
+macro_rules! deserialize_via_from_str {
+    ($($t:ty),*) => {$(
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                from_str(d)
+            }
+        }
+    )*};
+}
+deserialize_via_from_str!(ServiceName, Target, PeerAddr, Dur);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_rules_file_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy-rules.toml");
+        let rules = RulesFile::load(&path).unwrap();
+        let expose = rules.expose.expect("the example has an [expose] section");
+        assert!(!expose.services.is_empty());
+        let connect = rules.connect.expect("the example has a [connect] section");
+        assert!(!connect.local.is_empty());
+        for local in &connect.local {
+            assert!(
+                expose.services.contains_key(&local.service),
+                "example local rule names a service the example exposes"
+            );
+        }
+    }
+
+    #[test]
+    fn a_full_file_parses_into_types() {
+        let id = "a".repeat(32);
+        let text = format!(
+            r#"
+            identity = "/data/identity.pem"
+            drain_timeout = "3s"
+            [expose]
+            listen = "0.0.0.0:4433"
+            authorized_peers = ["{id}"]
+            services = {{ cam = "127.0.0.1:554", web = "nas.lan:8080" }}
+            [connect]
+            peer = "{id}@example.net:4433"
+            idle_grace = "500ms"
+            [[connect.local]]
+            listen = "127.0.0.1:8554"
+            service = "cam"
+            "#
+        );
+        let rules = RulesFile::parse(&text).unwrap();
+        let expose = rules.expose.unwrap();
+        assert_eq!(expose.services.len(), 2);
+        assert_eq!(expose.authorized_peers[0].to_string(), id);
+        let connect = rules.connect.unwrap();
+        assert_eq!(connect.idle_grace, Some(Dur(Duration::from_millis(500))));
+        assert_eq!(connect.peer.unwrap().addr, "example.net:4433");
+        assert_eq!(rules.drain_timeout, Some(Dur(Duration::from_secs(3))));
+    }
+
+    #[test]
+    fn errors_name_the_line_and_the_key() {
+        let err = RulesFile::parse("[expose]\nlisten = \"0.0.0.0:4433\"\nservise = 1\n").unwrap_err();
+        assert!(err.contains("line 3"), "{err}");
+        assert!(err.contains("servise"), "{err}");
+
+        let err = RulesFile::parse("[expose.services]\ncam = \"127.0.0.1\"\n").unwrap_err();
+        assert!(err.contains("line 2") && err.contains("no port"), "{err}");
+
+        let err = RulesFile::parse("[connect]\nidle_grace = \"soon\"\n").unwrap_err();
+        assert!(err.contains("line 2") && err.contains("30s"), "{err}");
+
+        let err = RulesFile::parse("[expose]\nauthorized_peers = [\"nope\"]\n").unwrap_err();
+        assert!(err.contains("line 2") && err.contains("peer id"), "{err}");
+    }
+
+    #[test]
+    fn command_line_forms_parse_and_explain_mistakes() {
+        let rule: LocalRule = "127.0.0.1:8554=cam".parse().unwrap();
+        assert_eq!(rule.listen.port(), 8554);
+        assert_eq!(rule.service.as_str(), "cam");
+        assert!("127.0.0.1:8554".parse::<LocalRule>().unwrap_err().contains("ADDR=SERVICE"));
+        let svc: ServiceRule = "web=[::1]:8080".parse().unwrap();
+        assert_eq!(svc.target.as_str(), "[::1]:8080");
+        assert!("cam=127.0.0.1:0".parse::<ServiceRule>().is_err());
+        assert!("c/m=127.0.0.1:1".parse::<ServiceRule>().is_err());
+        let err = "abc@host:1".parse::<PeerAddr>().unwrap_err();
+        assert!(err.contains("tunnel id"), "{err}");
+        let err = format!("{}", "a".repeat(32)).parse::<PeerAddr>().unwrap_err();
+        assert!(err.contains("<peer-id>@<host:port>"), "{err}");
+    }
+}

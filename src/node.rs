@@ -1,0 +1,122 @@
+//! A node: one process's QUIC endpoint, the roles it plays, their tasks, and the drain.
+//!
+//! Every task a node starts lives in its [`TaskTracker`]. Two tokens order the shutdown
+//! (see `docs/architecture.md`): `stop` ends accepting (listeners close, new streams are
+//! answered "busy", new connections refused), then live streams get until the drain deadline
+//! to finish, then `abort` resets what is left, the endpoint closes every connection with a
+//! reason, and the node waits for its tasks and for the close to reach the peers.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::info;
+
+use crate::config::{PeerAddr, ServiceName};
+use crate::identity::{Identity, PeerId};
+use crate::protocol::close_code;
+use crate::roles::connect::{Session, SessionConfig};
+use crate::roles::expose::{Expose, ExposeConfig};
+use crate::stats::Stats;
+use crate::transport::{Transport, TransportError, Tuning};
+
+/// What every role's tasks share.
+#[derive(Clone)]
+pub(crate) struct NodeCtx {
+    pub transport: Transport,
+    pub stats: Arc<Stats>,
+    /// Cancelled when the node stops accepting (start of the drain).
+    pub stop: CancellationToken,
+    /// Cancelled when the drain is over: remaining streams are reset.
+    pub abort: CancellationToken,
+    pub tasks: TaskTracker,
+}
+
+/// One endpoint and the roles played on it.
+pub struct Node {
+    ctx: NodeCtx,
+}
+
+impl Node {
+    /// Binds the node's one UDP socket.
+    pub fn bind(
+        addr: SocketAddr,
+        identity: Arc<Identity>,
+        tuning: Tuning,
+    ) -> Result<Self, TransportError> {
+        let transport = Transport::bind(addr, identity, tuning)?;
+        Ok(Node {
+            ctx: NodeCtx {
+                transport,
+                stats: Arc::new(Stats::default()),
+                stop: CancellationToken::new(),
+                abort: CancellationToken::new(),
+                tasks: TaskTracker::new(),
+            },
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.ctx.transport.local_addr()
+    }
+
+    pub fn peer_id(&self) -> PeerId {
+        self.ctx.transport.identity().peer_id()
+    }
+
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.ctx.stats
+    }
+
+    /// Starts serving allowed peers' streams to the services in `config`.
+    pub fn expose(&self, config: ExposeConfig) -> Result<(), TransportError> {
+        if matches!(config.authorized, crate::roles::expose::Authorized::Any) {
+            tracing::warn!("--allow-any: ANY peer that can reach this port may use every exposed service");
+        }
+        self.ctx.transport.enable_server()?;
+        let expose = Expose::new(config, self.ctx.clone());
+        self.ctx.tasks.spawn(expose.accept_loop());
+        Ok(())
+    }
+
+    /// A session with a remote peer; it connects on the first client (or now if `eager`).
+    pub fn connect(&self, peer: PeerAddr, config: SessionConfig) -> Session {
+        Session::start(peer, config, self.ctx.clone())
+    }
+
+    /// Serves a bound local TCP listener through `session` to the remote `service`.
+    pub fn serve_local(&self, session: &Session, listener: TcpListener, service: ServiceName) {
+        self.ctx
+            .tasks
+            .spawn(session.clone().serve_local(listener, service));
+    }
+
+    /// Drains and stops: stop accepting, let live streams finish for up to `drain`, reset the
+    /// rest, close every connection with a reason, and wait for every task.
+    pub async fn shutdown(self, drain: Duration) {
+        let ctx = self.ctx;
+        ctx.stop.cancel();
+        let live = ctx.stats.streams.get();
+        if live > 0 {
+            info!(live, "draining: waiting up to {drain:?} for live streams to finish");
+        }
+        if !ctx.stats.streams.wait_for(drain, |n| *n == 0).await {
+            info!(left = ctx.stats.streams.get(), "drain deadline reached: resetting what is left");
+        }
+        ctx.abort.cancel();
+        let endpoint = ctx.transport.endpoint().clone();
+        endpoint.close(close_code::SHUTDOWN, b"shutting down");
+        ctx.tasks.close();
+        if tokio::time::timeout(Duration::from_secs(2), ctx.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("some tasks did not end within 2 s of the shutdown");
+        }
+        // Lets the CONNECTION_CLOSE frames go out, bounded.
+        let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    }
+}

@@ -1,0 +1,410 @@
+//! The stream header: the first bytes of every QUIC bidirectional stream.
+//!
+//! Pure codec over byte slices, no I/O. Decoders return `Ok(None)` when they need more bytes,
+//! which is different from `Err` (the bytes can never become a valid header). Every length is
+//! capped, so a hostile peer cannot make a reader buffer more than [`MAX_REQUEST_LEN`] or
+//! [`MAX_RESPONSE_LEN`] bytes. The layout is documented in `docs/protocol.md`.
+//!
+//! ```text
+//! request  = version:u8 | name_len:u8 | service:name_len | ext_len:u16be | ext:ext_len
+//! response = version:u8 | status:u8   | msg_len:u16be    | message:msg_len | ext_len:u16be | ext
+//! ext      = *( type:u8 | len:u16be | value:len )     unknown types are skipped
+//! ```
+
+use std::fmt;
+
+/// Version written in the first byte of every header.
+pub const VERSION: u8 = 1;
+/// Longest service name.
+pub const MAX_SERVICE_LEN: usize = 64;
+/// Longest extension area of a request or response.
+pub const MAX_EXT_LEN: usize = 1024;
+/// Longest human-readable message in a response.
+pub const MAX_MESSAGE_LEN: usize = 512;
+/// Longest encoded request.
+pub const MAX_REQUEST_LEN: usize = 2 + MAX_SERVICE_LEN + 2 + MAX_EXT_LEN;
+/// Longest encoded response.
+pub const MAX_RESPONSE_LEN: usize = 2 + 2 + MAX_MESSAGE_LEN + 2 + MAX_EXT_LEN;
+
+/// Request extension: the local client's socket address, as text, for the exposing side's logs.
+const EXT_CLIENT_ADDR: u8 = 1;
+
+/// What the opener of a stream asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenRequest {
+    /// The service name, as named in the exposing side's rules.
+    pub service: String,
+    /// The address of the client socket on the connecting side, for logs only.
+    pub client_addr: Option<String>,
+}
+
+/// How the exposing side answers an [`OpenRequest`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// The target is connected; payload follows.
+    Ok,
+    /// No service of that name is exposed.
+    UnknownService,
+    /// The target refused the connection, was unreachable or timed out.
+    TargetRefused,
+    /// This peer may not use this service.
+    NotAuthorised,
+    /// The exposing side is at its limit of proxied sockets or is shutting down.
+    Busy,
+    /// The request could not be decoded (malformed, oversized or an unknown version).
+    BadRequest,
+    /// A status code this version does not know.
+    Other(u8),
+}
+
+impl Status {
+    pub fn code(self) -> u8 {
+        match self {
+            Status::Ok => 0,
+            Status::UnknownService => 1,
+            Status::TargetRefused => 2,
+            Status::NotAuthorised => 3,
+            Status::Busy => 4,
+            Status::BadRequest => 5,
+            Status::Other(c) => c,
+        }
+    }
+
+    pub fn from_code(code: u8) -> Self {
+        match code {
+            0 => Status::Ok,
+            1 => Status::UnknownService,
+            2 => Status::TargetRefused,
+            3 => Status::NotAuthorised,
+            4 => Status::Busy,
+            5 => Status::BadRequest,
+            c => Status::Other(c),
+        }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Status::Ok => f.write_str("ok"),
+            Status::UnknownService => f.write_str("unknown service"),
+            Status::TargetRefused => f.write_str("target refused"),
+            Status::NotAuthorised => f.write_str("not authorised"),
+            Status::Busy => f.write_str("busy"),
+            Status::BadRequest => f.write_str("bad request"),
+            Status::Other(c) => write!(f, "status {c}"),
+        }
+    }
+}
+
+/// The exposing side's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenResponse {
+    pub status: Status,
+    /// Human-readable detail, logged by the connecting side. Empty when `status` is `Ok`.
+    pub message: String,
+}
+
+/// Why bytes are not a valid header. These never become valid with more bytes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderError {
+    #[error("unsupported header version {0} (this build speaks {VERSION})")]
+    UnsupportedVersion(u8),
+    #[error("service name is empty")]
+    EmptyService,
+    #[error("service name is {0} bytes, the limit is {MAX_SERVICE_LEN}")]
+    ServiceTooLong(usize),
+    #[error("service name has characters outside a-z A-Z 0-9 . _ -")]
+    InvalidService,
+    #[error("extension area is {0} bytes, the limit is {MAX_EXT_LEN}")]
+    ExtensionsTooLong(usize),
+    #[error("extension area is malformed")]
+    MalformedExtensions,
+    #[error("message is {0} bytes, the limit is {MAX_MESSAGE_LEN}")]
+    MessageTooLong(usize),
+    #[error("text is not UTF-8")]
+    NotUtf8,
+}
+
+/// Whether `name` is a valid service name: 1 to 64 of `a-z A-Z 0-9 . _ -`.
+pub fn check_service_name(name: &str) -> Result<(), HeaderError> {
+    if name.is_empty() {
+        return Err(HeaderError::EmptyService);
+    }
+    if name.len() > MAX_SERVICE_LEN {
+        return Err(HeaderError::ServiceTooLong(name.len()));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err(HeaderError::InvalidService);
+    }
+    Ok(())
+}
+
+/// A reader over a byte slice that distinguishes "need more" (`None`) from a value.
+struct Cursor<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn u8(&mut self) -> Option<u8> {
+        let b = *self.buf.get(self.pos)?;
+        self.pos += 1;
+        Some(b)
+    }
+
+    fn u16(&mut self) -> Option<u16> {
+        let bytes = self.bytes(2)?;
+        Some(u16::from_be_bytes([bytes[0], bytes[1]]))
+    }
+
+    fn bytes(&mut self, n: usize) -> Option<&'a [u8]> {
+        let out = self.buf.get(self.pos..self.pos.checked_add(n)?)?;
+        self.pos += n;
+        Some(out)
+    }
+}
+
+/// Returns early with `Ok(None)` when the cursor ran out of bytes.
+macro_rules! need {
+    ($e:expr) => {
+        match $e {
+            Some(v) => v,
+            None => return Ok(None),
+        }
+    };
+}
+
+fn parse_extensions(ext: &[u8]) -> Result<Vec<(u8, &[u8])>, HeaderError> {
+    let mut cur = Cursor { buf: ext, pos: 0 };
+    let mut out = Vec::new();
+    while cur.pos < ext.len() {
+        let kind = cur.u8().ok_or(HeaderError::MalformedExtensions)?;
+        let len = cur.u16().ok_or(HeaderError::MalformedExtensions)?;
+        let value = cur
+            .bytes(len as usize)
+            .ok_or(HeaderError::MalformedExtensions)?;
+        out.push((kind, value));
+    }
+    Ok(out)
+}
+
+fn read_ext<'a>(cur: &mut Cursor<'a>) -> Result<Option<&'a [u8]>, HeaderError> {
+    let len = need!(cur.u16()) as usize;
+    if len > MAX_EXT_LEN {
+        return Err(HeaderError::ExtensionsTooLong(len));
+    }
+    Ok(Some(need!(cur.bytes(len))))
+}
+
+fn check_version(cur: &mut Cursor<'_>) -> Result<Option<()>, HeaderError> {
+    let version = need!(cur.u8());
+    if version != VERSION {
+        return Err(HeaderError::UnsupportedVersion(version));
+    }
+    Ok(Some(()))
+}
+
+/// Decodes a request from the start of `buf`. On success returns it and the bytes it used;
+/// what follows is payload.
+pub fn decode_request(buf: &[u8]) -> Result<Option<(OpenRequest, usize)>, HeaderError> {
+    let mut cur = Cursor { buf, pos: 0 };
+    need!(check_version(&mut cur)?);
+    let name_len = need!(cur.u8()) as usize;
+    if name_len > MAX_SERVICE_LEN {
+        return Err(HeaderError::ServiceTooLong(name_len));
+    }
+    let name = need!(cur.bytes(name_len));
+    let service = std::str::from_utf8(name).map_err(|_| HeaderError::InvalidService)?;
+    check_service_name(service)?;
+    let ext = need!(read_ext(&mut cur)?);
+    let mut client_addr = None;
+    for (kind, value) in parse_extensions(ext)? {
+        if kind == EXT_CLIENT_ADDR {
+            let text = std::str::from_utf8(value).map_err(|_| HeaderError::NotUtf8)?;
+            client_addr = Some(text.to_owned());
+        }
+    }
+    Ok(Some((
+        OpenRequest {
+            service: service.to_owned(),
+            client_addr,
+        },
+        cur.pos,
+    )))
+}
+
+/// Encodes a request. Fails if a field is over its limit, so nothing sent is undecodable.
+pub fn encode_request(req: &OpenRequest) -> Result<Vec<u8>, HeaderError> {
+    check_service_name(&req.service)?;
+    let mut ext = Vec::new();
+    if let Some(addr) = &req.client_addr {
+        push_ext(&mut ext, EXT_CLIENT_ADDR, addr.as_bytes());
+    }
+    if ext.len() > MAX_EXT_LEN {
+        return Err(HeaderError::ExtensionsTooLong(ext.len()));
+    }
+    let mut out = Vec::with_capacity(4 + req.service.len() + ext.len());
+    out.push(VERSION);
+    out.push(req.service.len() as u8);
+    out.extend_from_slice(req.service.as_bytes());
+    out.extend_from_slice(&(ext.len() as u16).to_be_bytes());
+    out.extend_from_slice(&ext);
+    Ok(out)
+}
+
+fn push_ext(ext: &mut Vec<u8>, kind: u8, value: &[u8]) {
+    let len = value.len().min(u16::MAX as usize);
+    ext.push(kind);
+    ext.extend_from_slice(&(len as u16).to_be_bytes());
+    ext.extend_from_slice(&value[..len]);
+}
+
+/// Decodes a response from the start of `buf`; what follows is payload.
+pub fn decode_response(buf: &[u8]) -> Result<Option<(OpenResponse, usize)>, HeaderError> {
+    let mut cur = Cursor { buf, pos: 0 };
+    need!(check_version(&mut cur)?);
+    let status = Status::from_code(need!(cur.u8()));
+    let msg_len = need!(cur.u16()) as usize;
+    if msg_len > MAX_MESSAGE_LEN {
+        return Err(HeaderError::MessageTooLong(msg_len));
+    }
+    let message = std::str::from_utf8(need!(cur.bytes(msg_len)))
+        .map_err(|_| HeaderError::NotUtf8)?
+        .to_owned();
+    let ext = need!(read_ext(&mut cur)?);
+    parse_extensions(ext)?;
+    Ok(Some((OpenResponse { status, message }, cur.pos)))
+}
+
+/// Encodes a response. A message over the limit is cut at a character boundary.
+pub fn encode_response(resp: &OpenResponse) -> Vec<u8> {
+    let mut end = resp.message.len().min(MAX_MESSAGE_LEN);
+    while !resp.message.is_char_boundary(end) {
+        end -= 1;
+    }
+    let message = &resp.message.as_bytes()[..end];
+    let mut out = Vec::with_capacity(6 + message.len());
+    out.push(VERSION);
+    out.push(resp.status.code());
+    out.extend_from_slice(&(message.len() as u16).to_be_bytes());
+    out.extend_from_slice(message);
+    out.extend_from_slice(&0u16.to_be_bytes());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn service_name() -> impl Strategy<Value = String> {
+        "[a-zA-Z0-9._-]{1,64}"
+    }
+
+    proptest! {
+        #[test]
+        fn request_round_trips(service in service_name(),
+                               client_addr in proptest::option::of(".{0,60}"),
+                               payload in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let req = OpenRequest { service, client_addr };
+            let mut bytes = encode_request(&req).unwrap();
+            let header_len = bytes.len();
+            bytes.extend_from_slice(&payload);
+            let (decoded, used) = decode_request(&bytes).unwrap().unwrap();
+            prop_assert_eq!(decoded, req);
+            prop_assert_eq!(used, header_len);
+            // Every strict prefix asks for more bytes rather than failing.
+            for cut in 0..header_len {
+                prop_assert_eq!(decode_request(&bytes[..cut]), Ok(None));
+            }
+        }
+
+        #[test]
+        fn response_round_trips(code in any::<u8>(), message in ".{0,100}") {
+            let resp = OpenResponse { status: Status::from_code(code), message };
+            let bytes = encode_response(&resp);
+            let (decoded, used) = decode_response(&bytes).unwrap().unwrap();
+            prop_assert_eq!(used, bytes.len());
+            prop_assert_eq!(decoded.status.code(), code);
+            prop_assert_eq!(decoded, resp);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2000)) {
+            if let Ok(Some((_, used))) = decode_request(&bytes) {
+                prop_assert!(used <= bytes.len() && used <= MAX_REQUEST_LEN);
+            }
+            if let Ok(Some((_, used))) = decode_response(&bytes) {
+                prop_assert!(used <= bytes.len() && used <= MAX_RESPONSE_LEN);
+            }
+        }
+    }
+
+    #[test]
+    fn oversized_fields_are_errors_not_incomplete() {
+        assert_eq!(
+            decode_request(&[VERSION, 200]),
+            Err(HeaderError::ServiceTooLong(200))
+        );
+        let mut req = vec![VERSION, 3, b'c', b'a', b'm'];
+        req.extend_from_slice(&(MAX_EXT_LEN as u16 + 1).to_be_bytes());
+        assert_eq!(
+            decode_request(&req),
+            Err(HeaderError::ExtensionsTooLong(MAX_EXT_LEN + 1))
+        );
+        assert_eq!(
+            decode_response(&[VERSION, 0, 0xff, 0xff]),
+            Err(HeaderError::MessageTooLong(0xffff))
+        );
+        assert_eq!(
+            decode_request(&[9, 1, b'a', 0, 0]),
+            Err(HeaderError::UnsupportedVersion(9))
+        );
+    }
+
+    #[test]
+    fn bad_service_names_are_refused() {
+        assert_eq!(
+            decode_request(&[VERSION, 0, 0, 0]),
+            Err(HeaderError::EmptyService)
+        );
+        assert_eq!(
+            decode_request(&[VERSION, 2, b'a', b'/', 0, 0]),
+            Err(HeaderError::InvalidService)
+        );
+        let long = OpenRequest {
+            service: "x".repeat(65),
+            client_addr: None,
+        };
+        assert_eq!(encode_request(&long), Err(HeaderError::ServiceTooLong(65)));
+    }
+
+    #[test]
+    fn unknown_extensions_are_skipped_and_truncated_ones_refused() {
+        let mut req = vec![VERSION, 1, b'a'];
+        let ext = [7u8, 0, 2, 0xaa, 0xbb, EXT_CLIENT_ADDR, 0, 1, b'x'];
+        req.extend_from_slice(&(ext.len() as u16).to_be_bytes());
+        req.extend_from_slice(&ext);
+        let (decoded, _) = decode_request(&req).unwrap().unwrap();
+        assert_eq!(decoded.client_addr.as_deref(), Some("x"));
+
+        let mut bad = vec![VERSION, 1, b'a', 0, 3, 7, 0, 9];
+        assert_eq!(decode_request(&bad), Err(HeaderError::MalformedExtensions));
+        bad.truncate(5);
+        assert_eq!(decode_request(&bad), Ok(None));
+    }
+
+    #[test]
+    fn long_messages_are_cut_on_a_char_boundary() {
+        let resp = OpenResponse {
+            status: Status::TargetRefused,
+            message: "é".repeat(400),
+        };
+        let (decoded, _) = decode_response(&encode_response(&resp)).unwrap().unwrap();
+        assert_eq!(decoded.message, "é".repeat(256));
+    }
+}

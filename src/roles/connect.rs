@@ -1,0 +1,371 @@
+//! The connecting role: local TCP listeners whose sockets become streams of one QUIC
+//! connection to the remote peer, made lazily and kept through an idle grace period.
+//!
+//! A [`Session`] is a handle to one actor task per remote peer, which owns the connection:
+//! it dials when the first client arrives (or at start with `eager`), hands the connection
+//! to every later client, counts live streams with an [`IdleGrace`] and closes the connection
+//! when the grace runs out. Dropping every handle ends the actor and closes the connection.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use quinn::Connection;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tracing::{debug, error, info, warn, Instrument};
+
+use crate::config::{PeerAddr, ServiceName};
+use crate::node::NodeCtx;
+use crate::protocol::close_code;
+use crate::protocol::header::{encode_request, OpenRequest};
+use crate::roles::describe_close;
+use crate::session::backoff::Backoff;
+use crate::session::idle::IdleGrace;
+use crate::stats::GaugeGuard;
+use crate::transport::splice::{splice, Abort, Downstream};
+
+/// The connecting role's settings for one remote peer.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// How long an unused connection stays up after its last stream ends.
+    pub idle_grace: Duration,
+    /// How long a client waits for the connection (the handshake is bounded by it too).
+    pub connect_timeout: Duration,
+    /// How long to wait for the exposing side's answer to a stream header.
+    pub open_timeout: Duration,
+    /// Connect at start and stay connected (reconnect with backoff), ignoring the grace.
+    pub eager: bool,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            idle_grace: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            open_timeout: Duration::from_secs(20),
+            eager: false,
+        }
+    }
+}
+
+/// Why a client could not get a connection.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ConnectError {
+    #[error("{0}")]
+    Failed(Arc<str>),
+    #[error("no connection within {0:?}: is `tunnel expose` running there, and does UDP reach it?")]
+    Timeout(Duration),
+    #[error("shutting down")]
+    ShuttingDown,
+}
+
+type Reply = oneshot::Sender<Result<(Connection, StreamLease), ConnectError>>;
+
+/// Holds one stream on a connection's idle count; dropping it reports the stream's end.
+#[derive(Debug)]
+pub struct StreamLease {
+    generation: u64,
+    ended: mpsc::UnboundedSender<u64>,
+}
+
+impl Drop for StreamLease {
+    fn drop(&mut self) {
+        let _ = self.ended.send(self.generation);
+    }
+}
+
+/// A handle to the connection with one remote peer. Cloning is cheap.
+#[derive(Clone)]
+pub struct Session {
+    peer: Arc<PeerAddr>,
+    config: Arc<SessionConfig>,
+    requests: mpsc::Sender<Reply>,
+    node: NodeCtx,
+}
+
+impl Session {
+    pub(crate) fn start(peer: PeerAddr, config: SessionConfig, node: NodeCtx) -> Session {
+        let (tx, rx) = mpsc::channel(1024);
+        let actor = Actor {
+            peer: peer.clone(),
+            config: config.clone(),
+            node: node.clone(),
+        };
+        let span = tracing::info_span!("session", peer = %peer.id);
+        node.tasks.spawn(actor.run(rx).instrument(span));
+        Session {
+            peer: Arc::new(peer),
+            config: Arc::new(config),
+            requests: tx,
+            node,
+        }
+    }
+
+    pub fn peer(&self) -> &PeerAddr {
+        &self.peer
+    }
+
+    /// The live connection (dialled now if there is none) and a lease on its idle count.
+    pub async fn acquire(&self) -> Result<(Connection, StreamLease), ConnectError> {
+        let (tx, rx) = oneshot::channel();
+        self.requests
+            .send(tx)
+            .await
+            .map_err(|_| ConnectError::ShuttingDown)?;
+        rx.await.map_err(|_| ConnectError::ShuttingDown)?
+    }
+
+    /// Serves a bound local listener: each accepted socket becomes a stream to `service`.
+    /// Runs until the node stops accepting; the listener is closed when it returns.
+    pub(crate) async fn serve_local(self, listener: TcpListener, service: ServiceName) {
+        static NEXT_LOCAL_ID: AtomicU64 = AtomicU64::new(1);
+        let local = listener.local_addr().ok();
+        info!(?local, %service, "listening");
+        loop {
+            let accepted = tokio::select! {
+                r = listener.accept() => r,
+                () = self.node.stop.cancelled() => break,
+            };
+            match accepted {
+                Ok((tcp, client)) => {
+                    let id = NEXT_LOCAL_ID.fetch_add(1, Ordering::Relaxed);
+                    let span = tracing::info_span!("client", local_id = id, %client, %service, stream = tracing::field::Empty);
+                    let this = self.clone();
+                    let service = service.clone();
+                    self.node
+                        .tasks
+                        .spawn(this.serve_client(tcp, client, service).instrument(span));
+                }
+                Err(e) => {
+                    // Typically out of file descriptors: back off rather than spin.
+                    error!(?local, "accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        debug!(?local, "listener closed");
+    }
+
+    async fn serve_client(self, tcp: TcpStream, client: SocketAddr, service: ServiceName) {
+        let _live = self.node.stats.stream();
+        let _ = tcp.set_nodelay(true);
+        let acquired = tokio::time::timeout(self.config.connect_timeout, self.acquire()).await;
+        let (conn, _lease) = match acquired {
+            Ok(Ok(pair)) => pair,
+            Ok(Err(e)) => return warn!("closing the client: cannot reach peer {}: {e}", self.peer),
+            Err(_) => {
+                let e = ConnectError::Timeout(self.config.connect_timeout);
+                return warn!("closing the client: cannot reach peer {}: {e}", self.peer);
+            }
+        };
+        // Waits while the peer's limit of concurrent streams is reached: backpressure.
+        let (mut send, recv) = match conn.open_bi().await {
+            Ok(pair) => pair,
+            Err(e) => return warn!("closing the client: {}", describe_close(&e)),
+        };
+        tracing::Span::current().record("stream", u64::from(send.id()));
+        let header = encode_request(&OpenRequest {
+            service: service.as_str().to_owned(),
+            client_addr: Some(client.to_string()),
+        })
+        .expect("service names are validated when the rules are read");
+        if let Err(e) = send.write_chunk(Bytes::from(header)).await {
+            return warn!("closing the client: stream failed: {e}");
+        }
+        let report = splice(
+            tcp,
+            send,
+            recv,
+            Downstream::AwaitResponse(self.config.open_timeout),
+            self.node.abort.clone(),
+        )
+        .await;
+        match report.abort {
+            None => debug!(up = report.up, down = report.down, "stream closed"),
+            Some(Abort::Refused { status, message }) => {
+                warn!("the peer refused the stream ({status}): {message}")
+            }
+            Some(Abort::ConnectionLost(e)) => warn!(
+                up = report.up,
+                down = report.down,
+                "stream aborted: {}",
+                describe_close(&e)
+            ),
+            Some(abort) => info!(up = report.up, down = report.down, "stream aborted: {abort}"),
+        }
+    }
+}
+
+/// The task that owns the connection to one peer.
+struct Actor {
+    peer: PeerAddr,
+    config: SessionConfig,
+    node: NodeCtx,
+}
+
+struct Live {
+    conn: Connection,
+    grace: IdleGrace,
+    generation: u64,
+    _gauge: GaugeGuard,
+}
+
+type Dial = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Connection, ConnectError>> + Send>>;
+
+impl Actor {
+    async fn run(self, mut requests: mpsc::Receiver<Reply>) {
+        let (ended_tx, mut ended_rx) = mpsc::unbounded_channel::<u64>();
+        let mut live: Option<Live> = None;
+        let mut dial: Option<Dial> = None;
+        let mut waiters: Vec<Reply> = Vec::new();
+        let mut generation = 0u64;
+        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        let mut redial_at: Option<Instant> = None;
+        if self.config.eager {
+            dial = Some(self.dial());
+        }
+        loop {
+            let idle_deadline = match &live {
+                Some(l) if !self.config.eager => l.grace.deadline().map(Instant::from_std),
+                _ => None,
+            };
+            tokio::select! {
+                request = requests.recv() => {
+                    let Some(reply) = request else { break };
+                    match &mut live {
+                        Some(l) => {
+                            l.grace.stream_opened();
+                            let lease = StreamLease { generation: l.generation, ended: ended_tx.clone() };
+                            let _ = reply.send(Ok((l.conn.clone(), lease)));
+                        }
+                        None => {
+                            if self.node.stop.is_cancelled() {
+                                let _ = reply.send(Err(ConnectError::ShuttingDown));
+                                continue;
+                            }
+                            waiters.push(reply);
+                            if dial.is_none() {
+                                redial_at = None;
+                                dial = Some(self.dial());
+                            }
+                        }
+                    }
+                }
+                Some(ended) = ended_rx.recv() => {
+                    if let Some(l) = live.as_mut().filter(|l| l.generation == ended) {
+                        l.grace.stream_ended(std::time::Instant::now());
+                        if l.grace.active() == 0 && !self.config.eager {
+                            debug!("last stream ended; closing in {:?} unless a client comes", self.config.idle_grace);
+                        }
+                    }
+                }
+                result = async { dial.as_mut().expect("guarded").await }, if dial.is_some() => {
+                    dial = None;
+                    match result {
+                        Ok(conn) => {
+                            backoff.succeeded();
+                            generation += 1;
+                            info!(remote = %conn.remote_address(), "connected");
+                            let mut l = Live {
+                                grace: IdleGrace::new(self.config.idle_grace, std::time::Instant::now()),
+                                conn,
+                                generation,
+                                _gauge: self.node.stats.connection(),
+                            };
+                            for reply in waiters.drain(..) {
+                                l.grace.stream_opened();
+                                let lease = StreamLease { generation, ended: ended_tx.clone() };
+                                if reply.send(Ok((l.conn.clone(), lease))).is_err() {
+                                    // The client gave up; its lease was dropped with the reply.
+                                }
+                            }
+                            live = Some(l);
+                        }
+                        Err(e) => {
+                            warn!("cannot connect to {}: {e}", self.peer.addr);
+                            for reply in waiters.drain(..) {
+                                let _ = reply.send(Err(e.clone()));
+                            }
+                            if self.config.eager && !self.node.stop.is_cancelled() {
+                                redial_at = Some(Instant::now() + backoff.failed());
+                            }
+                        }
+                    }
+                }
+                () = sleep_until_opt(idle_deadline) => {
+                    if let Some(l) = live.take() {
+                        info!("closing the connection: idle for {:?}", self.config.idle_grace);
+                        l.conn.close(close_code::IDLE, b"idle");
+                    }
+                }
+                reason = async { live.as_ref().expect("guarded").conn.closed().await }, if live.is_some() => {
+                    live = None;
+                    match &reason {
+                        quinn::ConnectionError::ApplicationClosed(c) if c.error_code == close_code::NOT_AUTHORISED => {
+                            error!("{}; give the peer's owner this side's id (`tunnel id`) to add with --allow", describe_close(&reason));
+                        }
+                        _ => warn!("connection lost: {}", describe_close(&reason)),
+                    }
+                    if self.config.eager && !self.node.stop.is_cancelled() {
+                        redial_at = Some(Instant::now() + backoff.failed());
+                    }
+                }
+                () = sleep_until_opt(redial_at) => {
+                    redial_at = None;
+                    if dial.is_none() && live.is_none() {
+                        dial = Some(self.dial());
+                    }
+                }
+                () = self.node.abort.cancelled() => break,
+            }
+        }
+        if let Some(l) = live {
+            l.conn.close(close_code::SHUTDOWN, b"shutting down");
+        }
+        for reply in waiters {
+            let _ = reply.send(Err(ConnectError::ShuttingDown));
+        }
+    }
+
+    fn dial(&self) -> Dial {
+        let transport = self.node.transport.clone();
+        let peer = self.peer.clone();
+        let limit = self.config.connect_timeout;
+        Box::pin(async move {
+            tokio::time::timeout(limit, dial(transport, peer))
+                .await
+                .map_err(|_| ConnectError::Timeout(limit))?
+        })
+    }
+}
+
+async fn dial(transport: crate::transport::Transport, peer: PeerAddr) -> Result<Connection, ConnectError> {
+    let failed = |msg: String| ConnectError::Failed(msg.into());
+    let local = transport.local_addr().map_err(|e| failed(e.to_string()))?;
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&peer.addr)
+        .await
+        .map_err(|e| failed(format!("cannot resolve {}: {e}", peer.addr)))?
+        .collect();
+    // An IPv4 socket cannot reach IPv6 addresses; a dual-stack IPv6 socket reaches both.
+    let addr = addrs
+        .iter()
+        .find(|a| local.is_ipv6() || a.is_ipv4())
+        .copied()
+        .ok_or_else(|| failed(format!("{} has no address this socket ({local}) can reach", peer.addr)))?;
+    debug!(%addr, "dialling");
+    let connecting = transport
+        .connect(addr, peer.id)
+        .map_err(|e| failed(e.to_string()))?;
+    connecting.await.map_err(|e| failed(describe_close(&e)))
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

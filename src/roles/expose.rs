@@ -1,0 +1,259 @@
+//! The exposing role: accepts QUIC connections from allowed peers and, for each stream, dials
+//! the real server named by the stream header's service, answers with a status, then splices.
+//!
+//! Only the targets in [`ExposeConfig::services`] are ever dialled: the header carries a service
+//! name, never an address.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use quinn::{RecvStream, SendStream};
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::config::{ServiceName, Target};
+use crate::identity::PeerId;
+use crate::node::NodeCtx;
+use crate::protocol::header::{
+    decode_request, encode_response, HeaderError, OpenRequest, OpenResponse, Status,
+};
+use crate::protocol::{close_code, stream_code};
+use crate::transport::splice::{splice, Downstream};
+use crate::transport::tls;
+
+/// Who may connect.
+#[derive(Debug, Clone)]
+pub enum Authorized {
+    /// Any peer at all (`--allow-any`).
+    Any,
+    /// Only these peer ids.
+    Only(HashSet<PeerId>),
+}
+
+impl Authorized {
+    pub fn allows(&self, id: &PeerId) -> bool {
+        match self {
+            Authorized::Any => true,
+            Authorized::Only(ids) => ids.contains(id),
+        }
+    }
+}
+
+/// The exposing role's runtime configuration.
+#[derive(Debug, Clone)]
+pub struct ExposeConfig {
+    pub services: BTreeMap<ServiceName, Target>,
+    pub authorized: Authorized,
+    /// Proxied sockets at once, over all peers; more are answered `Busy`.
+    pub max_streams: usize,
+    /// How long to wait for a real server to accept.
+    pub dial_timeout: Duration,
+    /// How long a peer may take to send a stream header.
+    pub header_timeout: Duration,
+    /// How long a TLS handshake may take.
+    pub handshake_timeout: Duration,
+}
+
+impl ExposeConfig {
+    pub fn new(services: BTreeMap<ServiceName, Target>, authorized: Authorized) -> Self {
+        ExposeConfig {
+            services,
+            authorized,
+            max_streams: 20_000,
+            dial_timeout: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+pub(crate) struct Expose {
+    config: ExposeConfig,
+    limit: Arc<Semaphore>,
+    node: NodeCtx,
+}
+
+impl Expose {
+    pub(crate) fn new(config: ExposeConfig, node: NodeCtx) -> Arc<Self> {
+        Arc::new(Expose {
+            limit: Arc::new(Semaphore::new(config.max_streams)),
+            config,
+            node,
+        })
+    }
+
+    /// Accepts connections until the node aborts (end of drain).
+    pub(crate) async fn accept_loop(self: Arc<Self>) {
+        let endpoint = self.node.transport.endpoint().clone();
+        loop {
+            let incoming = tokio::select! {
+                incoming = endpoint.accept() => incoming,
+                () = self.node.abort.cancelled() => return,
+            };
+            let Some(incoming) = incoming else { return };
+            if self.node.stop.is_cancelled() {
+                incoming.refuse();
+                continue;
+            }
+            let this = self.clone();
+            let span = tracing::info_span!("conn", remote = %incoming.remote_address(), peer = tracing::field::Empty);
+            self.node
+                .tasks
+                .spawn(this.serve_connection(incoming).instrument(span));
+        }
+    }
+
+    async fn serve_connection(self: Arc<Self>, incoming: quinn::Incoming) {
+        let conn = match tokio::time::timeout(self.config.handshake_timeout, async {
+            incoming.accept()?.await
+        })
+        .await
+        {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => return debug!("handshake failed: {e}"),
+            Err(_) => return debug!("handshake timed out"),
+        };
+        let Some(peer) = tls::peer_id_of(&conn) else {
+            conn.close(close_code::PROTOCOL_ERROR, b"no peer certificate");
+            return;
+        };
+        tracing::Span::current().record("peer", tracing::field::display(peer));
+        if !self.config.authorized.allows(&peer) {
+            warn!("refused peer {peer}: not in the allow list (add it with --allow {peer})");
+            let reason = format!("peer id {peer} is not authorised here");
+            conn.close(close_code::NOT_AUTHORISED, reason.as_bytes());
+            return;
+        }
+        let _live = self.node.stats.connection();
+        info!("peer connected");
+        loop {
+            let (send, recv) = tokio::select! {
+                r = conn.accept_bi() => match r {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        info!("peer disconnected: {}", crate::roles::describe_close(&e));
+                        return;
+                    }
+                },
+                () = self.node.abort.cancelled() => return,
+            };
+            let this = self.clone();
+            let span = tracing::info_span!("stream", stream = u64::from(send.id()), service = tracing::field::Empty);
+            self.node
+                .tasks
+                .spawn(this.serve_stream(send, recv).instrument(span));
+        }
+    }
+
+    async fn serve_stream(self: Arc<Self>, mut send: SendStream, mut recv: RecvStream) {
+        let _live = self.node.stats.stream();
+        let (req, leftover) = match tokio::time::timeout(
+            self.config.header_timeout,
+            read_request(&mut recv),
+        )
+        .await
+        {
+            Ok(Ok(parsed)) => parsed,
+            Ok(Err(ReadRequestError::Header(e))) => {
+                warn!("bad stream header: {e}");
+                refuse(&mut send, &mut recv, Status::BadRequest, &e.to_string()).await;
+                let _ = recv.stop(stream_code::BAD_HEADER);
+                return;
+            }
+            Ok(Err(ReadRequestError::Stream(e))) => return debug!("stream ended before its header: {e}"),
+            Err(_) => {
+                warn!("no stream header within {:?}", self.config.header_timeout);
+                let _ = send.reset(stream_code::TIMEOUT);
+                let _ = recv.stop(stream_code::TIMEOUT);
+                return;
+            }
+        };
+        tracing::Span::current().record("service", req.service.as_str());
+        let client = req.client_addr.as_deref().unwrap_or("?");
+        let target = self
+            .config
+            .services
+            .iter()
+            .find(|(name, _)| name.as_str() == req.service)
+            .map(|(_, target)| target.clone());
+        let Some(target) = target else {
+            let names: Vec<_> = self.config.services.keys().map(|n| n.as_str()).collect();
+            warn!(client, "unknown service requested");
+            let msg = format!("no service named {:?} here; exposed: {}", req.service, names.join(", "));
+            return refuse(&mut send, &mut recv, Status::UnknownService, &msg).await;
+        };
+        if self.node.stop.is_cancelled() {
+            return refuse(&mut send, &mut recv, Status::Busy, "the peer is shutting down").await;
+        }
+        let Ok(_permit) = self.limit.clone().try_acquire_owned() else {
+            warn!(client, limit = self.config.max_streams, "at the limit of proxied sockets");
+            let msg = format!("the peer is at its limit of {} proxied sockets", self.config.max_streams);
+            return refuse(&mut send, &mut recv, Status::Busy, &msg).await;
+        };
+        let tcp = match tokio::time::timeout(self.config.dial_timeout, TcpStream::connect(target.as_str())).await {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(e)) => {
+                warn!(client, %target, "cannot connect to the service: {e}");
+                let msg = format!("the service {:?} refused the connection: {e}", req.service);
+                return refuse(&mut send, &mut recv, Status::TargetRefused, &msg).await;
+            }
+            Err(_) => {
+                warn!(client, %target, "the service did not accept within {:?}", self.config.dial_timeout);
+                let msg = format!("the service {:?} did not answer in time", req.service);
+                return refuse(&mut send, &mut recv, Status::TargetRefused, &msg).await;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let ok = encode_response(&OpenResponse {
+            status: Status::Ok,
+            message: String::new(),
+        });
+        if let Err(e) = send.write_chunk(Bytes::from(ok)).await {
+            return debug!("peer went away before the response: {e}");
+        }
+        debug!(client, %target, "stream open");
+        let report = splice(tcp, send, recv, Downstream::Payload(leftover), self.node.abort.clone()).await;
+        match report.abort {
+            None => debug!(up = report.down, down = report.up, "stream closed"),
+            Some(abort) => info!(up = report.down, down = report.up, "stream aborted: {abort}"),
+        }
+    }
+}
+
+/// Answers a refusal and ends the stream: the status, a FIN, and no more reading.
+async fn refuse(send: &mut SendStream, recv: &mut RecvStream, status: Status, message: &str) {
+    let resp = encode_response(&OpenResponse {
+        status,
+        message: message.to_owned(),
+    });
+    if send.write_chunk(Bytes::from(resp)).await.is_ok() {
+        let _ = send.finish();
+    }
+    let _ = recv.stop(stream_code::REFUSED);
+}
+
+#[derive(Debug)]
+enum ReadRequestError {
+    Header(HeaderError),
+    Stream(String),
+}
+
+/// Reads the request header; returns it and the payload bytes read past it.
+async fn read_request(recv: &mut RecvStream) -> Result<(OpenRequest, Bytes), ReadRequestError> {
+    let mut buf = BytesMut::new();
+    loop {
+        match recv.read_chunk(crate::protocol::header::MAX_REQUEST_LEN, true).await {
+            Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
+            Ok(None) => return Err(ReadRequestError::Stream("finished".into())),
+            Err(e) => return Err(ReadRequestError::Stream(e.to_string())),
+        }
+        match decode_request(&buf) {
+            Ok(Some((req, used))) => return Ok((req, buf.split_off(used).freeze())),
+            Ok(None) => {}
+            Err(e) => return Err(ReadRequestError::Header(e)),
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! Pure session logic with time as input: the idle grace timer and reconnect backoff.
+//! The async drivers in `roles::connect` read the clock and act on what these return.
+
+pub mod backoff;
+pub mod idle;

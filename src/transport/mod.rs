@@ -1,0 +1,161 @@
+//! The transport layer: one UDP socket and one quinn endpoint per process, serving every role
+//! (it accepts connections for `expose` and dials them for `connect`; the rendezvous and
+//! punch packets will share it too), the TLS pinning, and the TCP <-> QUIC splice.
+
+pub mod splice;
+pub mod tls;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{IdleTimeout, VarInt};
+
+use crate::identity::{Identity, PeerId};
+
+/// Flow control and liveness settings of every connection. The defaults favour throughput:
+/// windows far above quinn's, so one stream can fill a fast link with a 100 ms round trip.
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    /// Concurrent bidirectional streams a peer may open on one connection.
+    pub max_streams: u32,
+    /// Per-stream receive window.
+    pub stream_window: u32,
+    /// Per-connection receive window.
+    pub connection_window: u32,
+    /// Bytes in flight per connection.
+    pub send_window: u64,
+    /// PING interval that keeps NAT mappings and the idle timer alive.
+    pub keep_alive: Duration,
+    /// A connection that hears nothing for this long is dead.
+    pub idle_timeout: Duration,
+    /// Requested UDP socket buffer size (the kernel may cap it at net.core.[rw]mem_max).
+    pub socket_buffer: usize,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            max_streams: 16_384,
+            stream_window: 16 << 20,
+            connection_window: 64 << 20,
+            send_window: 64 << 20,
+            keep_alive: Duration::from_secs(15),
+            idle_timeout: Duration::from_secs(60),
+            socket_buffer: 8 << 20,
+        }
+    }
+}
+
+impl Tuning {
+    fn transport_config(&self) -> quinn::TransportConfig {
+        let mut t = quinn::TransportConfig::default();
+        t.max_concurrent_bidi_streams(VarInt::from_u32(self.max_streams))
+            .max_concurrent_uni_streams(VarInt::from_u32(0))
+            .stream_receive_window(VarInt::from_u32(self.stream_window))
+            .receive_window(VarInt::from_u32(self.connection_window))
+            .send_window(self.send_window)
+            .keep_alive_interval(Some(self.keep_alive))
+            .max_idle_timeout(Some(
+                IdleTimeout::try_from(self.idle_timeout).expect("idle timeout fits a varint"),
+            ));
+        t
+    }
+}
+
+/// Errors setting up the endpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("cannot bind UDP {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("QUIC configuration: {0}")]
+    Quic(String),
+}
+
+/// The process's single QUIC endpoint and what it needs to make connections.
+#[derive(Clone)]
+pub struct Transport {
+    endpoint: quinn::Endpoint,
+    identity: Arc<Identity>,
+    tuning: Arc<Tuning>,
+}
+
+impl Transport {
+    /// Binds the UDP socket at `addr` and starts the endpoint (as a client only; see
+    /// [`Transport::enable_server`]).
+    pub fn bind(
+        addr: SocketAddr,
+        identity: Arc<Identity>,
+        tuning: Tuning,
+    ) -> Result<Self, TransportError> {
+        let socket = bind_udp(addr, tuning.socket_buffer)
+            .map_err(|source| TransportError::Bind { addr, source })?;
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| TransportError::Quic("no async runtime".into()))?;
+        let endpoint =
+            quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
+                .map_err(|source| TransportError::Bind { addr, source })?;
+        Ok(Transport {
+            endpoint,
+            identity,
+            tuning: Arc::new(tuning),
+        })
+    }
+
+    /// Starts accepting incoming connections on this endpoint.
+    pub fn enable_server(&self) -> Result<(), TransportError> {
+        let tls = tls::server_config(&self.identity)?;
+        let quic = QuicServerConfig::try_from(tls).map_err(|e| TransportError::Quic(e.to_string()))?;
+        let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+        config.transport_config(Arc::new(self.tuning.transport_config()));
+        self.endpoint.set_server_config(Some(config));
+        Ok(())
+    }
+
+    /// Starts a connection to `addr`, accepting only the peer whose id is `expected`.
+    pub fn connect(
+        &self,
+        addr: SocketAddr,
+        expected: PeerId,
+    ) -> Result<quinn::Connecting, TransportError> {
+        let tls = tls::client_config(&self.identity, expected)?;
+        let quic = QuicClientConfig::try_from(tls).map_err(|e| TransportError::Quic(e.to_string()))?;
+        let mut config = quinn::ClientConfig::new(Arc::new(quic));
+        config.transport_config(Arc::new(self.tuning.transport_config()));
+        self.endpoint
+            .connect_with(config, addr, tls::SERVER_NAME)
+            .map_err(|e| TransportError::Quic(e.to_string()))
+    }
+
+    pub fn endpoint(&self) -> &quinn::Endpoint {
+        &self.endpoint
+    }
+
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+}
+
+/// Binds a UDP socket with large buffers; an IPv6 wildcard also accepts IPv4.
+fn bind_udp(addr: SocketAddr, buffer: usize) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    // Best effort: the kernel caps these at net.core.rmem_max / wmem_max.
+    let _ = socket.set_recv_buffer_size(buffer);
+    let _ = socket.set_send_buffer_size(buffer);
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}

@@ -1,0 +1,258 @@
+//! Byte-exact forwarding between a TCP socket and a QUIC bidirectional stream, both ways.
+//!
+//! - A FIN from either end reaches the other end as a FIN (`finish` / `shutdown(Write)`),
+//!   while the other direction keeps flowing.
+//! - An abort on either side (TCP RST or error, QUIC reset, stop or connection loss) resets
+//!   the QUIC stream, stops its receive side and aborts the TCP socket with an RST, so each
+//!   end sees an abort and never a clean end.
+//! - Backpressure, not buffering: at most one read chunk per direction is held here; QUIC flow
+//!   control and the TCP socket buffers do the rest. An idle stream holds no copy buffer.
+//! - A clean end waits until the peer acknowledged every byte sent, so "stream ended" means
+//!   "delivered", and closing the connection afterwards loses nothing.
+
+use std::io;
+use std::net::Shutdown;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use quinn::{ReadError, RecvStream, SendStream, VarInt, WriteError};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::protocol::header::{decode_response, HeaderError, OpenResponse, Status, MAX_RESPONSE_LEN};
+use crate::protocol::stream_code;
+
+/// Bytes read from a socket at a time, and the largest chunk read from a stream.
+pub const CHUNK: usize = 256 * 1024;
+/// A read buffer with less room than this is replaced by a fresh one.
+const MIN_READ_ROOM: usize = 16 * 1024;
+
+/// What the QUIC → TCP direction starts with.
+#[derive(Debug)]
+pub enum Downstream {
+    /// Payload; these bytes (already read past the header) go to the socket first.
+    Payload(Bytes),
+    /// The opener's side: the exposing side's response header comes first.
+    AwaitResponse(Duration),
+}
+
+/// Why a splice was cut short.
+#[derive(Debug, thiserror::Error)]
+pub enum Abort {
+    #[error("local socket failed: {0}")]
+    Local(io::Error),
+    #[error("peer reset the stream (code {0})")]
+    PeerReset(VarInt),
+    #[error("peer stopped reading (code {0})")]
+    PeerStopped(VarInt),
+    #[error("connection lost: {0}")]
+    ConnectionLost(quinn::ConnectionError),
+    #[error("shutting down")]
+    Shutdown,
+    #[error("open refused: {status}: {message}")]
+    Refused { status: Status, message: String },
+    #[error("bad response header: {0}")]
+    BadResponse(HeaderError),
+    #[error("no response within {0:?}")]
+    ResponseTimeout(Duration),
+    #[error("stream error: {0}")]
+    Stream(String),
+}
+
+impl Abort {
+    fn from_read(e: ReadError) -> Self {
+        match e {
+            ReadError::Reset(code) => Abort::PeerReset(code),
+            ReadError::ConnectionLost(e) => Abort::ConnectionLost(e),
+            other => Abort::Stream(other.to_string()),
+        }
+    }
+
+    fn from_write(e: WriteError) -> Self {
+        match e {
+            WriteError::Stopped(code) => Abort::PeerStopped(code),
+            WriteError::ConnectionLost(e) => Abort::ConnectionLost(e),
+            other => Abort::Stream(other.to_string()),
+        }
+    }
+
+    /// The code to reset/stop the QUIC stream with.
+    fn code(&self) -> VarInt {
+        match self {
+            Abort::Shutdown => stream_code::SHUTDOWN,
+            Abort::Refused { .. } => stream_code::REFUSED,
+            Abort::BadResponse(_) => stream_code::BAD_HEADER,
+            Abort::ResponseTimeout(_) => stream_code::TIMEOUT,
+            _ => stream_code::ABORTED,
+        }
+    }
+}
+
+/// How a splice went.
+#[derive(Debug)]
+pub struct Report {
+    /// Bytes from the socket into the stream.
+    pub up: u64,
+    /// Bytes from the stream into the socket.
+    pub down: u64,
+    /// `None` for a clean end both ways.
+    pub abort: Option<Abort>,
+}
+
+/// Forwards until both directions ended or one aborted; `cancel` aborts (forced shutdown).
+pub async fn splice(
+    tcp: TcpStream,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    downstream: Downstream,
+    cancel: CancellationToken,
+) -> Report {
+    let (mut up, mut down) = (0u64, 0u64);
+    let result = {
+        let both = async {
+            tokio::try_join!(
+                tcp_to_quic(&tcp, &mut send, &mut up),
+                quic_to_tcp(&mut recv, &tcp, downstream, &mut down),
+            )?;
+            // Delivered, not only sent: wait for the peer's acknowledgement of our FIN.
+            match send.stopped().await {
+                Ok(None) => Ok(()),
+                Ok(Some(code)) => Err(Abort::PeerStopped(code)),
+                Err(quinn::StoppedError::ConnectionLost(e)) => Err(Abort::ConnectionLost(e)),
+                Err(e) => Err(Abort::Stream(e.to_string())),
+            }
+        };
+        tokio::select! {
+            biased;
+            r = both => r,
+            () = cancel.cancelled() => Err(Abort::Shutdown),
+        }
+    };
+    let abort = result.err();
+    if let Some(abort) = &abort {
+        let code = abort.code();
+        // Errors here mean the stream is already closed that way: nothing left to tell.
+        let _ = send.reset(code);
+        let _ = recv.stop(code);
+        if matches!(abort, Abort::Refused { .. }) {
+            // The peer answered; the client gets a plain close.
+            let _ = socket2::SockRef::from(&tcp).shutdown(Shutdown::Both);
+        } else {
+            reset_tcp(&tcp);
+        }
+    }
+    Report { up, down, abort }
+}
+
+/// Makes the kernel answer with RST when the socket is dropped: the client sees an abort.
+pub fn reset_tcp(tcp: &TcpStream) {
+    let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
+}
+
+async fn tcp_to_quic(tcp: &TcpStream, send: &mut SendStream, count: &mut u64) -> Result<(), Abort> {
+    let mut buf = BytesMut::new();
+    loop {
+        tcp.readable().await.map_err(Abort::Local)?;
+        if buf.capacity() < MIN_READ_ROOM {
+            buf = BytesMut::with_capacity(CHUNK);
+        }
+        match tcp.try_read_buf(&mut buf) {
+            Ok(0) => {
+                // FIN from the socket: FIN on the stream; the other direction goes on.
+                let _ = send.finish();
+                return Ok(());
+            }
+            Ok(n) => {
+                *count += n as u64;
+                send.write_chunk(buf.split().freeze())
+                    .await
+                    .map_err(Abort::from_write)?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // Idle: give the buffer back rather than hold it while waiting.
+                buf = BytesMut::new();
+            }
+            Err(e) => return Err(Abort::Local(e)),
+        }
+    }
+}
+
+async fn quic_to_tcp(
+    recv: &mut RecvStream,
+    tcp: &TcpStream,
+    downstream: Downstream,
+    count: &mut u64,
+) -> Result<(), Abort> {
+    let first = match downstream {
+        Downstream::Payload(first) => first,
+        Downstream::AwaitResponse(limit) => tokio::time::timeout(limit, read_response(recv))
+            .await
+            .map_err(|_| Abort::ResponseTimeout(limit))??,
+    };
+    write_tcp(tcp, &first).await?;
+    *count += first.len() as u64;
+    loop {
+        match recv.read_chunk(CHUNK, true).await {
+            Ok(Some(chunk)) => {
+                write_tcp(tcp, &chunk.bytes).await?;
+                *count += chunk.bytes.len() as u64;
+            }
+            Ok(None) => {
+                // FIN from the stream: FIN to the socket; the other direction goes on.
+                socket2::SockRef::from(tcp)
+                    .shutdown(Shutdown::Write)
+                    .or_else(ignore_not_connected)
+                    .map_err(Abort::Local)?;
+                return Ok(());
+            }
+            Err(e) => return Err(Abort::from_read(e)),
+        }
+    }
+}
+
+fn ignore_not_connected(e: io::Error) -> io::Result<()> {
+    if e.kind() == io::ErrorKind::NotConnected {
+        Ok(())
+    } else {
+        Err(e)
+    }
+}
+
+/// Reads the response header; returns the payload bytes read past it.
+async fn read_response(recv: &mut RecvStream) -> Result<Bytes, Abort> {
+    let mut buf = BytesMut::new();
+    loop {
+        let chunk = match recv.read_chunk(MAX_RESPONSE_LEN, true).await {
+            Ok(Some(chunk)) => chunk.bytes,
+            Ok(None) => {
+                return Err(Abort::Stream(
+                    "the peer ended the stream before its response header".into(),
+                ))
+            }
+            Err(e) => return Err(Abort::from_read(e)),
+        };
+        buf.extend_from_slice(&chunk);
+        match decode_response(&buf) {
+            Ok(Some((OpenResponse { status: Status::Ok, .. }, used))) => {
+                return Ok(buf.split_off(used).freeze())
+            }
+            Ok(Some((OpenResponse { status, message }, _))) => {
+                return Err(Abort::Refused { status, message })
+            }
+            Ok(None) => {}
+            Err(e) => return Err(Abort::BadResponse(e)),
+        }
+    }
+}
+
+async fn write_tcp(tcp: &TcpStream, mut data: &[u8]) -> Result<(), Abort> {
+    while !data.is_empty() {
+        tcp.writable().await.map_err(Abort::Local)?;
+        match tcp.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(Abort::Local(e)),
+        }
+    }
+    Ok(())
+}
