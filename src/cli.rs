@@ -204,11 +204,14 @@ async fn expose(args: ExposeArgs) -> Result<(), Failure> {
         .or(rules.drain_timeout)
         .map_or(DEFAULT_DRAIN, |d| d.0);
 
-    let node = Node::bind(listen, identity, Tuning::default()).map_err(|e| {
-        anyhow::anyhow!("{e}; choose another port with --listen ADDR")
-    })?;
+    let node = Node::bind(listen, identity, Tuning::default())
+        .map_err(|e| anyhow::anyhow!("{e}; choose another port with --listen ADDR"))?;
     let local = node.local_addr().context("reading the bound address")?;
-    let services: Vec<_> = config.services.iter().map(|(n, t)| (n.clone(), t.clone())).collect();
+    let services: Vec<_> = config
+        .services
+        .iter()
+        .map(|(n, t)| (n.clone(), t.clone()))
+        .collect();
     node.expose(config).context("starting the QUIC server")?;
 
     let host = match local.ip() {
@@ -218,7 +221,11 @@ async fn expose(args: ExposeArgs) -> Result<(), Failure> {
     };
     let mut command = format!("tunnel connect {}@{host}:{}", node.peer_id(), local.port());
     for (name, target) in &services {
-        let port = target.as_str().rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).unwrap_or(0);
+        let port = target
+            .as_str()
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok())
+            .unwrap_or(0);
         let local_port = if port >= 1024 { port } else { 8000 + port };
         command.push_str(&format!(" --local 127.0.0.1:{local_port}={name}"));
     }
@@ -263,7 +270,13 @@ fn expose_config(rules: ExposeRules) -> Result<(SocketAddr, ExposeConfig), Failu
             "no peer is allowed: give --allow PEER_ID (the other side prints it with `tunnel id`), or authorized_peers in the rules file".into(),
         ));
     } else {
-        Authorized::Only(rules.authorized_peers.iter().copied().collect::<HashSet<_>>())
+        Authorized::Only(
+            rules
+                .authorized_peers
+                .iter()
+                .copied()
+                .collect::<HashSet<_>>(),
+        )
     };
     let mut config = ExposeConfig::new(rules.services, authorized);
     if let Some(n) = rules.max_streams {
@@ -275,7 +288,9 @@ fn expose_config(rules: ExposeRules) -> Result<(SocketAddr, ExposeConfig), Failu
     if let Some(d) = rules.dial_timeout {
         config.dial_timeout = d.0;
     }
-    let listen = rules.listen.unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default"));
+    let listen = rules
+        .listen
+        .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default"));
     Ok((listen, config))
 }
 
@@ -292,14 +307,16 @@ async fn connect(args: ConnectArgs) -> Result<(), Failure> {
     // Bind the local ports first: a port in use is the commonest mistake; say so at once.
     let mut listeners = Vec::new();
     for rule in &locals {
-        let listener = tokio::net::TcpListener::bind(rule.listen).await.map_err(|e| {
-            anyhow::anyhow!(
+        let listener = tokio::net::TcpListener::bind(rule.listen)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
                 "cannot listen on {} for service {}: {e}; pick another port with --local ADDR={}",
                 rule.listen,
                 rule.service,
                 rule.service
             )
-        })?;
+            })?;
         listeners.push((listener, rule.service.clone()));
     }
     let node = Node::bind(bind, identity, Tuning::default())
@@ -307,7 +324,9 @@ async fn connect(args: ConnectArgs) -> Result<(), Failure> {
     info!(peer_id = %node.peer_id(), "this side's peer id (the other side allows it with --allow)");
     let session = node.connect(peer.clone(), config);
     for (listener, service) in listeners {
-        let addr = listener.local_addr().context("reading a listener's address")?;
+        let addr = listener
+            .local_addr()
+            .context("reading a listener's address")?;
         println!("{addr} -> {service} on {}", peer.id);
         node.serve_local(&session, listener, service);
     }

@@ -143,7 +143,9 @@ impl fmt::Display for Target {
 impl FromStr for Target {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        check_host_port(s).map_err(|why| format!("invalid target {s:?}: {why}; expected HOST:PORT, e.g. 127.0.0.1:554"))?;
+        check_host_port(s).map_err(|why| {
+            format!("invalid target {s:?}: {why}; expected HOST:PORT, e.g. 127.0.0.1:554")
+        })?;
         Ok(Target(s.to_owned()))
     }
 }
@@ -187,7 +189,9 @@ impl FromStr for PeerAddr {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let (id, addr) = s.split_once('@').ok_or_else(|| {
-            format!("invalid peer {s:?}: expected <peer-id>@<host:port>, as printed by `tunnel expose`")
+            format!(
+                "invalid peer {s:?}: expected <peer-id>@<host:port>, as printed by `tunnel expose`"
+            )
         })?;
         let id = id.parse::<PeerId>().map_err(|e| e.to_string())?;
         check_host_port(addr).map_err(|why| format!("invalid peer address {addr:?}: {why}"))?;
@@ -212,9 +216,9 @@ impl FromStr for LocalRule {
         let (listen, service) = s.split_once('=').ok_or_else(|| {
             format!("invalid local rule {s:?}: expected ADDR=SERVICE, e.g. 127.0.0.1:8554=cam")
         })?;
-        let listen = listen
-            .parse()
-            .map_err(|_| format!("invalid listen address {listen:?}: expected IP:PORT, e.g. 127.0.0.1:8554"))?;
+        let listen = listen.parse().map_err(|_| {
+            format!("invalid listen address {listen:?}: expected IP:PORT, e.g. 127.0.0.1:8554")
+        })?;
         Ok(LocalRule {
             listen,
             service: service.parse()?,
@@ -326,7 +330,8 @@ mod tests {
 
     #[test]
     fn errors_name_the_line_and_the_key() {
-        let err = RulesFile::parse("[expose]\nlisten = \"0.0.0.0:4433\"\nservise = 1\n").unwrap_err();
+        let err =
+            RulesFile::parse("[expose]\nlisten = \"0.0.0.0:4433\"\nservise = 1\n").unwrap_err();
         assert!(err.contains("line 3"), "{err}");
         assert!(err.contains("servise"), "{err}");
 
@@ -345,14 +350,19 @@ mod tests {
         let rule: LocalRule = "127.0.0.1:8554=cam".parse().unwrap();
         assert_eq!(rule.listen.port(), 8554);
         assert_eq!(rule.service.as_str(), "cam");
-        assert!("127.0.0.1:8554".parse::<LocalRule>().unwrap_err().contains("ADDR=SERVICE"));
+        assert!("127.0.0.1:8554"
+            .parse::<LocalRule>()
+            .unwrap_err()
+            .contains("ADDR=SERVICE"));
         let svc: ServiceRule = "web=[::1]:8080".parse().unwrap();
         assert_eq!(svc.target.as_str(), "[::1]:8080");
         assert!("cam=127.0.0.1:0".parse::<ServiceRule>().is_err());
         assert!("c/m=127.0.0.1:1".parse::<ServiceRule>().is_err());
         let err = "abc@host:1".parse::<PeerAddr>().unwrap_err();
         assert!(err.contains("tunnel id"), "{err}");
-        let err = format!("{}", "a".repeat(32)).parse::<PeerAddr>().unwrap_err();
+        let err = format!("{}", "a".repeat(32))
+            .parse::<PeerAddr>()
+            .unwrap_err();
         assert!(err.contains("<peer-id>@<host:port>"), "{err}");
     }
 }

@@ -43,7 +43,11 @@ impl PeerId {
 
 impl fmt::Display for PeerId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&data_encoding::BASE32_NOPAD.encode(&self.0).to_ascii_lowercase())
+        f.write_str(
+            &data_encoding::BASE32_NOPAD
+                .encode(&self.0)
+                .to_ascii_lowercase(),
+        )
     }
 }
 

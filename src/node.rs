@@ -74,7 +74,9 @@ impl Node {
     /// Starts serving allowed peers' streams to the services in `config`.
     pub fn expose(&self, config: ExposeConfig) -> Result<(), TransportError> {
         if matches!(config.authorized, crate::roles::expose::Authorized::Any) {
-            tracing::warn!("--allow-any: ANY peer that can reach this port may use every exposed service");
+            tracing::warn!(
+                "--allow-any: ANY peer that can reach this port may use every exposed service"
+            );
         }
         self.ctx.transport.enable_server()?;
         let expose = Expose::new(config, self.ctx.clone());
@@ -101,10 +103,16 @@ impl Node {
         ctx.stop.cancel();
         let live = ctx.stats.streams.get();
         if live > 0 {
-            info!(live, "draining: waiting up to {drain:?} for live streams to finish");
+            info!(
+                live,
+                "draining: waiting up to {drain:?} for live streams to finish"
+            );
         }
         if !ctx.stats.streams.wait_for(drain, |n| *n == 0).await {
-            info!(left = ctx.stats.streams.get(), "drain deadline reached: resetting what is left");
+            info!(
+                left = ctx.stats.streams.get(),
+                "drain deadline reached: resetting what is left"
+            );
         }
         ctx.abort.cancel();
         let endpoint = ctx.transport.endpoint().clone();

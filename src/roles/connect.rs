@@ -57,7 +57,9 @@ impl Default for SessionConfig {
 pub enum ConnectError {
     #[error("{0}")]
     Failed(Arc<str>),
-    #[error("no connection within {0:?}: is `tunnel expose` running there, and does UDP reach it?")]
+    #[error(
+        "no connection within {0:?}: is `tunnel expose` running there, and does UDP reach it?"
+    )]
     Timeout(Duration),
     #[error("shutting down")]
     ShuttingDown,
@@ -195,7 +197,11 @@ impl Session {
                 "stream aborted: {}",
                 describe_close(&e)
             ),
-            Some(abort) => info!(up = report.up, down = report.down, "stream aborted: {abort}"),
+            Some(abort) => info!(
+                up = report.up,
+                down = report.down,
+                "stream aborted: {abort}"
+            ),
         }
     }
 }
@@ -214,7 +220,8 @@ struct Live {
     _gauge: GaugeGuard,
 }
 
-type Dial = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Connection, ConnectError>> + Send>>;
+type Dial =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Connection, ConnectError>> + Send>>;
 
 impl Actor {
     async fn run(self, mut requests: mpsc::Receiver<Reply>) {
@@ -343,7 +350,10 @@ impl Actor {
     }
 }
 
-async fn dial(transport: crate::transport::Transport, peer: PeerAddr) -> Result<Connection, ConnectError> {
+async fn dial(
+    transport: crate::transport::Transport,
+    peer: PeerAddr,
+) -> Result<Connection, ConnectError> {
     let failed = |msg: String| ConnectError::Failed(msg.into());
     let local = transport.local_addr().map_err(|e| failed(e.to_string()))?;
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&peer.addr)
@@ -355,12 +365,22 @@ async fn dial(transport: crate::transport::Transport, peer: PeerAddr) -> Result<
         .iter()
         .find(|a| local.is_ipv6() || a.is_ipv4())
         .copied()
-        .ok_or_else(|| failed(format!("{} has no address this socket ({local}) can reach", peer.addr)))?;
+        .ok_or_else(|| {
+            failed(format!(
+                "{} has no address this socket ({local}) can reach",
+                peer.addr
+            ))
+        })?;
     debug!(%addr, "dialling");
-    let connecting = transport
+    let (connecting, wrong_peer) = transport
         .connect(addr, peer.id)
         .map_err(|e| failed(e.to_string()))?;
-    connecting.await.map_err(|e| failed(describe_close(&e)))
+    connecting.await.map_err(|e| {
+        match wrong_peer.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            Some(wrong) => failed(format!("refusing {addr}: {wrong}")),
+            None => failed(describe_close(&e)),
+        }
+    })
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {

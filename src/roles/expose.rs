@@ -141,7 +141,11 @@ impl Expose {
                 () = self.node.abort.cancelled() => return,
             };
             let this = self.clone();
-            let span = tracing::info_span!("stream", stream = u64::from(send.id()), service = tracing::field::Empty);
+            let span = tracing::info_span!(
+                "stream",
+                stream = u64::from(send.id()),
+                service = tracing::field::Empty
+            );
             self.node
                 .tasks
                 .spawn(this.serve_stream(send, recv).instrument(span));
@@ -150,27 +154,25 @@ impl Expose {
 
     async fn serve_stream(self: Arc<Self>, mut send: SendStream, mut recv: RecvStream) {
         let _live = self.node.stats.stream();
-        let (req, leftover) = match tokio::time::timeout(
-            self.config.header_timeout,
-            read_request(&mut recv),
-        )
-        .await
-        {
-            Ok(Ok(parsed)) => parsed,
-            Ok(Err(ReadRequestError::Header(e))) => {
-                warn!("bad stream header: {e}");
-                refuse(&mut send, &mut recv, Status::BadRequest, &e.to_string()).await;
-                let _ = recv.stop(stream_code::BAD_HEADER);
-                return;
-            }
-            Ok(Err(ReadRequestError::Stream(e))) => return debug!("stream ended before its header: {e}"),
-            Err(_) => {
-                warn!("no stream header within {:?}", self.config.header_timeout);
-                let _ = send.reset(stream_code::TIMEOUT);
-                let _ = recv.stop(stream_code::TIMEOUT);
-                return;
-            }
-        };
+        let (req, leftover) =
+            match tokio::time::timeout(self.config.header_timeout, read_request(&mut recv)).await {
+                Ok(Ok(parsed)) => parsed,
+                Ok(Err(ReadRequestError::Header(e))) => {
+                    warn!("bad stream header: {e}");
+                    refuse(&mut send, &mut recv, Status::BadRequest, &e.to_string()).await;
+                    let _ = recv.stop(stream_code::BAD_HEADER);
+                    return;
+                }
+                Ok(Err(ReadRequestError::Stream(e))) => {
+                    return debug!("stream ended before its header: {e}")
+                }
+                Err(_) => {
+                    warn!("no stream header within {:?}", self.config.header_timeout);
+                    let _ = send.reset(stream_code::TIMEOUT);
+                    let _ = recv.stop(stream_code::TIMEOUT);
+                    return;
+                }
+            };
         tracing::Span::current().record("service", req.service.as_str());
         let client = req.client_addr.as_deref().unwrap_or("?");
         let target = self
@@ -182,18 +184,40 @@ impl Expose {
         let Some(target) = target else {
             let names: Vec<_> = self.config.services.keys().map(|n| n.as_str()).collect();
             warn!(client, "unknown service requested");
-            let msg = format!("no service named {:?} here; exposed: {}", req.service, names.join(", "));
+            let msg = format!(
+                "no service named {:?} here; exposed: {}",
+                req.service,
+                names.join(", ")
+            );
             return refuse(&mut send, &mut recv, Status::UnknownService, &msg).await;
         };
         if self.node.stop.is_cancelled() {
-            return refuse(&mut send, &mut recv, Status::Busy, "the peer is shutting down").await;
+            return refuse(
+                &mut send,
+                &mut recv,
+                Status::Busy,
+                "the peer is shutting down",
+            )
+            .await;
         }
         let Ok(_permit) = self.limit.clone().try_acquire_owned() else {
-            warn!(client, limit = self.config.max_streams, "at the limit of proxied sockets");
-            let msg = format!("the peer is at its limit of {} proxied sockets", self.config.max_streams);
+            warn!(
+                client,
+                limit = self.config.max_streams,
+                "at the limit of proxied sockets"
+            );
+            let msg = format!(
+                "the peer is at its limit of {} proxied sockets",
+                self.config.max_streams
+            );
             return refuse(&mut send, &mut recv, Status::Busy, &msg).await;
         };
-        let tcp = match tokio::time::timeout(self.config.dial_timeout, TcpStream::connect(target.as_str())).await {
+        let tcp = match tokio::time::timeout(
+            self.config.dial_timeout,
+            TcpStream::connect(target.as_str()),
+        )
+        .await
+        {
             Ok(Ok(tcp)) => tcp,
             Ok(Err(e)) => {
                 warn!(client, %target, "cannot connect to the service: {e}");
@@ -215,10 +239,21 @@ impl Expose {
             return debug!("peer went away before the response: {e}");
         }
         debug!(client, %target, "stream open");
-        let report = splice(tcp, send, recv, Downstream::Payload(leftover), self.node.abort.clone()).await;
+        let report = splice(
+            tcp,
+            send,
+            recv,
+            Downstream::Payload(leftover),
+            self.node.abort.clone(),
+        )
+        .await;
         match report.abort {
             None => debug!(up = report.down, down = report.up, "stream closed"),
-            Some(abort) => info!(up = report.down, down = report.up, "stream aborted: {abort}"),
+            Some(abort) => info!(
+                up = report.down,
+                down = report.up,
+                "stream aborted: {abort}"
+            ),
         }
     }
 }
@@ -245,7 +280,10 @@ enum ReadRequestError {
 async fn read_request(recv: &mut RecvStream) -> Result<(OpenRequest, Bytes), ReadRequestError> {
     let mut buf = BytesMut::new();
     loop {
-        match recv.read_chunk(crate::protocol::header::MAX_REQUEST_LEN, true).await {
+        match recv
+            .read_chunk(crate::protocol::header::MAX_REQUEST_LEN, true)
+            .await
+        {
             Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
             Ok(None) => return Err(ReadRequestError::Stream("finished".into())),
             Err(e) => return Err(ReadRequestError::Stream(e.to_string())),

@@ -111,7 +111,8 @@ impl Transport {
     /// Starts accepting incoming connections on this endpoint.
     pub fn enable_server(&self) -> Result<(), TransportError> {
         let tls = tls::server_config(&self.identity)?;
-        let quic = QuicServerConfig::try_from(tls).map_err(|e| TransportError::Quic(e.to_string()))?;
+        let quic =
+            QuicServerConfig::try_from(tls).map_err(|e| TransportError::Quic(e.to_string()))?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
         config.transport_config(Arc::new(self.tuning.transport_config()));
         self.endpoint.set_server_config(Some(config));
@@ -119,18 +120,23 @@ impl Transport {
     }
 
     /// Starts a connection to `addr`, accepting only the peer whose id is `expected`.
+    /// If the peer presents another id, the handshake fails and the slot tells which.
     pub fn connect(
         &self,
         addr: SocketAddr,
         expected: PeerId,
-    ) -> Result<quinn::Connecting, TransportError> {
-        let tls = tls::client_config(&self.identity, expected)?;
-        let quic = QuicClientConfig::try_from(tls).map_err(|e| TransportError::Quic(e.to_string()))?;
+    ) -> Result<(quinn::Connecting, tls::WrongPeerSlot), TransportError> {
+        let wrong = tls::WrongPeerSlot::default();
+        let tls = tls::client_config(&self.identity, expected, wrong.clone())?;
+        let quic =
+            QuicClientConfig::try_from(tls).map_err(|e| TransportError::Quic(e.to_string()))?;
         let mut config = quinn::ClientConfig::new(Arc::new(quic));
         config.transport_config(Arc::new(self.tuning.transport_config()));
-        self.endpoint
+        let connecting = self
+            .endpoint
             .connect_with(config, addr, tls::SERVER_NAME)
-            .map_err(|e| TransportError::Quic(e.to_string()))
+            .map_err(|e| TransportError::Quic(e.to_string()))?;
+        Ok((connecting, wrong))
     }
 
     pub fn endpoint(&self) -> &quinn::Endpoint {

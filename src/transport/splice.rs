@@ -19,7 +19,9 @@ use quinn::{ReadError, RecvStream, SendStream, VarInt, WriteError};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::protocol::header::{decode_response, HeaderError, OpenResponse, Status, MAX_RESPONSE_LEN};
+use crate::protocol::header::{
+    decode_response, HeaderError, OpenResponse, Status, MAX_RESPONSE_LEN,
+};
 use crate::protocol::stream_code;
 
 /// Bytes read from a socket at a time, and the largest chunk read from a stream.
@@ -233,9 +235,12 @@ async fn read_response(recv: &mut RecvStream) -> Result<Bytes, Abort> {
         };
         buf.extend_from_slice(&chunk);
         match decode_response(&buf) {
-            Ok(Some((OpenResponse { status: Status::Ok, .. }, used))) => {
-                return Ok(buf.split_off(used).freeze())
-            }
+            Ok(Some((
+                OpenResponse {
+                    status: Status::Ok, ..
+                },
+                used,
+            ))) => return Ok(buf.split_off(used).freeze()),
             Ok(Some((OpenResponse { status, message }, _))) => {
                 return Err(Abort::Refused { status, message })
             }

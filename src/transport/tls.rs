@@ -26,17 +26,22 @@ pub fn provider() -> Arc<CryptoProvider> {
 }
 
 /// The peer presented a key other than the pinned one.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("the peer presented peer id {got}, not the pinned {expected}: wrong address, or the peer's identity changed")]
 pub struct WrongPeer {
     pub expected: PeerId,
     pub got: PeerId,
 }
 
+/// Where the pinning verifier records the id a peer presented when it was not the pinned one,
+/// so the dialler can say so plainly.
+pub type WrongPeerSlot = Arc<std::sync::Mutex<Option<WrongPeer>>>;
+
 #[derive(Debug)]
 struct PinnedServer {
     expected: PeerId,
     provider: Arc<CryptoProvider>,
+    wrong: WrongPeerSlot,
 }
 
 impl ServerCertVerifier for PinnedServer {
@@ -52,11 +57,13 @@ impl ServerCertVerifier for PinnedServer {
             rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
         })?;
         if got != self.expected {
+            let wrong = WrongPeer {
+                expected: self.expected,
+                got,
+            };
+            *self.wrong.lock().unwrap_or_else(|p| p.into_inner()) = Some(wrong.clone());
             return Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::Other(rustls::OtherError(Arc::new(WrongPeer {
-                    expected: self.expected,
-                    got,
-                }))),
+                rustls::CertificateError::Other(rustls::OtherError(Arc::new(wrong))),
             ));
         }
         Ok(ServerCertVerified::assertion())
@@ -157,12 +164,17 @@ impl ClientCertVerifier for AnyKeyClient {
 pub fn client_config(
     identity: &Identity,
     expected: PeerId,
+    wrong: WrongPeerSlot,
 ) -> Result<rustls::ClientConfig, rustls::Error> {
     let provider = provider();
     let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinnedServer { expected, provider }))
+        .with_custom_certificate_verifier(Arc::new(PinnedServer {
+            expected,
+            provider,
+            wrong,
+        }))
         .with_client_auth_cert(vec![identity.certificate()], identity.private_key())?;
     config.alpn_protocols = vec![ALPN.to_vec()];
     Ok(config)

@@ -1,0 +1,231 @@
+//! Running the real `tunnel` binary and third-party programs from tests: every child is
+//! killed and reaped when its guard drops, also when the test fails.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// A child process whose stdout lines arrive on a channel, and whose stderr is kept.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command) -> Proc {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let (tx, rx) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = stderr.clone();
+        let mut err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Proc {
+            name: name.into(),
+            child,
+            lines: rx,
+            stderr,
+        }
+    }
+
+    /// The next stdout line that satisfies `pred`, waiting at most `WAIT`.
+    pub fn line_matching(&self, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if pred(&line) => return line,
+                Ok(_) => {}
+                Err(_) => panic!(
+                    "{}: no matching line on stdout; stderr:\n{}",
+                    self.name,
+                    self.stderr()
+                ),
+            }
+        }
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the exit, at most `limit`; the exit code (None if it did not end).
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status.code().unwrap_or(-1));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn tunnel_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_tunnel")
+}
+
+/// A fresh directory for one test, removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("tunnel-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The peer id of the identity at `path` (created if needed), from `tunnel id`.
+pub fn peer_id(identity: &Path) -> String {
+    let out = Command::new(tunnel_bin())
+        .args(["id", "--identity"])
+        .arg(identity)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// `tunnel expose` and `tunnel connect` as two processes, ready: returns them and the local
+/// address of each `--local` listener, in order.
+pub struct TunnelPair {
+    pub expose: Proc,
+    pub connect: Proc,
+    pub locals: Vec<String>,
+    pub dir: TempDir,
+}
+
+pub fn start_pair(services: &[(&str, &str)], extra_connect: &[&str]) -> TunnelPair {
+    let dir = TempDir::new("pair");
+    let (id_e, id_c) = (dir.path("expose.pem"), dir.path("connect.pem"));
+    let connect_id = peer_id(&id_c);
+    let mut cmd = Command::new(tunnel_bin());
+    cmd.args([
+        "expose",
+        "--listen",
+        "127.0.0.1:0",
+        "--allow",
+        &connect_id,
+        "--identity",
+    ])
+    .arg(&id_e);
+    for (name, target) in services {
+        cmd.arg("--service").arg(format!("{name}={target}"));
+    }
+    let expose = Proc::spawn("tunnel expose", &mut cmd);
+    let line = expose.line_matching(|l| l.trim_start().starts_with("tunnel connect "));
+    let peer = line.split_whitespace().nth(2).unwrap().to_owned();
+    let mut cmd = Command::new(tunnel_bin());
+    cmd.args(["connect", &peer, "--identity"]).arg(&id_c);
+    for (name, _) in services {
+        cmd.arg("--local").arg(format!("127.0.0.1:0={name}"));
+    }
+    cmd.args(extra_connect);
+    let connect = Proc::spawn("tunnel connect", &mut cmd);
+    let locals = services
+        .iter()
+        .map(|(name, _)| {
+            let line = connect.line_matching(|l| l.contains(&format!(" -> {name} on ")));
+            line.split_whitespace().next().unwrap().to_owned()
+        })
+        .collect();
+    TunnelPair {
+        expose,
+        connect,
+        locals,
+        dir,
+    }
+}
+
+/// Whether `program` is installed. When it is not, tests that need it are skipped loudly,
+/// unless TUNNEL_REQUIRE_TOOLS=1 (as in CI), where they fail.
+pub fn have(program: &str) -> bool {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !found {
+        if std::env::var("TUNNEL_REQUIRE_TOOLS").as_deref() == Ok("1") {
+            panic!("{program} is required (TUNNEL_REQUIRE_TOOLS=1) but not installed");
+        }
+        eprintln!("SKIPPED: {program} is not installed (install it, or run .ci/run)");
+    }
+    found
+}
+
+/// A free TCP port on 127.0.0.1, for third-party servers that cannot report theirs.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
