@@ -360,9 +360,7 @@ mod tests {
         assert!("c/m=127.0.0.1:1".parse::<ServiceRule>().is_err());
         let err = "abc@host:1".parse::<PeerAddr>().unwrap_err();
         assert!(err.contains("tunnel id"), "{err}");
-        let err = format!("{}", "a".repeat(32))
-            .parse::<PeerAddr>()
-            .unwrap_err();
+        let err = "a".repeat(32).parse::<PeerAddr>().unwrap_err();
         assert!(err.contains("<peer-id>@<host:port>"), "{err}");
     }
 }

@@ -221,8 +221,10 @@ async fn unknown_service_is_refused_with_a_status() {
         "lists what is exposed: {}",
         resp.message
     );
-    // Through a local listener, the client's socket is closed with no data.
+    // Through a local listener, the client's socket is closed (FIN, not RST) with no data,
+    // even though it sent a request first.
     let mut tcp = TcpStream::connect(pair.local("nope").await).await.unwrap();
+    tcp.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
     assert_eq!(read_to_end(&mut tcp).await.unwrap(), b"");
     pair.shutdown().await;
 }

@@ -125,8 +125,10 @@ impl Session {
     /// Runs until the node stops accepting; the listener is closed when it returns.
     pub(crate) async fn serve_local(self, listener: TcpListener, service: ServiceName) {
         static NEXT_LOCAL_ID: AtomicU64 = AtomicU64::new(1);
-        let local = listener.local_addr().ok();
-        info!(?local, %service, "listening");
+        let local = listener
+            .local_addr()
+            .map_or_else(|e| e.to_string(), |a| a.to_string());
+        info!(%local, %service, "listening");
         loop {
             let accepted = tokio::select! {
                 r = listener.accept() => r,
@@ -144,12 +146,12 @@ impl Session {
                 }
                 Err(e) => {
                     // Typically out of file descriptors: back off rather than spin.
-                    error!(?local, "accept failed: {e}");
+                    error!(%local, "accept failed: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
         }
-        debug!(?local, "listener closed");
+        debug!(%local, "listener closed");
     }
 
     async fn serve_client(self, tcp: TcpStream, client: SocketAddr, service: ServiceName) {

@@ -137,13 +137,28 @@ pub async fn splice(
         let _ = send.reset(code);
         let _ = recv.stop(code);
         if matches!(abort, Abort::Refused { .. }) {
-            // The peer answered; the client gets a plain close.
-            let _ = socket2::SockRef::from(&tcp).shutdown(Shutdown::Both);
+            // The peer answered: the client gets a plain close (FIN), not an abort.
+            let _ = socket2::SockRef::from(&tcp).shutdown(Shutdown::Write);
+            discard_unread(&tcp);
         } else {
             reset_tcp(&tcp);
         }
     }
     Report { up, down, abort }
+}
+
+/// Drops what the client already sent and nobody will read (at most 1 MiB): closing a
+/// socket with unread data makes the kernel send RST instead of FIN.
+fn discard_unread(tcp: &TcpStream) {
+    let mut buf = [0u8; 4096];
+    let mut left: usize = 1 << 20;
+    while left > 0 {
+        match tcp.try_read(&mut buf) {
+            Ok(n) if n > 0 => left = left.saturating_sub(n),
+            // EOF, nothing queued now, or an error: done.
+            _ => return,
+        }
+    }
 }
 
 /// Makes the kernel answer with RST when the socket is dropped: the client sees an abort.
@@ -166,9 +181,13 @@ async fn tcp_to_quic(tcp: &TcpStream, send: &mut SendStream, count: &mut u64) ->
             }
             Ok(n) => {
                 *count += n as u64;
-                send.write_chunk(buf.split().freeze())
-                    .await
-                    .map_err(Abort::from_write)?;
+                match send.write_chunk(buf.split().freeze()).await {
+                    Ok(()) => {}
+                    // The exposing side refused the open: its response says why, and the
+                    // other direction reports it.
+                    Err(WriteError::Stopped(code)) if code == stream_code::REFUSED => return Ok(()),
+                    Err(e) => return Err(Abort::from_write(e)),
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 // Idle: give the buffer back rather than hold it while waiting.
