@@ -492,7 +492,8 @@ async fn shutdown_lets_a_live_stream_finish_then_resets_what_outlives_the_drain(
     })
     .await;
     let first = pair().service("slow", target.addr).build();
-    let mut tcp = TcpStream::connect(first.local("slow").await).await.unwrap();
+    let local = first.local("slow").await;
+    let mut tcp = TcpStream::connect(local).await.unwrap();
     let mut start = [0u8; 5];
     tcp.read_exact(&mut start).await.unwrap();
     let Pair {
@@ -504,7 +505,10 @@ async fn shutdown_lets_a_live_stream_finish_then_resets_what_outlives_the_drain(
     let drain = tokio::spawn(async move {
         client.shutdown(Duration::from_secs(20)).await;
     });
-    // The drain has begun: the stream is still live, so it waits. Release the data.
+    // The drain has begun once the local listener is closed; the stream is still live.
+    while TcpStream::connect(local).await.is_ok() {
+        tokio::task::yield_now().await;
+    }
     release_tx.send(true).unwrap();
     let rest = read_to_end(&mut tcp).await.unwrap();
     assert_eq!(
@@ -512,7 +516,12 @@ async fn shutdown_lets_a_live_stream_finish_then_resets_what_outlives_the_drain(
         2 << 20,
         "the live stream finished during the drain"
     );
-    drain.await.unwrap();
+    tcp.shutdown().await.unwrap();
+    // Both directions ended: the drain ends with the stream, long before its deadline.
+    tokio::time::timeout(Duration::from_secs(15), drain)
+        .await
+        .expect("the drain ended with the stream")
+        .unwrap();
 
     // Now a stream that never ends: the drain deadline resets it.
     let hang = server_that_hangs().await;

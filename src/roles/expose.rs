@@ -21,7 +21,7 @@ use crate::protocol::header::{
     decode_request, encode_response, HeaderError, OpenRequest, OpenResponse, Status,
 };
 use crate::protocol::{close_code, stream_code};
-use crate::transport::splice::{splice, Downstream};
+use crate::transport::splice::{reset_tcp, splice, Downstream};
 use crate::transport::tls;
 
 /// Who may connect.
@@ -236,6 +236,9 @@ impl Expose {
             message: String::new(),
         });
         if let Err(e) = send.write_chunk(Bytes::from(ok)).await {
+            // The client is gone already: the real server sees an abort, as it would have.
+            reset_tcp(&tcp);
+            let _ = recv.stop(stream_code::ABORTED);
             return debug!("peer went away before the response: {e}");
         }
         debug!(client, %target, "stream open");

@@ -89,6 +89,12 @@ impl PairBuilder {
     }
 
     pub fn build(self) -> Pair {
+        if std::env::var_os("RUST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_test_writer()
+                .try_init();
+        }
         let client_identity = identity();
         let allowed = if self.allow_client {
             client_identity.peer_id()
