@@ -14,10 +14,12 @@ use clap::{Args, Parser, Subcommand};
 use tracing::info;
 
 use crate::config::{
-    ConfigError, ConnectRules, Dur, ExposeRules, LocalRule, PeerAddr, RulesFile, ServiceRule,
+    ConfigError, ConnectRules, Dur, ExposeRules, LocalRule, PeerAddr, RendezvousAddr, RulesFile,
+    ServiceRule,
 };
 use crate::identity::{default_identity_path, Identity, PeerId};
 use crate::node::Node;
+use crate::rendezvous::server::RendezvousConfig;
 use crate::roles::connect::SessionConfig;
 use crate::roles::expose::{Authorized, ExposeConfig};
 use crate::transport::Tuning;
@@ -44,6 +46,20 @@ enum Command {
     Expose(ExposeArgs),
     /// Reach a peer's services through local TCP ports.
     Connect(ConnectArgs),
+    /// Introduce peers behind NATs to each other, and relay when punching fails.
+    Rendezvous(RendezvousArgs),
+}
+
+#[derive(Debug, Args)]
+struct RendezvousArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// UDP address to listen on [default: 0.0.0.0:3478].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// Do not relay: peers that cannot punch a direct path cannot connect.
+    #[arg(long)]
+    no_relay: bool,
 }
 
 #[derive(Debug, Args)]
@@ -72,6 +88,9 @@ struct ExposeArgs {
     /// Allow ANY peer that can reach the port. Use only on a trusted network.
     #[arg(long)]
     allow_any: bool,
+    /// Register with this rendezvous so peers behind NATs can reach this host.
+    #[arg(long, value_name = "HOST:PORT")]
+    rendezvous: Option<RendezvousAddr>,
     /// Proxied sockets at once over all peers; more are answered "busy" [default: 20000].
     #[arg(long, value_name = "N")]
     max_streams: Option<usize>,
@@ -84,9 +103,13 @@ struct ExposeArgs {
 struct ConnectArgs {
     #[command(flatten)]
     common: CommonArgs,
-    /// The peer, as printed by `tunnel expose`: <peer-id>@<host:port>.
-    #[arg(value_name = "PEER_ID@HOST:PORT")]
+    /// The peer, as printed by `tunnel expose`: <peer-id>@<host:port>, or <peer-id> with
+    /// --rendezvous.
+    #[arg(value_name = "PEER_ID[@HOST:PORT]")]
     peer: Option<PeerAddr>,
+    /// Find the peer through this rendezvous (hole punching, relay as a fallback).
+    #[arg(long, value_name = "HOST:PORT")]
+    rendezvous: Option<RendezvousAddr>,
     /// A local listener, ADDR=SERVICE, e.g. 127.0.0.1:8554=cam (repeat for more).
     #[arg(long = "local", value_name = "ADDR=SERVICE")]
     locals: Vec<LocalRule>,
@@ -96,6 +119,9 @@ struct ConnectArgs {
     /// Connect at start and stay connected, instead of on the first client.
     #[arg(long)]
     eager: bool,
+    /// With --rendezvous: never punch, always go through the relay (to diagnose).
+    #[arg(long)]
+    force_relay: bool,
     /// How long an unused connection stays up after its last stream [default: 30s].
     #[arg(long, value_name = "DURATION")]
     idle_grace: Option<Dur>,
@@ -170,6 +196,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Expose(args) => runtime.block_on(expose(args)),
         Command::Connect(args) => runtime.block_on(connect(args)),
+        Command::Rendezvous(args) => runtime.block_on(rendezvous(args)),
     }
 }
 
@@ -213,13 +240,24 @@ async fn expose(args: ExposeArgs) -> Result<(), Failure> {
         .map(|(n, t)| (n.clone(), t.clone()))
         .collect();
     node.expose(config).context("starting the QUIC server")?;
+    let rendezvous = args.rendezvous.clone().or(rules.rendezvous.clone());
+    if let Some(server) = &rendezvous {
+        node.register(server.0.clone());
+    }
 
     let host = match local.ip() {
         ip if ip.is_unspecified() => hostname().unwrap_or_else(|| "THIS-HOST".into()),
         IpAddr::V6(ip) => format!("[{ip}]"),
         ip => ip.to_string(),
     };
-    let mut command = format!("tunnel connect {}@{host}:{}", node.peer_id(), local.port());
+    let mut command = match &rendezvous {
+        Some(server) => format!(
+            "tunnel connect {} --rendezvous {}",
+            node.peer_id(),
+            server.0
+        ),
+        None => format!("tunnel connect {}@{host}:{}", node.peer_id(), local.port()),
+    };
     for (name, target) in &services {
         let port = target
             .as_str()
@@ -302,7 +340,14 @@ async fn connect(args: ConnectArgs) -> Result<(), Failure> {
         .drain_timeout
         .or(rules.drain_timeout)
         .map_or(DEFAULT_DRAIN, |d| d.0);
+    let rendezvous = args.rendezvous.clone().or(rules.rendezvous.clone());
     let (peer, bind, locals, config) = connect_config(&args, file)?;
+    if peer.addr.is_none() && rendezvous.is_none() {
+        return Err(usage(format!(
+            "no address for peer {}: give {}@HOST:PORT, or --rendezvous HOST:PORT",
+            peer.id, peer.id
+        )));
+    }
 
     // Bind the local ports first: a port in use is the commonest mistake; say so at once.
     let mut listeners = Vec::new();
@@ -322,6 +367,9 @@ async fn connect(args: ConnectArgs) -> Result<(), Failure> {
     let node = Node::bind(bind, identity, Tuning::default())
         .map_err(|e| anyhow::anyhow!("{e}; choose another address with --bind ADDR"))?;
     info!(peer_id = %node.peer_id(), "this side's peer id (the other side allows it with --allow)");
+    if let (Some(server), None) = (&rendezvous, &peer.addr) {
+        node.register(server.0.clone());
+    }
     let session = node.connect(peer.clone(), config);
     for (listener, service) in listeners {
         let addr = listener
@@ -344,11 +392,39 @@ async fn connect(args: ConnectArgs) -> Result<(), Failure> {
     Ok(())
 }
 
+async fn rendezvous(args: RendezvousArgs) -> Result<(), Failure> {
+    let rules = load_rules(&args.common)?;
+    let identity = load_identity(&args.common, &rules)?;
+    let drain = rules.drain_timeout.map_or(DEFAULT_DRAIN, |d| d.0);
+    let listen = args
+        .listen
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 3478)));
+    let node = Node::bind(listen, identity, Tuning::default())
+        .map_err(|e| anyhow::anyhow!("{e}; choose another port with --listen ADDR"))?;
+    let config = RendezvousConfig {
+        relay: !args.no_relay,
+        ..RendezvousConfig::default()
+    };
+    node.serve_rendezvous(config)
+        .context("starting the rendezvous server")?;
+    let local = node.local_addr().context("reading the bound address")?;
+    info!(%local, relay = !args.no_relay, "rendezvous listening");
+    println!("rendezvous listening on {local}");
+    println!(
+        "peers use: --rendezvous <this-host's-address>:{}",
+        local.port()
+    );
+    wait_for_signal().await;
+    info!("shutting down");
+    node.shutdown(drain).await;
+    Ok(())
+}
+
 type ConnectParts = (PeerAddr, SocketAddr, Vec<LocalRule>, SessionConfig);
 
 fn connect_config(args: &ConnectArgs, file: ConnectRules) -> Result<ConnectParts, Failure> {
     let peer = args.peer.clone().or(file.peer).ok_or_else(|| {
-        usage("no peer given: run `tunnel connect PEER_ID@HOST:PORT` as printed by `tunnel expose`, or set peer in [connect]".into())
+        usage("no peer given: run `tunnel connect PEER_ID@HOST:PORT` (or `PEER_ID --rendezvous HOST:PORT`) as printed by `tunnel expose`, or set peer in [connect]".into())
     })?;
     let mut locals = file.local;
     locals.extend(args.locals.iter().cloned());
@@ -368,6 +444,7 @@ fn connect_config(args: &ConnectArgs, file: ConnectRules) -> Result<ConnectParts
     }
     let mut config = SessionConfig {
         eager: args.eager || file.eager,
+        force_relay: args.force_relay,
         ..SessionConfig::default()
     };
     if let Some(d) = args.idle_grace.or(file.idle_grace) {

@@ -38,6 +38,8 @@ pub struct RulesFile {
     pub identity: Option<PathBuf>,
     /// How long live streams may take to finish at shutdown.
     pub drain_timeout: Option<Dur>,
+    /// The rendezvous server (HOST:PORT) both roles register with, for NAT traversal.
+    pub rendezvous: Option<RendezvousAddr>,
     pub expose: Option<ExposeRules>,
     pub connect: Option<ConnectRules>,
 }
@@ -172,33 +174,54 @@ fn check_host_port(s: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// Where a peer is: `<peer-id>@<host:port>`.
+/// Which peer to reach, and where: `<peer-id>@<host:port>` to dial it directly, or just
+/// `<peer-id>` to find it through the rendezvous.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerAddr {
     pub id: PeerId,
-    pub addr: String,
+    pub addr: Option<String>,
 }
 
 impl fmt::Display for PeerAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}@{}", self.id, self.addr)
+        match &self.addr {
+            Some(addr) => write!(f, "{}@{addr}", self.id),
+            None => write!(f, "{}", self.id),
+        }
     }
 }
 
 impl FromStr for PeerAddr {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (id, addr) = s.split_once('@').ok_or_else(|| {
+        let (id, addr) = match s.split_once('@') {
+            Some((id, addr)) => (id, Some(addr)),
+            None => (s, None),
+        };
+        let id = id.parse::<PeerId>().map_err(|e| {
             format!(
-                "invalid peer {s:?}: expected <peer-id>@<host:port>, as printed by `tunnel expose`"
+                "{e}; a peer is <peer-id>@<host:port> (direct) or <peer-id> (with --rendezvous)"
             )
         })?;
-        let id = id.parse::<PeerId>().map_err(|e| e.to_string())?;
-        check_host_port(addr).map_err(|why| format!("invalid peer address {addr:?}: {why}"))?;
+        if let Some(addr) = addr {
+            check_host_port(addr).map_err(|why| format!("invalid peer address {addr:?}: {why}"))?;
+        }
         Ok(PeerAddr {
             id,
-            addr: addr.to_owned(),
+            addr: addr.map(str::to_owned),
         })
+    }
+}
+
+/// The address of a rendezvous server: `HOST:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RendezvousAddr(pub String);
+
+impl FromStr for RendezvousAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        check_host_port(s).map_err(|why| format!("invalid rendezvous address {s:?}: {why}; expected HOST:PORT, e.g. rendezvous.example.net:3478"))?;
+        Ok(RendezvousAddr(s.to_owned()))
     }
 }
 
@@ -277,7 +300,7 @@ macro_rules! deserialize_via_from_str {
         }
     )*};
 }
-deserialize_via_from_str!(ServiceName, Target, PeerAddr, Dur);
+deserialize_via_from_str!(ServiceName, Target, PeerAddr, Dur, RendezvousAddr);
 
 #[cfg(test)]
 mod tests {
@@ -324,7 +347,10 @@ mod tests {
         assert_eq!(expose.authorized_peers[0].to_string(), id);
         let connect = rules.connect.unwrap();
         assert_eq!(connect.idle_grace, Some(Dur(Duration::from_millis(500))));
-        assert_eq!(connect.peer.unwrap().addr, "example.net:4433");
+        assert_eq!(
+            connect.peer.unwrap().addr.as_deref(),
+            Some("example.net:4433")
+        );
         assert_eq!(rules.drain_timeout, Some(Dur(Duration::from_secs(3))));
     }
 
@@ -360,7 +386,11 @@ mod tests {
         assert!("c/m=127.0.0.1:1".parse::<ServiceRule>().is_err());
         let err = "abc@host:1".parse::<PeerAddr>().unwrap_err();
         assert!(err.contains("tunnel id"), "{err}");
-        let err = "a".repeat(32).parse::<PeerAddr>().unwrap_err();
-        assert!(err.contains("<peer-id>@<host:port>"), "{err}");
+        let bare: PeerAddr = "a".repeat(32).parse().unwrap();
+        assert_eq!(bare.addr, None, "a bare id is found through the rendezvous");
+        let err = format!("{}@nohost", "a".repeat(32))
+            .parse::<PeerAddr>()
+            .unwrap_err();
+        assert!(err.contains("no port"), "{err}");
     }
 }

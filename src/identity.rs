@@ -82,6 +82,12 @@ impl FromStr for PeerId {
     }
 }
 
+impl serde::Serialize for PeerId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 impl<'de> serde::Deserialize<'de> for PeerId {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;

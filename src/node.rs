@@ -7,7 +7,7 @@
 //! reason, and the node waits for its tasks and for the close to reach the peers.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -18,8 +18,10 @@ use tracing::info;
 use crate::config::{PeerAddr, ServiceName};
 use crate::identity::{Identity, PeerId};
 use crate::protocol::close_code;
+use crate::rendezvous::client::{punch, RendezvousClient};
+use crate::rendezvous::server::{Rendezvous, RendezvousConfig};
 use crate::roles::connect::{Session, SessionConfig};
-use crate::roles::expose::{Expose, ExposeConfig};
+use crate::roles::expose::{Authorized, Expose, ExposeConfig};
 use crate::stats::Stats;
 use crate::transport::{Transport, TransportError, Tuning};
 
@@ -33,6 +35,10 @@ pub(crate) struct NodeCtx {
     /// Cancelled when the drain is over: remaining streams are reset.
     pub abort: CancellationToken,
     pub tasks: TaskTracker,
+    /// Set when the node exposes: who may use it (introductions from others are ignored).
+    pub exposed: Arc<OnceLock<Authorized>>,
+    /// Set when the node registers with a rendezvous.
+    pub rendezvous: Arc<OnceLock<RendezvousClient>>,
 }
 
 /// One endpoint and the roles played on it.
@@ -55,6 +61,8 @@ impl Node {
                 stop: CancellationToken::new(),
                 abort: CancellationToken::new(),
                 tasks: TaskTracker::new(),
+                exposed: Arc::default(),
+                rendezvous: Arc::default(),
             },
         })
     }
@@ -78,10 +86,57 @@ impl Node {
                 "--allow-any: ANY peer that can reach this port may use every exposed service"
             );
         }
-        self.ctx.transport.enable_server()?;
+        self.ctx.transport.enable_server(&[crate::protocol::ALPN])?;
+        let _ = self.ctx.exposed.set(config.authorized.clone());
         let expose = Expose::new(config, self.ctx.clone());
         self.ctx.tasks.spawn(expose.accept_loop());
         Ok(())
+    }
+
+    /// Registers with the rendezvous at `server` (HOST:PORT) and stays registered. When this
+    /// node exposes, peers it allows can then reach it through their NATs: each introduction
+    /// they ask for makes this node punch toward them.
+    pub fn register(&self, server: String) -> RendezvousClient {
+        let (client, mut introductions) = RendezvousClient::start(server, self.ctx.clone());
+        let _ = self.ctx.rendezvous.set(client.clone());
+        let ctx = self.ctx.clone();
+        self.ctx.tasks.spawn(async move {
+            loop {
+                let intro = tokio::select! {
+                    i = introductions.recv() => i,
+                    () = ctx.abort.cancelled() => return,
+                };
+                let Some(intro) = intro else { return };
+                match ctx.exposed.get() {
+                    Some(allowed) if allowed.allows(&intro.peer) => {
+                        info!(peer = %intro.peer, candidates = ?intro.candidates, relay = intro.relay.is_some(), "introduced: punching");
+                        ctx.tasks.spawn(punch(ctx.transport.clone(), Arc::new(intro)));
+                    }
+                    Some(_) => tracing::warn!(peer = %intro.peer, "introduced to a peer that is not allowed here: ignored"),
+                    None => tracing::debug!(peer = %intro.peer, "introduction ignored: this node exposes nothing"),
+                }
+            }
+        });
+        client
+    }
+
+    /// Serves as a rendezvous (and relay) for other nodes.
+    pub fn serve_rendezvous(&self, config: RendezvousConfig) -> Result<(), TransportError> {
+        self.ctx
+            .transport
+            .enable_server(&[crate::protocol::rendezvous::ALPN])?;
+        let server = Rendezvous::new(config, self.ctx.clone())
+            .map_err(|e| TransportError::Quic(e.to_string()))?;
+        self.ctx.tasks.spawn(server.accept_loop());
+        Ok(())
+    }
+
+    /// Peers registered with this node's rendezvous role now.
+    pub fn rendezvous_peers(&self) -> usize {
+        self.ctx
+            .stats
+            .rendezvous_peers
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// A session with a remote peer; it connects on the first client (or now if `eager`).

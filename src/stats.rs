@@ -57,6 +57,8 @@ pub struct Stats {
     pub connections_opened: AtomicU64,
     /// Streams ever opened or accepted.
     pub streams_opened: AtomicU64,
+    /// Peers registered with this node's rendezvous role now.
+    pub rendezvous_peers: std::sync::atomic::AtomicUsize,
 }
 
 impl Stats {

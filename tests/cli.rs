@@ -180,10 +180,24 @@ fn missing_pieces_say_what_to_add() {
     assert!(err.contains("--service"), "{err}");
     let (code, err) = run(&["connect", "--identity", id, "--local", "127.0.0.1:0=cam"]);
     assert_eq!(code, Some(2));
-    assert!(err.contains("PEER_ID@HOST:PORT"), "{err}");
+    assert!(
+        err.contains("PEER_ID@HOST:PORT") && err.contains("--rendezvous"),
+        "{err}"
+    );
     let (code, err) = run(&["connect", "nonsense", "--identity", id]);
     assert_eq!(code, Some(2), "clap rejects a bad peer: {err}");
     assert!(err.contains("<peer-id>@<host:port>"), "{err}");
+    let bare = "a".repeat(32);
+    let (code, err) = run(&[
+        "connect",
+        &bare,
+        "--identity",
+        id,
+        "--local",
+        "127.0.0.1:0=cam",
+    ]);
+    assert_eq!(code, Some(2), "a bare id needs a rendezvous: {err}");
+    assert!(err.contains("--rendezvous"), "{err}");
     let (code, err) = run(&["expose", "--bogus-flag"]);
     assert_eq!(code, Some(2), "{err}");
 }

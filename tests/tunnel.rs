@@ -449,14 +449,14 @@ async fn one_node_both_exposes_and_connects() {
     let to_b = a.connect(
         PeerAddr {
             id: b.peer_id(),
-            addr: b.local_addr().unwrap().to_string(),
+            addr: Some(b.local_addr().unwrap().to_string()),
         },
         SessionConfig::default(),
     );
     let to_a = b.connect(
         PeerAddr {
             id: a.peer_id(),
-            addr: a.local_addr().unwrap().to_string(),
+            addr: Some(a.local_addr().unwrap().to_string()),
         },
         SessionConfig::default(),
     );

@@ -2,6 +2,7 @@
 //! Documented in `docs/protocol.md`; nothing here does I/O.
 
 pub mod header;
+pub mod rendezvous;
 
 use quinn::VarInt;
 

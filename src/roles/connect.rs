@@ -19,12 +19,14 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, warn, Instrument};
 
 use crate::config::{PeerAddr, ServiceName};
+use crate::identity::PeerId;
 use crate::node::NodeCtx;
 use crate::protocol::close_code;
 use crate::protocol::header::{encode_request, OpenRequest};
 use crate::roles::describe_close;
 use crate::session::backoff::Backoff;
 use crate::session::idle::IdleGrace;
+use crate::session::punch::Path;
 use crate::stats::GaugeGuard;
 use crate::transport::splice::{splice, Abort, Downstream};
 
@@ -39,6 +41,8 @@ pub struct SessionConfig {
     pub open_timeout: Duration,
     /// Connect at start and stay connected (reconnect with backoff), ignoring the grace.
     pub eager: bool,
+    /// Through the rendezvous, use only the relay (diagnosis; never punch).
+    pub force_relay: bool,
 }
 
 impl Default for SessionConfig {
@@ -48,6 +52,7 @@ impl Default for SessionConfig {
             connect_timeout: Duration::from_secs(10),
             open_timeout: Duration::from_secs(20),
             eager: false,
+            force_relay: false,
         }
     }
 }
@@ -87,15 +92,18 @@ pub struct Session {
     config: Arc<SessionConfig>,
     requests: mpsc::Sender<Reply>,
     node: NodeCtx,
+    path: tokio::sync::watch::Receiver<Option<Path>>,
 }
 
 impl Session {
     pub(crate) fn start(peer: PeerAddr, config: SessionConfig, node: NodeCtx) -> Session {
         let (tx, rx) = mpsc::channel(1024);
+        let (path_tx, path) = tokio::sync::watch::channel(None);
         let actor = Actor {
             peer: peer.clone(),
             config: config.clone(),
             node: node.clone(),
+            path: path_tx,
         };
         let span = tracing::info_span!("session", peer = %peer.id);
         node.tasks.spawn(actor.run(rx).instrument(span));
@@ -104,7 +112,13 @@ impl Session {
             config: Arc::new(config),
             requests: tx,
             node,
+            path,
         }
+    }
+
+    /// The path new streams take now, or `None` when there is no connection.
+    pub fn path(&self) -> Option<Path> {
+        *self.path.borrow()
     }
 
     pub fn peer(&self) -> &PeerAddr {
@@ -213,29 +227,41 @@ struct Actor {
     peer: PeerAddr,
     config: SessionConfig,
     node: NodeCtx,
+    path: tokio::sync::watch::Sender<Option<Path>>,
 }
 
 struct Live {
     conn: Connection,
+    path: Path,
     grace: IdleGrace,
     generation: u64,
     _gauge: GaugeGuard,
 }
 
-type Dial =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Connection, ConnectError>> + Send>>;
+type Dial = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<(Connection, Path), ConnectError>> + Send>,
+>;
+
+/// Without a direct path by then, the relay is tried as well.
+const DIRECT_DEADLINE: Duration = Duration::from_millis(600);
+/// While relayed, how often to try punching a direct path again.
+const UPGRADE_EVERY: Duration = Duration::from_secs(10);
 
 impl Actor {
     async fn run(self, mut requests: mpsc::Receiver<Reply>) {
         let (ended_tx, mut ended_rx) = mpsc::unbounded_channel::<u64>();
         let mut live: Option<Live> = None;
+        // Connections replaced by a better path: no new streams, closed when their last ends.
+        let mut draining: Vec<Live> = Vec::new();
         let mut dial: Option<Dial> = None;
+        let mut upgrade: Option<Dial> = None;
+        let mut upgrade_at: Option<Instant> = None;
         let mut waiters: Vec<Reply> = Vec::new();
         let mut generation = 0u64;
         let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
         let mut redial_at: Option<Instant> = None;
         if self.config.eager {
-            dial = Some(self.dial());
+            dial = Some(self.dial(true));
         }
         loop {
             let idle_deadline = match &live {
@@ -259,7 +285,7 @@ impl Actor {
                             waiters.push(reply);
                             if dial.is_none() {
                                 redial_at = None;
-                                dial = Some(self.dial());
+                                dial = Some(self.dial(true));
                             }
                         }
                     }
@@ -270,32 +296,40 @@ impl Actor {
                         if l.grace.active() == 0 && !self.config.eager {
                             debug!("last stream ended; closing in {:?} unless a client comes", self.config.idle_grace);
                         }
+                    } else if let Some(pos) = draining.iter().position(|l| l.generation == ended) {
+                        draining[pos].grace.stream_ended(std::time::Instant::now());
+                        if draining[pos].grace.active() == 0 {
+                            let old = draining.swap_remove(pos);
+                            info!(path = old.path.kind(), remote = %old.path.addr(), "replaced connection drained: closing it");
+                            old.conn.close(close_code::IDLE, b"replaced by a better path");
+                        }
                     }
                 }
                 result = async { dial.as_mut().expect("guarded").await }, if dial.is_some() => {
                     dial = None;
                     match result {
-                        Ok(conn) => {
+                        Ok((conn, path)) => {
                             backoff.succeeded();
                             generation += 1;
-                            info!(remote = %conn.remote_address(), "connected");
+                            info!(path = path.kind(), remote = %path.addr(), "connected");
                             let mut l = Live {
                                 grace: IdleGrace::new(self.config.idle_grace, std::time::Instant::now()),
                                 conn,
+                                path,
                                 generation,
                                 _gauge: self.node.stats.connection(),
                             };
                             for reply in waiters.drain(..) {
                                 l.grace.stream_opened();
                                 let lease = StreamLease { generation, ended: ended_tx.clone() };
-                                if reply.send(Ok((l.conn.clone(), lease))).is_err() {
-                                    // The client gave up; its lease was dropped with the reply.
-                                }
+                                // A client that gave up drops the lease with the reply.
+                                let _ = reply.send(Ok((l.conn.clone(), lease)));
                             }
+                            upgrade_at = path.is_relay().then(|| Instant::now() + UPGRADE_EVERY);
                             live = Some(l);
                         }
                         Err(e) => {
-                            warn!("cannot connect to {}: {e}", self.peer.addr);
+                            warn!("cannot connect to {}: {e}", self.peer);
                             for reply in waiters.drain(..) {
                                 let _ = reply.send(Err(e.clone()));
                             }
@@ -305,14 +339,49 @@ impl Actor {
                         }
                     }
                 }
+                () = sleep_until_opt(upgrade_at), if upgrade.is_none() => {
+                    upgrade_at = None;
+                    if live.as_ref().is_some_and(|l| l.path.is_relay()) && !self.config.force_relay {
+                        debug!("relayed: trying to punch a direct path");
+                        upgrade = Some(self.dial(false));
+                    }
+                }
+                result = async { upgrade.as_mut().expect("guarded").await }, if upgrade.is_some() => {
+                    upgrade = None;
+                    match (result, live.take()) {
+                        (Ok((conn, path)), Some(old)) => {
+                            generation += 1;
+                            info!(path = path.kind(), remote = %path.addr(), was = old.path.kind(), "path changed: new streams use the direct path");
+                            let mut grace = IdleGrace::new(self.config.idle_grace, std::time::Instant::now());
+                            if old.grace.active() > 0 {
+                                draining.push(old);
+                            } else {
+                                old.conn.close(close_code::IDLE, b"replaced by a better path");
+                                // The idle grace carries over to the new connection.
+                                grace = old.grace.clone();
+                            }
+                            live = Some(Live { conn, path, grace, generation, _gauge: self.node.stats.connection() });
+                        }
+                        (Ok((conn, _)), None) => conn.close(close_code::IDLE, b"not needed"),
+                        (Err(e), old) => {
+                            debug!("still no direct path: {e}");
+                            live = old;
+                            upgrade_at = Some(Instant::now() + UPGRADE_EVERY);
+                        }
+                    }
+                }
                 () = sleep_until_opt(idle_deadline) => {
                     if let Some(l) = live.take() {
                         info!("closing the connection: idle for {:?}", self.config.idle_grace);
                         l.conn.close(close_code::IDLE, b"idle");
+                        upgrade = None;
+                        upgrade_at = None;
                     }
                 }
                 reason = async { live.as_ref().expect("guarded").conn.closed().await }, if live.is_some() => {
                     live = None;
+                    upgrade = None;
+                    upgrade_at = None;
                     match &reason {
                         quinn::ConnectionError::ApplicationClosed(c) if c.error_code == close_code::NOT_AUTHORISED => {
                             error!("{}; give the peer's owner this side's id (`tunnel id`) to add with --allow", describe_close(&reason));
@@ -326,13 +395,17 @@ impl Actor {
                 () = sleep_until_opt(redial_at) => {
                     redial_at = None;
                     if dial.is_none() && live.is_none() {
-                        dial = Some(self.dial());
+                        dial = Some(self.dial(true));
                     }
                 }
                 () = self.node.abort.cancelled() => break,
             }
+            let now = live.as_ref().map(|l| l.path);
+            self.path
+                .send_if_modified(|p| std::mem::replace(p, now) != now);
         }
-        if let Some(l) = live {
+        self.path.send_replace(None);
+        for l in live.into_iter().chain(draining) {
             l.conn.close(close_code::SHUTDOWN, b"shutting down");
         }
         for reply in waiters {
@@ -340,27 +413,65 @@ impl Actor {
         }
     }
 
-    fn dial(&self) -> Dial {
-        let transport = self.node.transport.clone();
+    /// Dials the peer: at its address if it has one, else through the rendezvous (with a
+    /// relay as a fallback when `relay`).
+    fn dial(&self, relay: bool) -> Dial {
+        let node = self.node.clone();
         let peer = self.peer.clone();
         let limit = self.config.connect_timeout;
+        let direct = !self.config.force_relay;
         Box::pin(async move {
-            tokio::time::timeout(limit, dial(transport, peer))
-                .await
-                .map_err(|_| ConnectError::Timeout(limit))?
+            let attempt = async {
+                match &peer.addr {
+                    Some(addr) => dial_address(node.transport.clone(), peer.id, addr).await,
+                    None => dial_rendezvous(&node, peer.id, relay, direct).await,
+                }
+            };
+            tokio::time::timeout(limit, attempt).await.map_err(|_| match peer.addr {
+                Some(_) => ConnectError::Timeout(limit),
+                None => ConnectError::Failed(
+                    format!("no path to {} within {limit:?}: is `tunnel expose` running there with the same --rendezvous?", peer.id).into(),
+                ),
+            })?
         })
     }
 }
 
-async fn dial(
+async fn dial_rendezvous(
+    node: &NodeCtx,
+    peer: PeerId,
+    relay: bool,
+    direct: bool,
+) -> Result<(Connection, Path), ConnectError> {
+    let rendezvous = node.rendezvous.get().cloned().ok_or_else(|| {
+        ConnectError::Failed(
+            "the peer has no address: give PEER_ID@HOST:PORT, or --rendezvous HOST:PORT".into(),
+        )
+    })?;
+    let intro = rendezvous
+        .introduce(peer, relay)
+        .await
+        .ok_or(ConnectError::ShuttingDown)?;
+    crate::rendezvous::client::dial_introduced(
+        node.transport.clone(),
+        intro,
+        DIRECT_DEADLINE,
+        direct,
+    )
+    .await
+    .map_err(|e| ConnectError::Failed(e.into()))
+}
+
+async fn dial_address(
     transport: crate::transport::Transport,
-    peer: PeerAddr,
-) -> Result<Connection, ConnectError> {
+    peer: PeerId,
+    host_port: &str,
+) -> Result<(Connection, Path), ConnectError> {
     let failed = |msg: String| ConnectError::Failed(msg.into());
     let local = transport.local_addr().map_err(|e| failed(e.to_string()))?;
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&peer.addr)
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(host_port)
         .await
-        .map_err(|e| failed(format!("cannot resolve {}: {e}", peer.addr)))?
+        .map_err(|e| failed(format!("cannot resolve {host_port}: {e}")))?
         .collect();
     // An IPv4 socket cannot reach IPv6 addresses; a dual-stack IPv6 socket reaches both.
     let addr = addrs
@@ -369,20 +480,20 @@ async fn dial(
         .copied()
         .ok_or_else(|| {
             failed(format!(
-                "{} has no address this socket ({local}) can reach",
-                peer.addr
+                "{host_port} has no address this socket ({local}) can reach"
             ))
         })?;
     debug!(%addr, "dialling");
     let (connecting, wrong_peer) = transport
-        .connect(addr, peer.id)
+        .connect(addr, peer)
         .map_err(|e| failed(e.to_string()))?;
-    connecting.await.map_err(|e| {
+    let conn = connecting.await.map_err(|e| {
         match wrong_peer.lock().unwrap_or_else(|p| p.into_inner()).take() {
             Some(wrong) => failed(format!("refusing {addr}: {wrong}")),
             None => failed(describe_close(&e)),
         }
-    })
+    })?;
+    Ok((conn, Path::Direct(addr)))
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {

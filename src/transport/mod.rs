@@ -26,9 +26,10 @@ pub struct Tuning {
     pub connection_window: u32,
     /// Bytes in flight per connection.
     pub send_window: u64,
-    /// PING interval that keeps NAT mappings and the idle timer alive.
+    /// PING interval that keeps NAT mappings and the idle timer alive (well under the 30 s
+    /// that many NATs keep an idle UDP mapping).
     pub keep_alive: Duration,
-    /// A connection that hears nothing for this long is dead.
+    /// A connection that hears nothing for this long is dead: how fast a dead path is noticed.
     pub idle_timeout: Duration,
     /// Requested UDP socket buffer size (the kernel may cap it at net.core.[rw]mem_max).
     pub socket_buffer: usize,
@@ -41,8 +42,8 @@ impl Default for Tuning {
             stream_window: 16 << 20,
             connection_window: 64 << 20,
             send_window: 64 << 20,
-            keep_alive: Duration::from_secs(15),
-            idle_timeout: Duration::from_secs(60),
+            keep_alive: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
             socket_buffer: 8 << 20,
         }
     }
@@ -57,6 +58,9 @@ impl Tuning {
             .receive_window(VarInt::from_u32(self.connection_window))
             .send_window(self.send_window)
             .keep_alive_interval(Some(self.keep_alive))
+            // Before the first RTT sample: retransmit a lost Initial (a punch that arrived
+            // before the peer's NAT opened) after ~300 ms instead of ~1 s.
+            .initial_rtt(Duration::from_millis(100))
             .max_idle_timeout(Some(
                 IdleTimeout::try_from(self.idle_timeout).expect("idle timeout fits a varint"),
             ));
@@ -84,6 +88,9 @@ pub struct Transport {
     endpoint: quinn::Endpoint,
     identity: Arc<Identity>,
     tuning: Arc<Tuning>,
+    /// The same UDP socket (a duplicate descriptor), for the few non-QUIC packets we send:
+    /// punches and relay binds. Never read from: every packet received goes to quinn.
+    raw: Arc<UdpSocket>,
 }
 
 impl Transport {
@@ -96,21 +103,28 @@ impl Transport {
     ) -> Result<Self, TransportError> {
         let socket = bind_udp(addr, tuning.socket_buffer)
             .map_err(|source| TransportError::Bind { addr, source })?;
+        let raw = socket
+            .try_clone()
+            .map_err(|source| TransportError::Bind { addr, source })?;
         let runtime = quinn::default_runtime()
             .ok_or_else(|| TransportError::Quic("no async runtime".into()))?;
-        let endpoint =
-            quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
-                .map_err(|source| TransportError::Bind { addr, source })?;
+        let mut config = quinn::EndpointConfig::default();
+        // Every QUIC packet keeps the fixed bit set, so our own packets (first byte 0) on the
+        // same socket can never be mistaken for QUIC.
+        config.grease_quic_bit(false);
+        let endpoint = quinn::Endpoint::new(config, None, socket, runtime)
+            .map_err(|source| TransportError::Bind { addr, source })?;
         Ok(Transport {
             endpoint,
             identity,
             tuning: Arc::new(tuning),
+            raw: Arc::new(raw),
         })
     }
 
-    /// Starts accepting incoming connections on this endpoint.
-    pub fn enable_server(&self) -> Result<(), TransportError> {
-        let tls = tls::server_config(&self.identity)?;
+    /// Starts accepting incoming connections that speak one of `alpns`.
+    pub fn enable_server(&self, alpns: &[&[u8]]) -> Result<(), TransportError> {
+        let tls = tls::server_config(&self.identity, alpns)?;
         let quic =
             QuicServerConfig::try_from(tls).map_err(|e| TransportError::Quic(e.to_string()))?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
@@ -127,16 +141,43 @@ impl Transport {
         expected: PeerId,
     ) -> Result<(quinn::Connecting, tls::WrongPeerSlot), TransportError> {
         let wrong = tls::WrongPeerSlot::default();
-        let tls = tls::client_config(&self.identity, expected, wrong.clone())?;
+        let tls = tls::client_config(
+            &self.identity,
+            expected,
+            wrong.clone(),
+            crate::protocol::ALPN,
+        )?;
+        Ok((self.connect_with(tls, addr)?, wrong))
+    }
+
+    /// Starts a connection to a rendezvous server at `addr`.
+    pub fn connect_rendezvous(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<quinn::Connecting, TransportError> {
+        self.connect_with(tls::rendezvous_client_config(&self.identity)?, addr)
+    }
+
+    fn connect_with(
+        &self,
+        tls: rustls::ClientConfig,
+        addr: SocketAddr,
+    ) -> Result<quinn::Connecting, TransportError> {
         let quic =
             QuicClientConfig::try_from(tls).map_err(|e| TransportError::Quic(e.to_string()))?;
         let mut config = quinn::ClientConfig::new(Arc::new(quic));
         config.transport_config(Arc::new(self.tuning.transport_config()));
-        let connecting = self
-            .endpoint
+        self.endpoint
             .connect_with(config, addr, tls::SERVER_NAME)
-            .map_err(|e| TransportError::Quic(e.to_string()))?;
-        Ok((connecting, wrong))
+            .map_err(|e| TransportError::Quic(e.to_string()))
+    }
+
+    /// Sends one non-QUIC datagram (a punch or a relay bind) from the endpoint's socket.
+    /// Best effort, like the network: a full socket buffer drops it.
+    pub fn send_raw(&self, to: SocketAddr, packet: &[u8]) {
+        if let Err(e) = self.raw.send_to(packet, to) {
+            tracing::debug!(%to, "raw send failed: {e}");
+        }
     }
 
     pub fn endpoint(&self) -> &quinn::Endpoint {

@@ -16,7 +16,6 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
 use crate::identity::{Identity, PeerId};
-use crate::protocol::ALPN;
 
 /// The server name sent in the TLS handshake. Peers are named by key, so it is a constant.
 pub const SERVER_NAME: &str = "tunnel";
@@ -165,6 +164,7 @@ pub fn client_config(
     identity: &Identity,
     expected: PeerId,
     wrong: WrongPeerSlot,
+    alpn: &[u8],
 ) -> Result<rustls::ClientConfig, rustls::Error> {
     let provider = provider();
     let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
@@ -176,18 +176,90 @@ pub fn client_config(
             wrong,
         }))
         .with_client_auth_cert(vec![identity.certificate()], identity.private_key())?;
-    config.alpn_protocols = vec![ALPN.to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     Ok(config)
 }
 
-/// rustls server configuration that requires a client certificate.
-pub fn server_config(identity: &Identity) -> Result<rustls::ServerConfig, rustls::Error> {
+/// rustls client configuration for a rendezvous server: any server key is accepted (the
+/// rendezvous can only introduce peers, never impersonate one: peers pin each other), and
+/// this side authenticates with its identity, which is how the rendezvous knows its peer id.
+pub fn rendezvous_client_config(
+    identity: &Identity,
+) -> Result<rustls::ClientConfig, rustls::Error> {
+    let provider = provider();
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer { provider }))
+        .with_client_auth_cert(vec![identity.certificate()], identity.private_key())?;
+    config.alpn_protocols = vec![crate::protocol::rendezvous::ALPN.to_vec()];
+    Ok(config)
+}
+
+/// Accepts any server key that proves possession (used only toward the rendezvous).
+#[derive(Debug)]
+struct AnyServer {
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        PeerId::from_certificate(end_entity).map_err(|_| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
+        })?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls13RequiredForQuic,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// rustls server configuration that requires a client certificate and speaks `alpns`.
+pub fn server_config(
+    identity: &Identity,
+    alpns: &[&[u8]],
+) -> Result<rustls::ServerConfig, rustls::Error> {
     let provider = provider();
     let mut config = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(AnyKeyClient { provider }))
         .with_single_cert(vec![identity.certificate()], identity.private_key())?;
-    config.alpn_protocols = vec![ALPN.to_vec()];
+    config.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
     Ok(config)
 }
 

@@ -118,7 +118,7 @@ impl PairBuilder {
         let client = Node::bind(loopback(), client_identity, self.tuning).unwrap();
         let peer = PeerAddr {
             id: self.pin.unwrap_or(server.peer_id()),
-            addr: server.local_addr().unwrap().to_string(),
+            addr: Some(server.local_addr().unwrap().to_string()),
         };
         let session = client.connect(peer, self.session);
         Pair {

@@ -1,0 +1,168 @@
+//! Hole punching as pure state machines with time as input: when to send punch packets and
+//! relay binds, and which path a session should use.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// When punch packets go out after the common start time: every 50 ms for the first second
+/// (the peer's packets are expected within a round trip), then every 250 ms up to 3 s.
+#[derive(Debug, Clone)]
+pub struct PunchSchedule {
+    start: Instant,
+    sent: u32,
+}
+
+const FAST_ROUNDS: u32 = 20;
+const FAST: Duration = Duration::from_millis(50);
+const SLOW: Duration = Duration::from_millis(250);
+const TOTAL: Duration = Duration::from_secs(3);
+
+impl PunchSchedule {
+    pub fn new(start: Instant) -> Self {
+        PunchSchedule { start, sent: 0 }
+    }
+
+    fn due(&self, round: u32) -> Duration {
+        if round <= FAST_ROUNDS {
+            FAST * round
+        } else {
+            FAST * FAST_ROUNDS + SLOW * (round - FAST_ROUNDS)
+        }
+    }
+
+    /// Whether a round of punches is due at `now` (and if so, counts it as sent).
+    pub fn poll(&mut self, now: Instant) -> bool {
+        let due = self.due(self.sent);
+        if due > TOTAL || now < self.start + due {
+            return false;
+        }
+        self.sent += 1;
+        true
+    }
+
+    /// When the next round is due, or `None` once the schedule is over.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let due = self.due(self.sent);
+        (due <= TOTAL).then(|| self.start + due)
+    }
+
+    /// Whether relay bind packets go out with this round: the first five rounds (a bind lost
+    /// to the network is repeated within 250 ms).
+    pub fn with_relay_bind(&self) -> bool {
+        self.sent <= 5
+    }
+}
+
+/// The path a connection takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// Straight to the peer at this address (punched, LAN, or dialled by address).
+    Direct(SocketAddr),
+    /// Through the relay port at this address.
+    Relay(SocketAddr),
+}
+
+impl Path {
+    pub fn is_relay(&self) -> bool {
+        matches!(self, Path::Relay(_))
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Path::Direct(_) => "direct",
+            Path::Relay(_) => "relay",
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        match self {
+            Path::Direct(a) | Path::Relay(a) => *a,
+        }
+    }
+}
+
+/// Chooses among connection attempts: direct candidates first; the relay only once the
+/// direct deadline passed without a direct success; while relayed, a retry to go direct
+/// every `retry`.
+#[derive(Debug, Clone)]
+pub struct PathChoice {
+    started: Instant,
+    direct_deadline: Duration,
+    relay_started: bool,
+}
+
+impl PathChoice {
+    pub fn new(started: Instant, direct_deadline: Duration) -> Self {
+        PathChoice {
+            started,
+            direct_deadline,
+            relay_started: false,
+        }
+    }
+
+    /// Whether to start the relayed attempt now (once).
+    pub fn start_relay(&mut self, now: Instant, relay_available: bool) -> bool {
+        if self.relay_started || !relay_available || now < self.started + self.direct_deadline {
+            return false;
+        }
+        self.relay_started = true;
+        true
+    }
+
+    /// When the relayed attempt is due, if it has not started.
+    pub fn relay_deadline(&self) -> Option<Instant> {
+        (!self.relay_started).then(|| self.started + self.direct_deadline)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn punches_fast_then_slow_then_stop() {
+        let t0 = Instant::now();
+        let mut s = PunchSchedule::new(t0);
+        let mut now = t0;
+        let mut times = Vec::new();
+        while let Some(deadline) = s.next_deadline() {
+            now = now.max(deadline);
+            assert!(s.poll(now));
+            assert!(!s.poll(now), "one round per deadline");
+            times.push(now.duration_since(t0).as_millis());
+        }
+        assert_eq!(&times[..3], &[0, 50, 100]);
+        assert_eq!(times[FAST_ROUNDS as usize], 1000);
+        assert_eq!(times[FAST_ROUNDS as usize + 1], 1250);
+        assert_eq!(*times.last().unwrap(), 3000);
+        assert_eq!(times.len(), 21 + 8);
+        assert!(!s.poll(t0 + Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn nothing_before_the_start_time() {
+        let t0 = Instant::now();
+        let mut s = PunchSchedule::new(t0 + Duration::from_millis(40));
+        assert!(!s.poll(t0));
+        assert!(s.with_relay_bind());
+        assert!(s.poll(t0 + Duration::from_millis(40)));
+    }
+
+    #[test]
+    fn the_relay_starts_once_at_the_direct_deadline() {
+        let t0 = Instant::now();
+        let mut c = PathChoice::new(t0, Duration::from_millis(800));
+        assert_eq!(c.relay_deadline(), Some(t0 + Duration::from_millis(800)));
+        assert!(!c.start_relay(t0 + Duration::from_millis(799), true));
+        assert!(
+            !c.start_relay(t0 + Duration::from_secs(1), false),
+            "no relay granted"
+        );
+        assert!(c.start_relay(t0 + Duration::from_secs(1), true));
+        assert!(
+            !c.start_relay(t0 + Duration::from_secs(2), true),
+            "only once"
+        );
+        assert_eq!(c.relay_deadline(), None);
+    }
+}
