@@ -136,13 +136,7 @@ impl Actor {
         let (send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
         let (tx, rx) = mpsc::channel::<ClientMsg>(64);
         let _writer = AbortOnDrop(tokio::spawn(write_frames(send, rx)));
-        let port = transport.local_addr().map_err(|e| e.to_string())?.port();
-        let local_addrs: Vec<SocketAddr> = conn
-            .local_ip()
-            .filter(|ip| !ip.is_unspecified())
-            .map(|ip| SocketAddr::new(ip, port))
-            .into_iter()
-            .collect();
+        let local_addrs = local_candidates(transport, addr);
         let send = |msg: ClientMsg| {
             let tx = tx.clone();
             async move {
@@ -214,6 +208,30 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// This host's LAN candidate: the address of the endpoint's socket, or, when it is bound
+/// to a wildcard, the source address the kernel picks for the route toward the rendezvous
+/// (found by connecting a throwaway UDP socket, which sends nothing).
+fn local_candidates(transport: &Transport, rendezvous: SocketAddr) -> Vec<SocketAddr> {
+    let Ok(bound) = transport.local_addr() else {
+        return Vec::new();
+    };
+    if !bound.ip().is_unspecified() {
+        return vec![bound];
+    }
+    let unspecified: SocketAddr = if rendezvous.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    std::net::UdpSocket::bind(unspecified)
+        .and_then(|probe| {
+            probe.connect(rendezvous)?;
+            probe.local_addr()
+        })
+        .map(|local| vec![SocketAddr::new(local.ip(), bound.port())])
+        .unwrap_or_default()
 }
 
 async fn resolve(server: &str, transport: &Transport) -> Result<SocketAddr, String> {

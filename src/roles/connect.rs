@@ -300,7 +300,7 @@ impl Actor {
                         draining[pos].grace.stream_ended(std::time::Instant::now());
                         if draining[pos].grace.active() == 0 {
                             let old = draining.swap_remove(pos);
-                            info!(path = old.path.kind(), remote = %old.path.addr(), "replaced connection drained: closing it");
+                            info!(path = %old.path.kind(), remote = %old.path.addr(), "replaced connection drained: closing it");
                             old.conn.close(close_code::IDLE, b"replaced by a better path");
                         }
                     }
@@ -311,7 +311,7 @@ impl Actor {
                         Ok((conn, path)) => {
                             backoff.succeeded();
                             generation += 1;
-                            info!(path = path.kind(), remote = %path.addr(), "connected");
+                            info!(path = %path.kind(), remote = %path.addr(), "connected");
                             let mut l = Live {
                                 grace: IdleGrace::new(self.config.idle_grace, std::time::Instant::now()),
                                 conn,
@@ -351,7 +351,7 @@ impl Actor {
                     match (result, live.take()) {
                         (Ok((conn, path)), Some(old)) => {
                             generation += 1;
-                            info!(path = path.kind(), remote = %path.addr(), was = old.path.kind(), "path changed: new streams use the direct path");
+                            info!(path = %path.kind(), remote = %path.addr(), was = %old.path.kind(), "path changed: new streams use the direct path");
                             let mut grace = IdleGrace::new(self.config.idle_grace, std::time::Instant::now());
                             if old.grace.active() > 0 {
                                 draining.push(old);

@@ -1,0 +1,385 @@
+//! The NAT lab: real `tunnel` binaries in Linux network namespaces behind nftables NAT
+//! routers (tests/natlab/lab.sh builds them), a rendezvous on the "internet" segment, real
+//! HTTP traffic through the tunnel, and the path `connect` reports.
+//!
+//! Needs root, iproute2, nftables, python3 and curl. Without them the tests are skipped with a
+//! printed reason, except under TUNNEL_REQUIRE_TOOLS=1 (CI), where they fail.
+//! Every namespace and process is removed when a test ends, also when it fails.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::process::*;
+use common::{random_bytes, sha256};
+
+const LAB: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/natlab/lab.sh");
+const RENDEZVOUS: &str = "198.51.100.1:3478";
+
+fn lab_available() -> bool {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout == b"0\n")
+        .unwrap_or(false);
+    let tools = ["ip", "nft", "curl", "python3"].iter().all(|t| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    });
+    if root && tools {
+        return true;
+    }
+    let why = if root {
+        "ip, nft, curl or python3 missing"
+    } else {
+        "not root"
+    };
+    if std::env::var("TUNNEL_REQUIRE_TOOLS").as_deref() == Ok("1") {
+        panic!("the NAT lab cannot run ({why}) but TUNNEL_REQUIRE_TOOLS=1");
+    }
+    eprintln!("SKIPPED: NAT lab needs root with iproute2, nftables, curl and python3 ({why})");
+    false
+}
+
+/// The namespaces of one scenario; removed on drop.
+struct Lab {
+    prefix: String,
+}
+
+impl Lab {
+    fn up(tag: &str, mode_a: &str, mode_b: &str, loss: u32) -> Lab {
+        let prefix = format!("tl{}{tag}", std::process::id() % 100_000);
+        let lab = Lab { prefix };
+        let out = Command::new("bash")
+            .args([LAB, "up", &lab.prefix, mode_a, mode_b, &loss.to_string()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "lab up failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        lab
+    }
+
+    fn ns(&self, name: &str) -> String {
+        format!("{}-{name}", self.prefix)
+    }
+
+    /// A command that runs inside namespace `name`.
+    fn cmd(&self, name: &str, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns(name), program]);
+        c.env("NO_COLOR", "1");
+        c
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .args([LAB, "down", &self.prefix])
+            .status();
+    }
+}
+
+/// What a scenario measured.
+struct Outcome {
+    path: String,
+    /// curl's time to first byte through the tunnel, the connection made on demand.
+    first_byte: Duration,
+    connect_log: String,
+}
+
+/// A scenario's processes: rendezvous on the WAN, `expose` in hB in front of an HTTP server
+/// serving a 2 MB file, `connect` in hA. Field order is drop order: processes before the lab.
+struct Running {
+    connect: Proc,
+    expose: Proc,
+    rendezvous: Proc,
+    _http: Proc,
+    body: Vec<u8>,
+    dir: TempDir,
+    lab: Lab,
+}
+
+impl Running {
+    fn start(tag: &str, mode_a: &str, mode_b: &str, loss: u32) -> Running {
+        let lab = Lab::up(tag, mode_a, mode_b, loss);
+        let dir = TempDir::new(&format!("natlab-{tag}"));
+        let body = random_bytes(2_000_000);
+        std::fs::create_dir_all(dir.path("www")).unwrap();
+        std::fs::write(dir.path("www/blob"), &body).unwrap();
+        let rendezvous = start_rendezvous(&lab, &dir);
+        let http = Proc::spawn(
+            "http server",
+            lab.cmd("hB", "python3")
+                .args([
+                    "-u",
+                    "-m",
+                    "http.server",
+                    "8000",
+                    "--bind",
+                    "127.0.0.1",
+                    "--directory",
+                ])
+                .arg(dir.path("www")),
+        );
+        http.line_matching(|l| l.contains("Serving HTTP"));
+        let id_a = peer_id(&dir.path("a.pem"));
+        let expose = Proc::spawn(
+            "expose",
+            lab.cmd("hB", tunnel_bin())
+                .args([
+                    "expose",
+                    "--listen",
+                    "0.0.0.0:4433",
+                    "--rendezvous",
+                    RENDEZVOUS,
+                ])
+                .args([
+                    "--service",
+                    "web=127.0.0.1:8000",
+                    "--allow",
+                    &id_a,
+                    "--identity",
+                ])
+                .arg(dir.path("b.pem")),
+        );
+        let line = expose.line_matching(|l| l.trim_start().starts_with("tunnel connect "));
+        let id_b = line.split_whitespace().nth(2).unwrap().to_owned();
+        let connect = Proc::spawn(
+            "connect",
+            lab.cmd("hA", tunnel_bin())
+                .args(["connect", &id_b, "--rendezvous", RENDEZVOUS])
+                .args(["--local", "127.0.0.1:8080=web", "--identity"])
+                .arg(dir.path("a.pem")),
+        );
+        connect.line_matching(|l| l.contains("-> web on"));
+        Running {
+            connect,
+            expose,
+            rendezvous,
+            _http: http,
+            body,
+            dir,
+            lab,
+        }
+    }
+
+    /// A curl in hA through the tunnel; checks the bytes; returns the time to first byte.
+    fn curl(&self, out: &str, extra: &[&str]) -> std::process::Child {
+        self.lab
+            .cmd("hA", "curl")
+            .args([
+                "-sS",
+                "--fail",
+                "--max-time",
+                "60",
+                "-w",
+                "%{time_starttransfer}",
+                "-o",
+            ])
+            .arg(self.dir.path(out))
+            .args(extra)
+            .arg("http://127.0.0.1:8080/blob")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    fn check(&self, child: std::process::Child, out: &str) -> Duration {
+        let result = child.wait_with_output().unwrap();
+        assert!(
+            result.status.success(),
+            "curl through the tunnel failed: {}\nconnect:\n{}\nexpose:\n{}\nrendezvous:\n{}",
+            String::from_utf8_lossy(&result.stderr),
+            self.connect.stderr(),
+            self.expose.stderr(),
+            self.rendezvous.stderr()
+        );
+        let got = std::fs::read(self.dir.path(out)).unwrap();
+        assert_eq!(
+            sha256(&got),
+            sha256(&self.body),
+            "2 MB through the tunnel, byte for byte"
+        );
+        String::from_utf8_lossy(&result.stdout)
+            .trim()
+            .parse::<f64>()
+            .map(Duration::from_secs_f64)
+            .unwrap_or_default()
+    }
+
+    fn path(&self) -> String {
+        self.connect
+            .stderr()
+            .lines()
+            .find(|l| l.contains(" connected") && l.contains("path="))
+            .and_then(|l| l.split("path=").nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or("?")
+            .to_owned()
+    }
+}
+
+fn start_rendezvous(lab: &Lab, dir: &TempDir) -> Proc {
+    let rendezvous = Proc::spawn(
+        "rendezvous",
+        lab.cmd("wan", tunnel_bin())
+            .args(["rendezvous", "--listen", RENDEZVOUS, "--identity"])
+            .arg(dir.path("rz.pem")),
+    );
+    rendezvous.line_matching(|l| l.starts_with("rendezvous listening"));
+    rendezvous
+}
+
+/// Runs one scenario: one 2 MB fetch, made on demand; returns the path and the first byte.
+fn scenario(tag: &str, mode_a: &str, mode_b: &str, loss: u32) -> Outcome {
+    let run = Running::start(tag, mode_a, mode_b, loss);
+    let child = run.curl("got", &[]);
+    let first_byte = run.check(child, "got");
+    let path = run.path();
+    println!("natlab {tag}: A={mode_a} B={mode_b} loss={loss}% -> path={path}, first byte {first_byte:?}");
+    Outcome {
+        path,
+        first_byte,
+        connect_log: run.connect.stderr(),
+    }
+}
+
+fn assert_path(outcome: &Outcome, want: &str) {
+    assert_eq!(
+        outcome.path, want,
+        "connect's log:\n{}",
+        outcome.connect_log
+    );
+    let _ = outcome.first_byte;
+}
+
+#[test]
+fn both_behind_port_restricted_cone_nats_go_direct() {
+    if lab_available() {
+        assert_path(&scenario("cc", "cone", "cone", 0), "direct");
+    }
+}
+
+#[test]
+fn one_public_peer_goes_direct() {
+    if lab_available() {
+        assert_path(&scenario("pc", "cone", "public", 0), "direct");
+    }
+}
+
+#[test]
+fn both_behind_the_same_nat_go_direct_over_the_lan() {
+    if lab_available() {
+        let outcome = scenario("sn", "cone", "samenat", 0);
+        assert_path(&outcome, "direct");
+        let remote = outcome
+            .connect_log
+            .lines()
+            .find(|l| l.contains(" connected") && l.contains("path="))
+            .unwrap_or_default()
+            .to_owned();
+        assert!(
+            remote.contains("remote=203.0.113.3:"),
+            "over the LAN address: {remote}"
+        );
+    }
+}
+
+#[test]
+fn symmetric_against_cone_falls_back_to_the_relay() {
+    if lab_available() {
+        let outcome = scenario("sc", "sym", "cone", 0);
+        assert!(
+            ["relay", "direct"].contains(&outcome.path.as_str()),
+            "{}",
+            outcome.connect_log
+        );
+    }
+}
+
+#[test]
+fn both_symmetric_use_the_relay() {
+    if lab_available() {
+        assert_path(&scenario("ss", "sym", "sym", 0), "relay");
+    }
+}
+
+#[test]
+fn cone_nats_with_one_percent_loss_still_connect() {
+    if lab_available() {
+        assert_path(&scenario("lo", "cone", "cone", 1), "direct");
+    }
+}
+
+#[test]
+fn a_rendezvous_restart_mid_session_leaves_the_stream_alone_and_registration_recovers() {
+    if !lab_available() {
+        return;
+    }
+    let mut run = Running::start("rr", "cone", "cone", 0);
+    // A slow download (about 4 s) is in flight while the rendezvous restarts.
+    let slow = run.curl("slow", &["--limit-rate", "500k"]);
+    wait_stderr(&run.connect, |log| log.contains(" connected"));
+    run.rendezvous.signal("TERM");
+    assert_eq!(run.rendezvous.wait_exit(Duration::from_secs(5)), Some(0));
+    run.rendezvous = start_rendezvous(&run.lab, &run.dir);
+    let registered = |log: &str| log.matches("registered with the rendezvous").count() >= 2;
+    wait_stderr(&run.expose, registered);
+    wait_stderr(&run.connect, registered);
+    run.check(slow, "slow");
+    // The connection is still the one made before the restart: one "connected" line.
+    assert_eq!(
+        run.connect.stderr().matches(" connected").count(),
+        1,
+        "{}",
+        run.connect.stderr()
+    );
+    println!("natlab rr: rendezvous restarted during a 4 s download; both peers registered again");
+}
+
+/// Waits until `pred` holds for the process's stderr so far.
+fn wait_stderr(proc: &Proc, pred: impl Fn(&str) -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !pred(&proc.stderr()) {
+        assert!(
+            Instant::now() < deadline,
+            "{} never logged what was expected:\n{}",
+            proc.name,
+            proc.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn namespaces_are_removed_after_a_scenario() {
+    if !lab_available() {
+        return;
+    }
+    let prefix = {
+        let lab = Lab::up("rm", "cone", "cone", 0);
+        assert!(Path::new(&format!("/run/netns/{}", lab.ns("natA"))).exists());
+        lab.prefix.clone()
+    };
+    let left: Vec<_> = std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        !left.iter().any(|n| n.starts_with(&prefix)),
+        "left behind: {left:?}"
+    );
+}

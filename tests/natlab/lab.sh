@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# A NAT lab in network namespaces (after ../shared/NETLAB.md's reference topology):
+#
+#   hA 203.0.113.2  -- natA (lan 203.0.113.1/26  | wan0 198.51.100.10) --+
+#                                                                         +-- wan bridge 198.51.100.1
+#   hB 203.0.113.66 -- natB (lan 203.0.113.65/26 | wan0 198.51.100.20) --+   (rendezvous, relay)
+#
+# usage: lab.sh up PREFIX MODE_A MODE_B [LOSS_PERCENT]
+#        lab.sh down PREFIX
+# MODE: cone    port-restricted cone NAT (Linux masquerade, WAN input filtered)
+#       sym     symmetric NAT (masquerade random, WAN input filtered)
+#       public  no NAT: the host sits on the WAN with a public address (198.51.100.3x)
+#       samenat (MODE_B only) hB sits on natA's LAN (203.0.113.3), behind the same NAT as hA
+# LOSS_PERCENT drops that share of the packets crossing the WAN bridge (nftables numgen).
+# Namespaces: PREFIX-wan, PREFIX-natA, PREFIX-natB, PREFIX-hA, PREFIX-hB. Only documentation
+# ranges are used. `down` removes everything `up` made (also after a partial `up`).
+set -euo pipefail
+cmd=$1 P=$2
+ns() { echo "$P-$1"; }
+
+if [ "$cmd" = down ]; then
+  for n in hA hB natA natB wan; do ip netns del "$(ns "$n")" 2>/dev/null || true; done
+  exit 0
+fi
+
+MA=$3 MB=$4 LOSS=${5:-0}
+for n in wan hA hB; do ip netns add "$(ns "$n")"; ip -n "$(ns "$n")" link set lo up; done
+
+# The WAN: a bridge in its own namespace.
+W=$(ns wan)
+ip -n "$W" link add br0 type bridge
+ip -n "$W" link set br0 up
+ip -n "$W" addr add 198.51.100.1/24 dev br0
+ip netns exec "$W" sysctl -qw net.bridge.bridge-nf-call-iptables=0 2>/dev/null || true
+ip netns exec "$W" sysctl -qw net.bridge.bridge-nf-call-ip6tables=0 2>/dev/null || true
+ip netns exec "$W" sysctl -qw net.bridge.bridge-nf-call-arptables=0 2>/dev/null || true
+if [ "$LOSS" != 0 ]; then
+  ip netns exec "$W" nft -f - <<NFT
+table bridge lossy {
+  chain forward_loss {
+    type filter hook forward priority 0; policy accept;
+    numgen random mod 100 < $LOSS drop
+  }
+}
+NFT
+fi
+
+# wan_port NS IFNAME ADDR: a veth from NS (named IFNAME) into the WAN bridge.
+wan_port() {
+  local tmp="tw$RANDOM$RANDOM"
+  ip link add "$tmp" type veth peer name "${tmp}p"
+  ip link set "$tmp" netns "$W"
+  ip -n "$W" link set "$tmp" master br0 up
+  ip link set "${tmp}p" netns "$1"
+  ip -n "$1" link set "${tmp}p" name "$2"
+  ip -n "$1" addr add "$3" dev "$2"
+  ip -n "$1" link set "$2" up
+}
+
+# lan_host NAT HOST ADDR GW: a host on the NAT's LAN bridge.
+lan_host() {
+  local tmp="tl$RANDOM$RANDOM"
+  ip link add "$tmp" type veth peer name "${tmp}p"
+  ip link set "$tmp" netns "$1"
+  ip -n "$1" link set "$tmp" master lan0 up
+  ip link set "${tmp}p" netns "$2"
+  ip -n "$2" link set "${tmp}p" name eth0
+  ip -n "$2" addr add "$3" dev eth0
+  ip -n "$2" link set eth0 up
+  ip -n "$2" route add default via "$4"
+}
+
+# nat SIDE INDEX MODE: a NAT router namespace for hSIDE.
+nat() {
+  local N; N=$(ns "nat$1")
+  local base=$(( $2 * 64 ))
+  ip netns add "$N"
+  ip -n "$N" link set lo up
+  wan_port "$N" wan0 "198.51.100.$(( 10 + 10 * $2 ))/24"
+  ip -n "$N" link add lan0 type bridge
+  ip -n "$N" link set lan0 up
+  ip -n "$N" addr add "203.0.113.$(( base + 1 ))/26" dev lan0
+  ip netns exec "$N" sysctl -qw net.ipv4.ip_forward=1
+  ip netns exec "$N" sysctl -qw net.bridge.bridge-nf-call-iptables=0 2>/dev/null || true
+  ip netns exec "$N" sysctl -qw net.bridge.bridge-nf-call-ip6tables=0 2>/dev/null || true
+  ip netns exec "$N" sysctl -qw net.bridge.bridge-nf-call-arptables=0 2>/dev/null || true
+  local masq="masquerade"
+  [ "$3" = sym ] && masq="masquerade random"
+  ip netns exec "$N" nft -f - <<NFT
+table ip nat {
+  chain post {
+    type nat hook postrouting priority 100;
+    oifname "wan0" $masq
+  }
+}
+table inet filter {
+  chain input {
+    type filter hook input priority 0; policy accept;
+    iifname "wan0" ct state new drop
+  }
+  chain forward {
+    type filter hook forward priority 0; policy accept;
+    iifname "wan0" ct state new drop
+  }
+}
+NFT
+  lan_host "$N" "$(ns "h$1")" "203.0.113.$(( base + 2 ))/26" "203.0.113.$(( base + 1 ))"
+}
+
+side() { # SIDE INDEX MODE
+  case "$3" in
+    cone|sym) nat "$1" "$2" "$3" ;;
+    public) wan_port "$(ns "h$1")" eth0 "198.51.100.$(( 30 + $2 ))/24" ;;
+    samenat)
+      [ "$1" = B ] || { echo "samenat is for side B" >&2; exit 2; }
+      lan_host "$(ns natA)" "$(ns hB)" 203.0.113.3/26 203.0.113.1 ;;
+    *) echo "unknown mode $3" >&2; exit 2 ;;
+  esac
+}
+side A 0 "$MA"
+side B 1 "$MB"
