@@ -22,6 +22,7 @@ use crate::rendezvous::client::{punch, RendezvousClient};
 use crate::rendezvous::server::{Rendezvous, RendezvousConfig};
 use crate::roles::connect::{Session, SessionConfig};
 use crate::roles::expose::{Authorized, Expose, ExposeConfig};
+use crate::roles::peers::PeerTable;
 use crate::stats::Stats;
 use crate::transport::{Transport, TransportError, Tuning};
 
@@ -37,6 +38,10 @@ pub(crate) struct NodeCtx {
     pub tasks: TaskTracker,
     /// Set when the node exposes: who may use it (introductions from others are ignored).
     pub exposed: Arc<OnceLock<Authorized>>,
+    /// The expose role, when the node exposes (weak: the role's tasks own it).
+    pub expose: Arc<OnceLock<std::sync::Weak<Expose>>>,
+    /// Every connection with every peer, either direction.
+    pub peers: Arc<PeerTable>,
     /// Set when the node registers with a rendezvous.
     pub rendezvous: Arc<OnceLock<RendezvousClient>>,
 }
@@ -53,6 +58,7 @@ impl Node {
         identity: Arc<Identity>,
         tuning: Tuning,
     ) -> Result<Self, TransportError> {
+        let me = identity.peer_id();
         let transport = Transport::bind(addr, identity, tuning)?;
         Ok(Node {
             ctx: NodeCtx {
@@ -62,6 +68,8 @@ impl Node {
                 abort: CancellationToken::new(),
                 tasks: TaskTracker::new(),
                 exposed: Arc::default(),
+                expose: Arc::default(),
+                peers: Arc::new(PeerTable::new(me)),
                 rendezvous: Arc::default(),
             },
         })
@@ -89,6 +97,7 @@ impl Node {
         self.ctx.transport.enable_server(&[crate::protocol::ALPN])?;
         let _ = self.ctx.exposed.set(config.authorized.clone());
         let expose = Expose::new(config, self.ctx.clone());
+        let _ = self.ctx.expose.set(Arc::downgrade(&expose));
         self.ctx.tasks.spawn(expose.accept_loop());
         Ok(())
     }
@@ -129,6 +138,11 @@ impl Node {
             .map_err(|e| TransportError::Quic(e.to_string()))?;
         self.ctx.tasks.spawn(server.accept_loop());
         Ok(())
+    }
+
+    /// Who dialled each live connection with `peer` (normally one).
+    pub fn connections_with(&self, peer: &PeerId) -> Vec<PeerId> {
+        self.ctx.peers.initiators(peer)
     }
 
     /// Peers registered with this node's rendezvous role now.

@@ -23,6 +23,10 @@ impl Gauge {
         *self.0.borrow()
     }
 
+    pub fn subscribe(&self) -> watch::Receiver<usize> {
+        self.0.subscribe()
+    }
+
     /// Adds one until the guard is dropped.
     pub fn hold(&self) -> GaugeGuard {
         self.0.send_modify(|n| *n += 1);

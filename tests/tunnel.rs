@@ -467,9 +467,15 @@ async fn one_node_both_exposes_and_connects() {
     b.serve_local(&to_a, lb, "echo".parse().unwrap());
     echo_round_trip(addr_a, b"a to b").await;
     echo_round_trip(addr_b, b"b to a").await;
-    // Each node made one connection and accepted one, on one UDP socket.
-    assert_eq!(a.stats().connections_opened(), 2);
-    assert_eq!(b.stats().connections_opened(), 2);
+    // A dialled first; B's session found that connection and used it: one connection
+    // carries both directions, on one UDP socket per node.
+    assert_eq!(a.connections_with(&b.peer_id()), [a.peer_id()]);
+    assert_eq!(b.connections_with(&a.peer_id()), [a.peer_id()]);
+    assert_eq!(
+        a.stats().connections_opened() + b.stats().connections_opened(),
+        2,
+        "one dial, one accept"
+    );
     drop((to_a, to_b));
     tokio::join!(
         a.shutdown(Duration::from_secs(1)),
@@ -559,4 +565,84 @@ async fn server_that_hangs() -> TestServer {
         }
     })
     .await
+}
+
+/// Both peers dial each other at the same moment: they end with one connection, the one
+/// dialled by the lower peer id, and traffic flows both ways on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_dialling_each_other_at_once_keep_one_connection() {
+    use tunnel::config::PeerAddr;
+    use tunnel::node::Node;
+    use tunnel::roles::connect::SessionConfig;
+    use tunnel::roles::expose::{Authorized, ExposeConfig};
+    use tunnel::transport::Tuning;
+
+    let echo = echo_server().await;
+    let (ia, ib) = (identity(), identity());
+    let a = Node::bind(loopback(), ia.clone(), Tuning::default()).unwrap();
+    let b = Node::bind(loopback(), ib.clone(), Tuning::default()).unwrap();
+    for (node, other) in [(&a, ib.peer_id()), (&b, ia.peer_id())] {
+        let services = [(
+            "echo".parse().unwrap(),
+            echo.addr.to_string().parse().unwrap(),
+        )]
+        .into();
+        node.expose(ExposeConfig::new(
+            services,
+            Authorized::Only([other].into()),
+        ))
+        .unwrap();
+    }
+    let eager = SessionConfig {
+        eager: true,
+        ..SessionConfig::default()
+    };
+    // Both sessions dial at start, at once.
+    let to_b = a.connect(
+        PeerAddr {
+            id: b.peer_id(),
+            addr: Some(b.local_addr().unwrap().to_string()),
+        },
+        eager.clone(),
+    );
+    let to_a = b.connect(
+        PeerAddr {
+            id: a.peer_id(),
+            addr: Some(a.local_addr().unwrap().to_string()),
+        },
+        eager,
+    );
+    let low = a.peer_id().min(b.peer_id());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while a.connections_with(&b.peer_id()) != [low] || b.connections_with(&a.peer_id()) != [low] {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "did not converge: a sees {:?}, b sees {:?}",
+            a.connections_with(&b.peer_id()),
+            b.connections_with(&a.peer_id())
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let la = tokio::net::TcpListener::bind(loopback()).await.unwrap();
+    let lb = tokio::net::TcpListener::bind(loopback()).await.unwrap();
+    let (addr_a, addr_b) = (la.local_addr().unwrap(), lb.local_addr().unwrap());
+    a.serve_local(&to_b, la, "echo".parse().unwrap());
+    b.serve_local(&to_a, lb, "echo".parse().unwrap());
+    echo_round_trip(addr_a, b"a to b").await;
+    echo_round_trip(addr_b, b"b to a").await;
+    assert_eq!(
+        a.connections_with(&b.peer_id()),
+        [low],
+        "still one connection"
+    );
+    let opened = a.stats().connections_opened() + b.stats().connections_opened();
+    assert_eq!(
+        opened, 4,
+        "both dialled (2 dials + 2 accepts); the duplicate was closed"
+    );
+    drop((to_a, to_b));
+    tokio::join!(
+        a.shutdown(Duration::from_secs(1)),
+        b.shutdown(Duration::from_secs(1))
+    );
 }

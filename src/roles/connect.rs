@@ -24,6 +24,7 @@ use crate::node::NodeCtx;
 use crate::protocol::close_code;
 use crate::protocol::header::{encode_request, OpenRequest};
 use crate::roles::describe_close;
+use crate::roles::peers::PeerConn;
 use crate::session::backoff::Backoff;
 use crate::session::idle::IdleGrace;
 use crate::session::punch::Path;
@@ -72,11 +73,13 @@ pub enum ConnectError {
 
 type Reply = oneshot::Sender<Result<(Connection, StreamLease), ConnectError>>;
 
-/// Holds one stream on a connection's idle count; dropping it reports the stream's end.
+/// Holds one stream on a connection's idle count (and on its count of streams in both
+/// directions); dropping it reports the stream's end.
 #[derive(Debug)]
 pub struct StreamLease {
     generation: u64,
     ended: mpsc::UnboundedSender<u64>,
+    _on_conn: GaugeGuard,
 }
 
 impl Drop for StreamLease {
@@ -231,11 +234,24 @@ struct Actor {
 }
 
 struct Live {
-    conn: Connection,
-    path: Path,
+    pc: PeerConn,
     grace: IdleGrace,
     generation: u64,
-    _gauge: GaugeGuard,
+    /// Counted in the node's connections when this session dialled it (an adopted incoming
+    /// connection is counted by the expose role).
+    _gauge: Option<GaugeGuard>,
+}
+
+impl Live {
+    fn lease(&mut self, ended: &mpsc::UnboundedSender<u64>) -> (Connection, StreamLease) {
+        self.grace.stream_opened();
+        let lease = StreamLease {
+            generation: self.generation,
+            ended: ended.clone(),
+            _on_conn: self.pc.streams.hold(),
+        };
+        (self.pc.conn.clone(), lease)
+    }
 }
 
 type Dial = std::pin::Pin<
@@ -250,9 +266,8 @@ const UPGRADE_EVERY: Duration = Duration::from_secs(10);
 impl Actor {
     async fn run(self, mut requests: mpsc::Receiver<Reply>) {
         let (ended_tx, mut ended_rx) = mpsc::unbounded_channel::<u64>();
+        let mut table = self.node.peers.subscribe();
         let mut live: Option<Live> = None;
-        // Connections replaced by a better path: no new streams, closed when their last ends.
-        let mut draining: Vec<Live> = Vec::new();
         let mut dial: Option<Dial> = None;
         let mut upgrade: Option<Dial> = None;
         let mut upgrade_at: Option<Instant> = None;
@@ -271,11 +286,12 @@ impl Actor {
             tokio::select! {
                 request = requests.recv() => {
                     let Some(reply) = request else { break };
+                    if live.is_none() {
+                        live = self.adopt(&mut generation);
+                    }
                     match &mut live {
                         Some(l) => {
-                            l.grace.stream_opened();
-                            let lease = StreamLease { generation: l.generation, ended: ended_tx.clone() };
-                            let _ = reply.send(Ok((l.conn.clone(), lease)));
+                            let _ = reply.send(Ok(l.lease(&ended_tx)));
                         }
                         None => {
                             if self.node.stop.is_cancelled() {
@@ -296,12 +312,19 @@ impl Actor {
                         if l.grace.active() == 0 && !self.config.eager {
                             debug!("last stream ended; closing in {:?} unless a client comes", self.config.idle_grace);
                         }
-                    } else if let Some(pos) = draining.iter().position(|l| l.generation == ended) {
-                        draining[pos].grace.stream_ended(std::time::Instant::now());
-                        if draining[pos].grace.active() == 0 {
-                            let old = draining.swap_remove(pos);
-                            info!(path = %old.path.kind(), remote = %old.path.addr(), "replaced connection drained: closing it");
-                            old.conn.close(close_code::IDLE, b"replaced by a better path");
+                    }
+                }
+                changed = table.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    // Another connection with the peer became the preferred one (the peer
+                    // dialled too, or a direct path replaced the relay): new streams go there.
+                    let preferred = self.node.peers.preferred(&self.peer.id);
+                    if let (Some(l), Some(p)) = (&live, &preferred) {
+                        if l.pc.conn.stable_id() != p.conn.stable_id() {
+                            info!(path = %p.path.kind(), remote = %p.path.addr(), "switching to the preferred connection with this peer");
+                            live = self.adopt(&mut generation);
                         }
                     }
                 }
@@ -310,20 +333,11 @@ impl Actor {
                     match result {
                         Ok((conn, path)) => {
                             backoff.succeeded();
-                            generation += 1;
                             info!(path = %path.kind(), remote = %path.addr(), "connected");
-                            let mut l = Live {
-                                grace: IdleGrace::new(self.config.idle_grace, std::time::Instant::now()),
-                                conn,
-                                path,
-                                generation,
-                                _gauge: self.node.stats.connection(),
-                            };
+                            let mut l = self.register(conn, path, &mut generation);
                             for reply in waiters.drain(..) {
-                                l.grace.stream_opened();
-                                let lease = StreamLease { generation, ended: ended_tx.clone() };
                                 // A client that gave up drops the lease with the reply.
-                                let _ = reply.send(Ok((l.conn.clone(), lease)));
+                                let _ = reply.send(Ok(l.lease(&ended_tx)));
                             }
                             upgrade_at = path.is_relay().then(|| Instant::now() + UPGRADE_EVERY);
                             live = Some(l);
@@ -341,7 +355,7 @@ impl Actor {
                 }
                 () = sleep_until_opt(upgrade_at), if upgrade.is_none() => {
                     upgrade_at = None;
-                    if live.as_ref().is_some_and(|l| l.path.is_relay()) && !self.config.force_relay {
+                    if live.as_ref().is_some_and(|l| l.pc.path.is_relay()) && !self.config.force_relay {
                         debug!("relayed: trying to punch a direct path");
                         upgrade = Some(self.dial(false));
                     }
@@ -350,17 +364,14 @@ impl Actor {
                     upgrade = None;
                     match (result, live.take()) {
                         (Ok((conn, path)), Some(old)) => {
-                            generation += 1;
-                            info!(path = %path.kind(), remote = %path.addr(), was = %old.path.kind(), "path changed: new streams use the direct path");
-                            let mut grace = IdleGrace::new(self.config.idle_grace, std::time::Instant::now());
-                            if old.grace.active() > 0 {
-                                draining.push(old);
-                            } else {
-                                old.conn.close(close_code::IDLE, b"replaced by a better path");
-                                // The idle grace carries over to the new connection.
-                                grace = old.grace.clone();
+                            info!(path = %path.kind(), remote = %path.addr(), was = %old.pc.path.kind(), "path changed: new streams use the direct path");
+                            let mut l = self.register(conn, path, &mut generation);
+                            // The relayed connection is no longer preferred: the peer table
+                            // closes it when its last stream ends. The idle clock carries over.
+                            if old.grace.active() == 0 {
+                                l.grace = old.grace.clone();
                             }
-                            live = Some(Live { conn, path, grace, generation, _gauge: self.node.stats.connection() });
+                            live = Some(l);
                         }
                         (Ok((conn, _)), None) => conn.close(close_code::IDLE, b"not needed"),
                         (Err(e), old) => {
@@ -371,14 +382,20 @@ impl Actor {
                     }
                 }
                 () = sleep_until_opt(idle_deadline) => {
-                    if let Some(l) = live.take() {
-                        info!("closing the connection: idle for {:?}", self.config.idle_grace);
-                        l.conn.close(close_code::IDLE, b"idle");
-                        upgrade = None;
-                        upgrade_at = None;
+                    if let Some(mut l) = live.take() {
+                        if l.pc.streams.get() > 0 {
+                            // The peer still has streams on it (it dialled, or it exposes too).
+                            l.grace = IdleGrace::new(self.config.idle_grace, std::time::Instant::now());
+                            live = Some(l);
+                        } else {
+                            info!("closing the connection: idle for {:?}", self.config.idle_grace);
+                            l.pc.conn.close(close_code::IDLE, b"idle");
+                            upgrade = None;
+                            upgrade_at = None;
+                        }
                     }
                 }
-                reason = async { live.as_ref().expect("guarded").conn.closed().await }, if live.is_some() => {
+                reason = async { live.as_ref().expect("guarded").pc.conn.closed().await }, if live.is_some() => {
                     live = None;
                     upgrade = None;
                     upgrade_at = None;
@@ -400,16 +417,54 @@ impl Actor {
                 }
                 () = self.node.abort.cancelled() => break,
             }
-            let now = live.as_ref().map(|l| l.path);
+            let now = live.as_ref().map(|l| l.pc.path);
             self.path
                 .send_if_modified(|p| std::mem::replace(p, now) != now);
         }
         self.path.send_replace(None);
-        for l in live.into_iter().chain(draining) {
-            l.conn.close(close_code::SHUTDOWN, b"shutting down");
+        if let Some(l) = live {
+            if l._gauge.is_some() {
+                l.pc.conn.close(close_code::SHUTDOWN, b"shutting down");
+            }
         }
         for reply in waiters {
             let _ = reply.send(Err(ConnectError::ShuttingDown));
+        }
+    }
+
+    /// The preferred existing connection with the peer, if any (e.g. one the peer dialled).
+    fn adopt(&self, generation: &mut u64) -> Option<Live> {
+        let pc = self.node.peers.preferred(&self.peer.id)?;
+        *generation += 1;
+        debug!(remote = %pc.conn.remote_address(), "using an existing connection with this peer");
+        Some(Live {
+            pc,
+            grace: IdleGrace::new(self.config.idle_grace, std::time::Instant::now()),
+            generation: *generation,
+            _gauge: None,
+        })
+    }
+
+    /// Records a connection this session dialled; it carries the peer's streams too when
+    /// this node exposes to it.
+    fn register(&self, conn: Connection, path: Path, generation: &mut u64) -> Live {
+        *generation += 1;
+        let me = self.node.transport.identity().peer_id();
+        let pc = self
+            .node
+            .peers
+            .add(&self.node, self.peer.id, conn, me, path);
+        match self.node.expose.get().and_then(|w| w.upgrade()) {
+            Some(expose) => expose.serve_outgoing(pc.clone(), self.peer.id),
+            None => pc
+                .conn
+                .set_max_concurrent_bi_streams(quinn::VarInt::from_u32(0)),
+        }
+        Live {
+            pc,
+            grace: IdleGrace::new(self.config.idle_grace, std::time::Instant::now()),
+            generation: *generation,
+            _gauge: Some(self.node.stats.connection()),
         }
     }
 

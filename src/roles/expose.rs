@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use quinn::{RecvStream, SendStream};
+use quinn::{RecvStream, SendStream, VarInt};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn, Instrument};
@@ -21,6 +21,8 @@ use crate::protocol::header::{
     decode_request, encode_response, HeaderError, OpenRequest, OpenResponse, Status,
 };
 use crate::protocol::{close_code, stream_code};
+use crate::roles::peers::PeerConn;
+use crate::session::punch::Path;
 use crate::transport::splice::{reset_tcp, splice, Downstream};
 use crate::transport::tls;
 
@@ -129,9 +131,30 @@ impl Expose {
         }
         let _live = self.node.stats.connection();
         info!("peer connected");
+        let remote = conn.remote_address();
+        let pc = self
+            .node
+            .peers
+            .add(&self.node, peer, conn, peer, Path::Direct(remote));
+        self.serve_streams(pc).await;
+    }
+
+    /// Serves the streams `peer` opens on a connection this node dialled (one connection per
+    /// peer pair carries streams both ways), if `peer` is allowed here; else it may open none.
+    pub(crate) fn serve_outgoing(self: Arc<Self>, pc: PeerConn, peer: PeerId) {
+        if !self.config.authorized.allows(&peer) {
+            pc.conn.set_max_concurrent_bi_streams(VarInt::from_u32(0));
+            return;
+        }
+        let span = tracing::info_span!("conn", remote = %pc.conn.remote_address(), peer = %peer);
+        let tasks = self.node.tasks.clone();
+        tasks.spawn(self.serve_streams(pc).instrument(span));
+    }
+
+    async fn serve_streams(self: Arc<Self>, pc: PeerConn) {
         loop {
             let (send, recv) = tokio::select! {
-                r = conn.accept_bi() => match r {
+                r = pc.conn.accept_bi() => match r {
                     Ok(pair) => pair,
                     Err(e) => {
                         info!("peer disconnected: {}", crate::roles::describe_close(&e));
@@ -146,9 +169,14 @@ impl Expose {
                 stream = u64::from(send.id()),
                 service = tracing::field::Empty
             );
-            self.node
-                .tasks
-                .spawn(this.serve_stream(send, recv).instrument(span));
+            let on_conn = pc.streams.hold();
+            self.node.tasks.spawn(
+                async move {
+                    this.serve_stream(send, recv).await;
+                    drop(on_conn);
+                }
+                .instrument(span),
+            );
         }
     }
 

@@ -4,6 +4,7 @@
 
 pub mod connect;
 pub mod expose;
+pub mod peers;
 
 use crate::protocol::close_code;
 

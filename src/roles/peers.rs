@@ -1,0 +1,197 @@
+//! One connection per pair of peers, whoever dialled it.
+//!
+//! Every connection with a peer, incoming (accepted by the expose role) or outgoing (dialled
+//! by a session), is recorded here. A session first looks for an existing connection with its
+//! peer and dials only when there is none, and every connection carries streams both ways. If
+//! both peers dialled at once there are two: both sides then prefer the one dialled by the
+//! lower peer id ([`pick`]), new streams go there, and the other is closed by the peer that
+//! dialled it as soon as no stream is left on it.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use quinn::Connection;
+use tokio::sync::watch;
+use tracing::info;
+
+use crate::identity::PeerId;
+use crate::node::NodeCtx;
+use crate::protocol::close_code;
+use crate::session::punch::Path;
+use crate::stats::Gauge;
+
+/// A connection with a peer.
+#[derive(Clone)]
+pub(crate) struct PeerConn {
+    pub conn: Connection,
+    /// Who dialled it.
+    pub initiator: PeerId,
+    pub path: Path,
+    /// Streams on it now, in both directions (each end counts every stream).
+    pub streams: Gauge,
+    /// Order of registration here.
+    seq: u64,
+}
+
+/// Which of a peer's connections new streams should use: the ones dialled by the lower peer
+/// id first (both ends agree on that), then the most recent. Pure.
+pub fn pick(me: PeerId, peer: PeerId, conns: &[(PeerId, u64)]) -> Option<usize> {
+    let preferred = me.min(peer);
+    conns
+        .iter()
+        .enumerate()
+        .max_by_key(|(_, (initiator, seq))| (*initiator == preferred, *seq))
+        .map(|(i, _)| i)
+}
+
+#[derive(Default)]
+struct Inner {
+    conns: HashMap<PeerId, Vec<PeerConn>>,
+    seq: u64,
+}
+
+pub(crate) struct PeerTable {
+    me: PeerId,
+    inner: Mutex<Inner>,
+    changed: watch::Sender<u64>,
+}
+
+impl PeerTable {
+    pub(crate) fn new(me: PeerId) -> Self {
+        PeerTable {
+            me,
+            inner: Mutex::default(),
+            changed: watch::Sender::new(0),
+        }
+    }
+
+    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Records `conn` with `peer` until it closes; the dialler closes it once it is a
+    /// duplicate with no stream left.
+    pub(crate) fn add(
+        &self,
+        node: &NodeCtx,
+        peer: PeerId,
+        conn: Connection,
+        initiator: PeerId,
+        path: Path,
+    ) -> PeerConn {
+        let pc = {
+            let mut inner = self.inner();
+            inner.seq += 1;
+            let pc = PeerConn {
+                conn,
+                initiator,
+                path,
+                streams: Gauge::default(),
+                seq: inner.seq,
+            };
+            inner.conns.entry(peer).or_default().push(pc.clone());
+            pc
+        };
+        self.changed.send_modify(|n| *n += 1);
+        let watched = pc.clone();
+        let node = node.clone();
+        node.tasks.clone().spawn(async move {
+            node.peers.supervise(peer, watched).await;
+        });
+        pc
+    }
+
+    /// The connection new streams with `peer` should use.
+    pub(crate) fn preferred(&self, peer: &PeerId) -> Option<PeerConn> {
+        let inner = self.inner();
+        let live: Vec<&PeerConn> = inner
+            .conns
+            .get(peer)?
+            .iter()
+            .filter(|pc| pc.conn.close_reason().is_none())
+            .collect();
+        let keys: Vec<(PeerId, u64)> = live.iter().map(|pc| (pc.initiator, pc.seq)).collect();
+        pick(self.me, *peer, &keys).map(|i| live[i].clone())
+    }
+
+    /// The dialler of each live connection with `peer`.
+    pub(crate) fn initiators(&self, peer: &PeerId) -> Vec<PeerId> {
+        let inner = self.inner();
+        inner
+            .conns
+            .get(peer)
+            .map(|v| {
+                v.iter()
+                    .filter(|pc| pc.conn.close_reason().is_none())
+                    .map(|pc| pc.initiator)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn remove(&self, peer: &PeerId, seq: u64) {
+        let mut inner = self.inner();
+        if let Some(v) = inner.conns.get_mut(peer) {
+            v.retain(|pc| pc.seq != seq);
+            if v.is_empty() {
+                inner.conns.remove(peer);
+            }
+        }
+        drop(inner);
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// Until `pc` closes: forgets it then; closes it first if this side dialled it, it is no
+    /// longer preferred, and no stream is left on it.
+    async fn supervise(&self, peer: PeerId, pc: PeerConn) {
+        let mut changes = self.subscribe();
+        let mut streams = pc.streams.subscribe();
+        loop {
+            if pc.initiator == self.me && pc.streams.get() == 0 {
+                let preferred = self.preferred(&peer).map(|p| p.seq);
+                if preferred.is_some_and(|s| s != pc.seq) {
+                    info!(%peer, "closing a duplicate connection (the peers keep the one dialled by the lower peer id)");
+                    pc.conn.close(close_code::IDLE, b"duplicate connection");
+                }
+            }
+            tokio::select! {
+                _ = pc.conn.closed() => break,
+                r = changes.changed() => if r.is_err() { break },
+                r = streams.changed() => if r.is_err() { break },
+            }
+        }
+        self.remove(&peer, pc.seq);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids() -> (PeerId, PeerId) {
+        let a = PeerId::from_spki(b"a");
+        let b = PeerId::from_spki(b"b");
+        (a.min(b), a.max(b))
+    }
+
+    #[test]
+    fn both_ends_prefer_the_connection_dialled_by_the_lower_id() {
+        let (low, high) = ids();
+        // Seen from each end, in different registration orders.
+        let at_low = [(low, 1), (high, 2)];
+        let at_high = [(high, 1), (low, 2)];
+        assert_eq!(pick(low, high, &at_low), Some(0));
+        assert_eq!(pick(high, low, &at_high), Some(1));
+    }
+
+    #[test]
+    fn among_one_dialler_the_newest_wins_and_none_is_none() {
+        let (low, high) = ids();
+        assert_eq!(pick(low, high, &[(high, 3), (high, 7)]), Some(1));
+        assert_eq!(pick(low, high, &[]), None);
+    }
+}
