@@ -2,7 +2,7 @@
 //! routers (tests/natlab/lab.sh builds them), a rendezvous on the "internet" segment, real
 //! HTTP traffic through the tunnel, and the path `connect` reports.
 //!
-//! Needs root, iproute2, nftables, python3 and curl. Without them the tests are skipped with a
+//! Needs root, iproute2, nftables, ethtool, python3 and curl. Without them the tests are skipped with a
 //! printed reason, except under TUNNEL_REQUIRE_TOOLS=1 (CI), where they fail.
 //! Every namespace and process is removed when a test ends, also when it fails.
 
@@ -24,7 +24,7 @@ fn lab_available() -> bool {
         .output()
         .map(|o| o.stdout == b"0\n")
         .unwrap_or(false);
-    let tools = ["ip", "nft", "curl", "python3"].iter().all(|t| {
+    let tools = ["ip", "nft", "curl", "python3", "ethtool"].iter().all(|t| {
         Command::new("sh")
             .args(["-c", &format!("command -v {t}")])
             .output()
@@ -52,11 +52,19 @@ struct Lab {
 }
 
 impl Lab {
-    fn up(tag: &str, mode_a: &str, mode_b: &str, loss: u32) -> Lab {
+    fn up(tag: &str, mode_a: &str, mode_b: &str, loss: u32, delay_ms: u32) -> Lab {
         let prefix = format!("tl{}{tag}", std::process::id() % 100_000);
         let lab = Lab { prefix };
         let out = Command::new("bash")
-            .args([LAB, "up", &lab.prefix, mode_a, mode_b, &loss.to_string()])
+            .args([
+                LAB,
+                "up",
+                &lab.prefix,
+                mode_a,
+                mode_b,
+                &loss.to_string(),
+                &delay_ms.to_string(),
+            ])
             .output()
             .unwrap();
         assert!(
@@ -109,8 +117,8 @@ struct Running {
 }
 
 impl Running {
-    fn start(tag: &str, mode_a: &str, mode_b: &str, loss: u32) -> Running {
-        let lab = Lab::up(tag, mode_a, mode_b, loss);
+    fn start(tag: &str, mode_a: &str, mode_b: &str, loss: u32, delay_ms: u32) -> Running {
+        let lab = Lab::up(tag, mode_a, mode_b, loss, delay_ms);
         let dir = TempDir::new(&format!("natlab-{tag}"));
         let body = random_bytes(2_000_000);
         std::fs::create_dir_all(dir.path("www")).unwrap();
@@ -241,12 +249,12 @@ fn start_rendezvous(lab: &Lab, dir: &TempDir) -> Proc {
 }
 
 /// Runs one scenario: one 2 MB fetch, made on demand; returns the path and the first byte.
-fn scenario(tag: &str, mode_a: &str, mode_b: &str, loss: u32) -> Outcome {
-    let run = Running::start(tag, mode_a, mode_b, loss);
+fn scenario(tag: &str, mode_a: &str, mode_b: &str, loss: u32, delay_ms: u32) -> Outcome {
+    let run = Running::start(tag, mode_a, mode_b, loss, delay_ms);
     let child = run.curl("got", &[]);
     let first_byte = run.check(child, "got");
     let path = run.path();
-    println!("natlab {tag}: A={mode_a} B={mode_b} loss={loss}% -> path={path}, first byte {first_byte:?}");
+    println!("natlab {tag}: A={mode_a} B={mode_b} loss={loss}% delay={delay_ms}ms -> path={path}, first byte {first_byte:?}");
     Outcome {
         path,
         first_byte,
@@ -266,21 +274,21 @@ fn assert_path(outcome: &Outcome, want: &str) {
 #[test]
 fn both_behind_port_restricted_cone_nats_go_direct() {
     if lab_available() {
-        assert_path(&scenario("cc", "cone", "cone", 0), "direct");
+        assert_path(&scenario("cc", "cone", "cone", 0, 0), "direct");
     }
 }
 
 #[test]
 fn one_public_peer_goes_direct() {
     if lab_available() {
-        assert_path(&scenario("pc", "cone", "public", 0), "direct");
+        assert_path(&scenario("pc", "cone", "public", 0, 0), "direct");
     }
 }
 
 #[test]
 fn both_behind_the_same_nat_go_direct_over_the_lan() {
     if lab_available() {
-        let outcome = scenario("sn", "cone", "samenat", 0);
+        let outcome = scenario("sn", "cone", "samenat", 0, 0);
         assert_path(&outcome, "direct");
         let remote = outcome
             .connect_log
@@ -298,7 +306,7 @@ fn both_behind_the_same_nat_go_direct_over_the_lan() {
 #[test]
 fn symmetric_against_cone_falls_back_to_the_relay() {
     if lab_available() {
-        let outcome = scenario("sc", "sym", "cone", 0);
+        let outcome = scenario("sc", "sym", "cone", 0, 0);
         assert!(
             ["relay", "direct"].contains(&outcome.path.as_str()),
             "{}",
@@ -310,14 +318,21 @@ fn symmetric_against_cone_falls_back_to_the_relay() {
 #[test]
 fn both_symmetric_use_the_relay() {
     if lab_available() {
-        assert_path(&scenario("ss", "sym", "sym", 0), "relay");
+        assert_path(&scenario("ss", "sym", "sym", 0, 0), "relay");
     }
 }
 
 #[test]
 fn cone_nats_with_one_percent_loss_still_connect() {
     if lab_available() {
-        assert_path(&scenario("lo", "cone", "cone", 1), "direct");
+        assert_path(&scenario("lo", "cone", "cone", 1, 0), "direct");
+    }
+}
+
+#[test]
+fn cone_nats_with_20ms_delay_and_one_percent_loss_still_connect() {
+    if lab_available() {
+        assert_path(&scenario("dl", "cone", "cone", 1, 20), "direct");
     }
 }
 
@@ -326,7 +341,7 @@ fn a_rendezvous_restart_mid_session_leaves_the_stream_alone_and_registration_rec
     if !lab_available() {
         return;
     }
-    let mut run = Running::start("rr", "cone", "cone", 0);
+    let mut run = Running::start("rr", "cone", "cone", 0, 0);
     // A slow download (about 4 s) is in flight while the rendezvous restarts.
     let slow = run.curl("slow", &["--limit-rate", "500k"]);
     wait_stderr(&run.connect, |log| log.contains(" connected"));
@@ -367,7 +382,7 @@ fn namespaces_are_removed_after_a_scenario() {
         return;
     }
     let prefix = {
-        let lab = Lab::up("rm", "cone", "cone", 0);
+        let lab = Lab::up("rm", "cone", "cone", 0, 0);
         assert!(Path::new(&format!("/run/netns/{}", lab.ns("natA"))).exists());
         lab.prefix.clone()
     };

@@ -5,13 +5,15 @@
 #                                                                         +-- wan bridge 198.51.100.1
 #   hB 203.0.113.66 -- natB (lan 203.0.113.65/26 | wan0 198.51.100.20) --+   (rendezvous, relay)
 #
-# usage: lab.sh up PREFIX MODE_A MODE_B [LOSS_PERCENT]
+# usage: lab.sh up PREFIX MODE_A MODE_B [LOSS_PERCENT] [DELAY_MS]
 #        lab.sh down PREFIX
 # MODE: cone    port-restricted cone NAT (Linux masquerade, WAN input filtered)
 #       sym     symmetric NAT (masquerade random, WAN input filtered)
 #       public  no NAT: the host sits on the WAN with a public address (198.51.100.3x)
 #       samenat (MODE_B only) hB sits on natA's LAN (203.0.113.3), behind the same NAT as hA
 # LOSS_PERCENT drops that share of the packets crossing the WAN bridge (nftables numgen).
+# DELAY_MS delays natA's WAN link by that much each way: the kernel has no netem, so the link
+# is spliced through delay.py (a userspace relay on two packet sockets, offloads off).
 # Namespaces: PREFIX-wan, PREFIX-natA, PREFIX-natB, PREFIX-hA, PREFIX-hB. Only documentation
 # ranges are used. `down` removes everything `up` made (also after a partial `up`).
 set -euo pipefail
@@ -19,11 +21,16 @@ cmd=$1 P=$2
 ns() { echo "$P-$1"; }
 
 if [ "$cmd" = down ]; then
-  for n in hA hB natA natB wan; do ip netns del "$(ns "$n")" 2>/dev/null || true; done
+  for n in hA hB natA natB wan; do
+    pids=$(ip netns pids "$(ns "$n")" 2>/dev/null || true)
+    [ -n "$pids" ] && kill $pids 2>/dev/null || true
+    ip netns del "$(ns "$n")" 2>/dev/null || true
+  done
   exit 0
 fi
 
-MA=$3 MB=$4 LOSS=${5:-0}
+MA=$3 MB=$4 LOSS=${5:-0} DELAY=${6:-0}
+here=$(cd "$(dirname "$0")" && pwd)
 for n in wan hA hB; do ip netns add "$(ns "$n")"; ip -n "$(ns "$n")" link set lo up; done
 
 # The WAN: a bridge in its own namespace.
@@ -45,16 +52,35 @@ table bridge lossy {
 NFT
 fi
 
-# wan_port NS IFNAME ADDR: a veth from NS (named IFNAME) into the WAN bridge.
+no_offloads() { # NS IF: MTU-sized frames with real checksums, as on a wire (the relay needs that)
+  for f in tx gro gso tso tx-udp-segmentation rx-gro-list rx-udp-gro-forwarding; do
+    ip netns exec "$1" ethtool -K "$2" "$f" off >/dev/null 2>&1 || true
+  done
+}
+
+# wan_port NS IFNAME ADDR [DELAY_MS]: a veth from NS (named IFNAME) into the WAN bridge,
+# optionally through the userspace delay relay.
 wan_port() {
   local tmp="tw$RANDOM$RANDOM"
   ip link add "$tmp" type veth peer name "${tmp}p"
   ip link set "$tmp" netns "$W"
-  ip -n "$W" link set "$tmp" master br0 up
   ip link set "${tmp}p" netns "$1"
   ip -n "$1" link set "${tmp}p" name "$2"
   ip -n "$1" addr add "$3" dev "$2"
   ip -n "$1" link set "$2" up
+  if [ "${4:-0}" = 0 ]; then
+    ip -n "$W" link set "$tmp" master br0 up
+    return
+  fi
+  # $tmp (from NS) <- delay.py -> ${tmp}s == ${tmp}b (in the bridge)
+  ip -n "$W" link add "${tmp}s" type veth peer name "${tmp}b"
+  ip -n "$W" link set "${tmp}b" master br0 up
+  ip -n "$W" link set "${tmp}s" up
+  ip -n "$W" link set "$tmp" up
+  for dev in "$tmp" "${tmp}s" "${tmp}b"; do no_offloads "$W" "$dev"; done
+  no_offloads "$1" "$2"
+  ip netns exec "$W" python3 -u "$here/delay.py" "$tmp" "${tmp}s" "$4" >/dev/null 2>&1 &
+  sleep 0.3  # (bounded: the relay binds two sockets, then loops)
 }
 
 # lan_host NAT HOST ADDR GW: a host on the NAT's LAN bridge.
@@ -76,7 +102,9 @@ nat() {
   local base=$(( $2 * 64 ))
   ip netns add "$N"
   ip -n "$N" link set lo up
-  wan_port "$N" wan0 "198.51.100.$(( 10 + 10 * $2 ))/24"
+  local delay=0
+  [ "$1" = A ] && delay=$DELAY
+  wan_port "$N" wan0 "198.51.100.$(( 10 + 10 * $2 ))/24" "$delay"
   ip -n "$N" link add lan0 type bridge
   ip -n "$N" link set lan0 up
   ip -n "$N" addr add "203.0.113.$(( base + 1 ))/26" dev lan0
