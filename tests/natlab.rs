@@ -362,6 +362,57 @@ fn a_rendezvous_restart_mid_session_leaves_the_stream_alone_and_registration_rec
     println!("natlab rr: rendezvous restarted during a 4 s download; both peers registered again");
 }
 
+#[test]
+fn a_relayed_session_moves_to_a_direct_path_once_one_exists() {
+    if !lab_available() {
+        return;
+    }
+    let run = Running::start("up", "cone", "public", 0, 0);
+    // B's host firewall first drops what comes straight from A's NAT: only the relay works.
+    let nft = |script: &str| {
+        let mut child = run
+            .lab
+            .cmd("hB", "nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .unwrap();
+        assert!(child.wait().unwrap().success());
+    };
+    nft("table inet fw {\n chain input {\n  type filter hook input priority 0; policy accept;\n  ip saddr 198.51.100.10 udp dport 4433 drop\n }\n}\n");
+    let first = run.curl("first", &[]);
+    run.check(first, "first");
+    assert_eq!(run.path(), "relay", "{}", run.connect.stderr());
+    // The firewall opens; the background punch (every 10 s) finds the direct path.
+    nft("delete table inet fw");
+    wait_stderr(&run.connect, |log| log.contains("path changed"));
+    let second = run.curl("second", &[]);
+    run.check(second, "second");
+    // The relayed connection had no stream left: it was closed as a duplicate.
+    wait_stderr(&run.connect, |log| {
+        log.contains("closing a duplicate connection")
+    });
+    let changed = run
+        .connect
+        .stderr()
+        .lines()
+        .find(|l| l.contains("path changed"))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        changed.contains("path=direct") && changed.contains("was=relay"),
+        "{changed}"
+    );
+    println!("natlab up: relay first, then {changed}");
+}
+
 /// Waits until `pred` holds for the process's stderr so far.
 fn wait_stderr(proc: &Proc, pred: impl Fn(&str) -> bool) {
     let deadline = Instant::now() + WAIT;
