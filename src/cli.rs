@@ -438,7 +438,8 @@ fn connect_config(args: &ConnectArgs, file: ConnectRules) -> Result<ConnectParts
         ));
     }
     let mut seen = BTreeMap::new();
-    for rule in &locals {
+    // (Port 0 asks for any free port: it may appear more than once.)
+    for rule in locals.iter().filter(|r| r.listen.port() != 0) {
         if let Some(other) = seen.insert(rule.listen, &rule.service) {
             return Err(usage(format!(
                 "{} is given twice (for {other} and {}): each local listener needs its own port",

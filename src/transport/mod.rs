@@ -14,6 +14,9 @@ use quinn::{IdleTimeout, VarInt};
 
 use crate::identity::{Identity, PeerId};
 
+/// Largest UDP payload this endpoint sends or accepts (what MTU discovery may reach).
+const MAX_UDP_PAYLOAD: u16 = 65_527;
+
 /// Flow control and liveness settings of every connection. The defaults favour throughput:
 /// windows far above quinn's, so one stream can fill a fast link with a 100 ms round trip.
 #[derive(Debug, Clone)]
@@ -61,6 +64,16 @@ impl Tuning {
             // Before the first RTT sample: retransmit a lost Initial (a punch that arrived
             // before the peer's NAT opened) after ~300 ms instead of ~1 s.
             .initial_rtt(Duration::from_millis(100))
+            // Let MTU discovery find large paths (loopback, jumbo frames): quinn's sender is
+            // CPU-bound per packet, so bigger packets are most of the throughput there. On a
+            // 1500-byte path discovery settles at ~1450 as usual. Segmentation offload off:
+            // with it on, discovery fell back to 1200-byte packets (../shared/PERF-NOTES.md).
+            .mtu_discovery_config(Some({
+                let mut mtu = quinn::MtuDiscoveryConfig::default();
+                mtu.upper_bound(MAX_UDP_PAYLOAD);
+                mtu
+            }))
+            .enable_segmentation_offload(false)
             .max_idle_timeout(Some(
                 IdleTimeout::try_from(self.idle_timeout).expect("idle timeout fits a varint"),
             ));
@@ -109,6 +122,9 @@ impl Transport {
         let runtime = quinn::default_runtime()
             .ok_or_else(|| TransportError::Quic("no async runtime".into()))?;
         let mut config = quinn::EndpointConfig::default();
+        config
+            .max_udp_payload_size(MAX_UDP_PAYLOAD)
+            .expect("a valid UDP payload size");
         // Every QUIC packet keeps the fixed bit set, so our own packets (first byte 0) on the
         // same socket can never be mistaken for QUIC.
         config.grease_quic_bit(false);

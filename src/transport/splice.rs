@@ -26,6 +26,8 @@ use crate::protocol::stream_code;
 
 /// Bytes read from a socket at a time, and the largest chunk read from a stream.
 pub const CHUNK: usize = 256 * 1024;
+/// Received chunks written to the socket per vectored write.
+const BATCH: usize = 64;
 /// A read buffer with less room than this is replaced by a fresh one.
 const MIN_READ_ROOM: usize = 16 * 1024;
 
@@ -212,11 +214,18 @@ async fn quic_to_tcp(
     };
     write_tcp(tcp, &first).await?;
     *count += first.len() as u64;
+    // Quinn hands out received data frame by frame (about one packet each): take up to
+    // BATCH at once and give them to the socket in one vectored write, not one per packet.
+    let mut chunks: Vec<Bytes> = Vec::new();
     loop {
-        match recv.read_chunk(CHUNK, true).await {
-            Ok(Some(chunk)) => {
-                write_tcp(tcp, &chunk.bytes).await?;
-                *count += chunk.bytes.len() as u64;
+        if chunks.len() != BATCH {
+            chunks = vec![Bytes::new(); BATCH];
+        }
+        match recv.read_chunks(&mut chunks).await {
+            Ok(Some(n)) => {
+                *count += write_tcp_vectored(tcp, &mut chunks[..n]).await?;
+                // Drop what was written now; an idle stream holds no received data.
+                chunks.iter_mut().take(n).for_each(|c| *c = Bytes::new());
             }
             Ok(None) => {
                 // FIN from the stream: FIN to the socket; the other direction goes on.
@@ -267,6 +276,40 @@ async fn read_response(recv: &mut RecvStream) -> Result<Bytes, Abort> {
             Err(e) => return Err(Abort::BadResponse(e)),
         }
     }
+}
+
+/// Writes every chunk, in order, with as few syscalls as the socket allows; the bytes written.
+async fn write_tcp_vectored(tcp: &TcpStream, chunks: &mut [Bytes]) -> Result<u64, Abort> {
+    use bytes::Buf;
+    let total: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+    let mut first = 0;
+    while first < chunks.len() {
+        if chunks[first].is_empty() {
+            first += 1;
+            continue;
+        }
+        tcp.writable().await.map_err(Abort::Local)?;
+        let slices: Vec<io::IoSlice<'_>> = chunks[first..]
+            .iter()
+            .map(|c| io::IoSlice::new(c))
+            .collect();
+        match tcp.try_write_vectored(&slices) {
+            Ok(mut n) => {
+                while n > 0 {
+                    let c = &mut chunks[first];
+                    let k = n.min(c.len());
+                    c.advance(k);
+                    n -= k;
+                    if c.is_empty() {
+                        first += 1;
+                    }
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(Abort::Local(e)),
+        }
+    }
+    Ok(total)
 }
 
 async fn write_tcp(tcp: &TcpStream, mut data: &[u8]) -> Result<(), Abort> {

@@ -1,0 +1,742 @@
+//! The benchmark suite: `tunnel` side by side with direct TCP and peer tunnels on loopback.
+//! Not a test, not run by CI. Run it with `bench/run.sh` (installs the peers, then runs
+//! `cargo bench --bench suite` and draws the charts). Writes docs/bench/report.{md,json}.
+//!
+//! Every figure is measured in the same run as its baseline (direct TCP), the systems
+//! alternate within each round, and each figure is the median of the rounds.
+
+#[path = "../tests/common/process.rs"]
+#[allow(dead_code)]
+mod process;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use process::{free_port, peer_id, tunnel_bin, Proc, TempDir};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const GIB: u64 = 1 << 30;
+
+fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// One system under test: the address clients use for the bulk/echo service and for the
+/// greeting service, and the processes that make it (killed on drop).
+struct System {
+    name: String,
+    bulk: SocketAddr,
+    greet: SocketAddr,
+    /// Processes of the tunnel itself (for memory and CPU), with their role.
+    pids: Vec<(String, u32)>,
+    _procs: Vec<Proc>,
+    _dir: Option<TempDir>,
+}
+
+/// Target servers in this process: `bulk` (first byte U = sink and report, D + u64 = send
+/// that many bytes, E = echo) and `greet` (says hello at once, then holds the connection).
+async fn start_targets() -> (SocketAddr, SocketAddr) {
+    let bulk = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let greet = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (b, g) = (bulk.local_addr().unwrap(), greet.local_addr().unwrap());
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = bulk.accept().await else {
+                return;
+            };
+            let _ = tcp.set_nodelay(true);
+            tokio::spawn(async move {
+                let mut op = [0u8; 1];
+                if tcp.read_exact(&mut op).await.is_err() {
+                    return;
+                }
+                match op[0] {
+                    b'U' => {
+                        let mut buf = vec![0u8; 256 * 1024];
+                        let mut n = 0u64;
+                        while let Ok(k) = tcp.read(&mut buf).await {
+                            if k == 0 {
+                                break;
+                            }
+                            n += k as u64;
+                        }
+                        let _ = tcp.write_all(&n.to_be_bytes()).await;
+                    }
+                    b'D' => {
+                        let mut len = [0u8; 8];
+                        if tcp.read_exact(&mut len).await.is_err() {
+                            return;
+                        }
+                        let mut left = u64::from_be_bytes(len);
+                        let buf = vec![0x5au8; 256 * 1024];
+                        while left > 0 {
+                            let k = left.min(buf.len() as u64) as usize;
+                            if tcp.write_all(&buf[..k]).await.is_err() {
+                                return;
+                            }
+                            left -= k as u64;
+                        }
+                        let _ = tcp.shutdown().await;
+                    }
+                    _ => {
+                        let (mut r, mut w) = tcp.split();
+                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                    }
+                }
+            });
+        }
+    });
+    tokio::spawn(serve_greet(greet));
+    (b, g)
+}
+
+/// The greeting service: says hello at once, then holds the connection until the client ends.
+async fn serve_greet(greet: TcpListener) {
+    {
+        loop {
+            let Ok((mut tcp, _)) = greet.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let _ = tcp.set_nodelay(true);
+                if tcp.write_all(b"hello\n").await.is_ok() {
+                    let mut sink = [0u8; 64];
+                    while let Ok(n) = tcp.read(&mut sink).await {
+                        if n == 0 {
+                            break;
+                        }
+                    }
+                }
+            });
+        }
+    }
+}
+
+fn wait_connectable(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "{addr} never accepted");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn direct(bulk: SocketAddr, greet: SocketAddr) -> System {
+    System {
+        name: "direct TCP".into(),
+        bulk,
+        greet,
+        pids: vec![],
+        _procs: vec![],
+        _dir: None,
+    }
+}
+
+fn tunnel(bulk: SocketAddr, greet: SocketAddr) -> System {
+    let dir = TempDir::new("bench");
+    let connect_id = peer_id(&dir.path("c.pem"));
+    let expose = Proc::spawn(
+        "tunnel expose",
+        Command::new(tunnel_bin())
+            .env("RUST_LOG", "warn")
+            .args([
+                "expose",
+                "--listen",
+                "127.0.0.1:0",
+                "--allow",
+                &connect_id,
+                "--identity",
+            ])
+            .arg(dir.path("e.pem"))
+            .args([
+                "--service",
+                &format!("bulk={bulk}"),
+                "--service",
+                &format!("greet={greet}"),
+            ]),
+    );
+    let line = expose.line_matching(|l| l.trim_start().starts_with("tunnel connect "));
+    let peer = line.split_whitespace().nth(2).unwrap().to_owned();
+    let connect = Proc::spawn(
+        "tunnel connect",
+        Command::new(tunnel_bin())
+            .env("RUST_LOG", "warn")
+            .args(["connect", &peer, "--eager", "--identity"])
+            .arg(dir.path("c.pem"))
+            .args([
+                "--local",
+                "127.0.0.1:0=bulk",
+                "--local",
+                "127.0.0.1:0=greet",
+            ]),
+    );
+    let local = |svc: &str| -> SocketAddr {
+        let l = connect.line_matching(|l| l.contains(&format!(" -> {svc} on ")));
+        l.split_whitespace().next().unwrap().parse().unwrap()
+    };
+    let (b, g) = (local("bulk"), local("greet"));
+    let pids = vec![
+        ("expose".into(), expose.pid()),
+        ("connect".into(), connect.pid()),
+    ];
+    System {
+        name: "tunnel".into(),
+        bulk: b,
+        greet: g,
+        pids,
+        _procs: vec![expose, connect],
+        _dir: Some(dir),
+    }
+}
+
+fn bore(bulk: SocketAddr, greet: SocketAddr) -> Option<System> {
+    if !process::have("bore") {
+        return None;
+    }
+    let server = Proc::spawn(
+        "bore server",
+        Command::new("bore").args([
+            "server",
+            "--bind-addr",
+            "127.0.0.1",
+            "--min-port",
+            "20000",
+            "--max-port",
+            "40000",
+        ]),
+    );
+    wait_connectable("127.0.0.1:7835".parse().unwrap());
+    let mut procs = vec![];
+    let mut pids = vec![("server".to_string(), server.pid())];
+    let mut addrs = vec![];
+    for target in [bulk, greet] {
+        let port = 20000 + (free_port() % 20000);
+        let p = Proc::spawn(
+            "bore local",
+            Command::new("bore")
+                .args([
+                    "local",
+                    &target.port().to_string(),
+                    "--local-host",
+                    "127.0.0.1",
+                ])
+                .args(["--to", "127.0.0.1", "--port", &port.to_string()]),
+        );
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        wait_connectable(addr);
+        pids.push(("local".to_string(), p.pid()));
+        procs.push(p);
+        addrs.push(addr);
+    }
+    procs.push(server);
+    Some(System {
+        name: "bore 0.6".into(),
+        bulk: addrs[0],
+        greet: addrs[1],
+        pids,
+        _procs: procs,
+        _dir: None,
+    })
+}
+
+fn rathole(bulk: SocketAddr, greet: SocketAddr, noise: bool) -> Option<System> {
+    if !process::have("rathole") {
+        return None;
+    }
+    let dir = TempDir::new("rathole");
+    let control = free_port();
+    let (pb, pg) = (free_port(), free_port());
+    let (server_noise, client_noise) = if noise {
+        let out = Command::new("rathole").arg("--genkey").output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let keys: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !l.contains(':'))
+            .collect();
+        let (private, public) = (keys[0].trim(), keys[1].trim());
+        (
+            format!("[server.transport]\ntype = \"noise\"\n[server.transport.noise]\nlocal_private_key = \"{private}\"\n"),
+            format!("[client.transport]\ntype = \"noise\"\n[client.transport.noise]\nremote_public_key = \"{public}\"\n"),
+        )
+    } else {
+        (String::new(), String::new())
+    };
+    std::fs::write(
+        dir.path("server.toml"),
+        format!(
+            "[server]\nbind_addr = \"127.0.0.1:{control}\"\n{server_noise}\
+             [server.services.bulk]\ntoken = \"t\"\nbind_addr = \"127.0.0.1:{pb}\"\n\
+             [server.services.greet]\ntoken = \"t\"\nbind_addr = \"127.0.0.1:{pg}\"\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path("client.toml"),
+        format!(
+            "[client]\nremote_addr = \"127.0.0.1:{control}\"\n{client_noise}\
+             [client.services.bulk]\ntoken = \"t\"\nlocal_addr = \"{bulk}\"\n\
+             [client.services.greet]\ntoken = \"t\"\nlocal_addr = \"{greet}\"\n"
+        ),
+    )
+    .unwrap();
+    let server = Proc::spawn(
+        "rathole server",
+        Command::new("rathole")
+            .arg("--server")
+            .arg(dir.path("server.toml")),
+    );
+    let client = Proc::spawn(
+        "rathole client",
+        Command::new("rathole")
+            .arg("--client")
+            .arg(dir.path("client.toml")),
+    );
+    let (b, g): (SocketAddr, SocketAddr) = (
+        format!("127.0.0.1:{pb}").parse().unwrap(),
+        format!("127.0.0.1:{pg}").parse().unwrap(),
+    );
+    wait_connectable(b);
+    wait_connectable(g);
+    // The data channel comes up with the first visitor: warm it.
+    let pids = vec![
+        ("server".into(), server.pid()),
+        ("client".into(), client.pid()),
+    ];
+    let name = if noise {
+        "rathole 0.5 (noise)"
+    } else {
+        "rathole 0.5 (tcp, no encryption)"
+    };
+    Some(System {
+        name: name.into(),
+        bulk: b,
+        greet: g,
+        pids,
+        _procs: vec![server, client],
+        _dir: Some(dir),
+    })
+}
+
+/// Bytes per second moving `total` bytes over `streams` parallel connections.
+async fn bulk(addr: SocketAddr, total: u64, streams: u64, upload: bool) -> f64 {
+    let per = total / streams;
+    let start = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..streams {
+        set.spawn(async move {
+            let mut tcp = TcpStream::connect(addr).await.unwrap();
+            tcp.set_nodelay(true).unwrap();
+            if upload {
+                tcp.write_all(b"U").await.unwrap();
+                let buf = vec![0xa5u8; 256 * 1024];
+                let mut left = per;
+                while left > 0 {
+                    let k = left.min(buf.len() as u64) as usize;
+                    tcp.write_all(&buf[..k]).await.unwrap();
+                    left -= k as u64;
+                }
+                tcp.shutdown().await.unwrap();
+                let mut n = [0u8; 8];
+                tcp.read_exact(&mut n).await.unwrap();
+                assert_eq!(u64::from_be_bytes(n), per, "all bytes arrived");
+            } else {
+                tcp.write_all(b"D").await.unwrap();
+                tcp.write_all(&per.to_be_bytes()).await.unwrap();
+                let mut buf = vec![0u8; 256 * 1024];
+                let mut n = 0u64;
+                loop {
+                    let k = tcp.read(&mut buf).await.unwrap();
+                    if k == 0 {
+                        break;
+                    }
+                    n += k as u64;
+                }
+                assert_eq!(n, per, "all bytes arrived");
+            }
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r.unwrap();
+    }
+    (per * streams) as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Round trips of 100-byte request / 100-byte reply on one connection, in µs, sorted.
+async fn ping_pong(addr: SocketAddr, count: usize) -> Vec<f64> {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    tcp.write_all(b"E").await.unwrap();
+    let msg = [7u8; 100];
+    let mut buf = [0u8; 100];
+    for _ in 0..100 {
+        tcp.write_all(&msg).await.unwrap();
+        tcp.read_exact(&mut buf).await.unwrap();
+    }
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count {
+        let t = Instant::now();
+        tcp.write_all(&msg).await.unwrap();
+        tcp.read_exact(&mut buf).await.unwrap();
+        out.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    out.sort_by(f64::total_cmp);
+    out
+}
+
+/// Client connect → first byte of the server's greeting, in µs, sorted.
+async fn open_latency(addr: SocketAddr, count: usize) -> Vec<f64> {
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count {
+        let t = Instant::now();
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        let mut b = [0u8; 1];
+        tcp.read_exact(&mut b).await.unwrap();
+        out.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    out.sort_by(f64::total_cmp);
+    out
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).map(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .unwrap_or("0")
+                    .parse()
+                    .unwrap_or(0)
+            })
+        })
+        .unwrap_or(0)
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+}
+
+/// Opens `n` idle connections to the greeting service through `sys`; memory per stream on
+/// each side and CPU while idle.
+async fn scale(sys: &System, n: usize) -> Value {
+    let before: Vec<u64> = sys.pids.iter().map(|(_, p)| rss_kib(*p)).collect();
+    let t = Instant::now();
+    let mut conns = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut tcp = TcpStream::connect(sys.greet).await.unwrap();
+        let mut b = [0u8; 6];
+        tcp.read_exact(&mut b).await.unwrap();
+        conns.push(tcp);
+    }
+    let opened = t.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after: Vec<u64> = sys.pids.iter().map(|(_, p)| rss_kib(*p)).collect();
+    let ticks0: u64 = sys.pids.iter().map(|(_, p)| cpu_ticks(*p)).sum();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let ticks1: u64 = sys.pids.iter().map(|(_, p)| cpu_ticks(*p)).sum();
+    drop(conns);
+    let per: BTreeMap<String, f64> = sys
+        .pids
+        .iter()
+        .zip(before.iter().zip(&after))
+        .map(|((role, _), (b, a))| (role.clone(), a.saturating_sub(*b) as f64 / n as f64))
+        .collect();
+    json!({
+        "streams": n,
+        "open_seconds": opened.as_secs_f64(),
+        "rss_kib_per_stream": per,
+        "idle_cpu_percent": (ticks1 - ticks0) as f64 / 5.0, // 100 ticks/s = 100% of one core
+    })
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    if std::env::args().any(|a| a == "--serve-greet") {
+        // Child mode: the greeting service alone, so 10,000 idle streams need 10,000 file
+        // descriptors here and 10,000 in the parent, not 20,000 in one process.
+        rt.block_on(async {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            println!("{}", l.local_addr().unwrap());
+            serve_greet(l).await;
+        });
+        return;
+    }
+    rt.block_on(suite());
+}
+
+async fn suite() {
+    let rounds = env_num("BENCH_ROUNDS", 3) as usize;
+    let size = env_num("BENCH_BYTES", GIB);
+    let scale_n = env_num("BENCH_IDLE_STREAMS", 10_000) as usize;
+    let (bulk_addr, _) = start_targets().await;
+    let greeter = Proc::spawn(
+        "greet server",
+        Command::new(std::env::current_exe().unwrap()).arg("--serve-greet"),
+    );
+    let greet_addr: SocketAddr = greeter
+        .line_matching(|l| l.contains(':'))
+        .trim()
+        .parse()
+        .unwrap();
+    type Factory = Box<dyn Fn() -> Option<System>>;
+    let factories: Vec<(&str, Factory)> = vec![
+        (
+            "direct TCP",
+            Box::new(move || Some(direct(bulk_addr, greet_addr))),
+        ),
+        (
+            "tunnel",
+            Box::new(move || Some(tunnel(bulk_addr, greet_addr))),
+        ),
+        ("bore 0.6", Box::new(move || bore(bulk_addr, greet_addr))),
+        (
+            "rathole 0.5 (tcp, no encryption)",
+            Box::new(move || rathole(bulk_addr, greet_addr, false)),
+        ),
+        (
+            "rathole 0.5 (noise)",
+            Box::new(move || rathole(bulk_addr, greet_addr, true)),
+        ),
+    ];
+    // name -> metric -> values over rounds
+    let mut results: BTreeMap<String, BTreeMap<String, Vec<f64>>> = BTreeMap::new();
+    for round in 0..rounds {
+        let only = std::env::var("BENCH_ONLY").ok();
+        for (name, make) in &factories {
+            if only
+                .as_deref()
+                .is_some_and(|o| !name.contains(o) && *name != "direct TCP")
+            {
+                continue;
+            }
+            let Some(sys) = make() else {
+                eprintln!("{name}: not installed, skipped");
+                continue;
+            };
+            eprintln!("round {}/{rounds}: {}", round + 1, sys.name);
+            // Warm up: connections and lazily made state exist before timing.
+            bulk(sys.bulk, 8 << 20, 1, false).await;
+            let r = results.entry(sys.name.clone()).or_default();
+            let gbit = |bps: f64| bps * 8.0 / 1e9;
+            r.entry("upload_1_gbit".into())
+                .or_default()
+                .push(gbit(bulk(sys.bulk, size, 1, true).await));
+            r.entry("download_1_gbit".into())
+                .or_default()
+                .push(gbit(bulk(sys.bulk, size, 1, false).await));
+            r.entry("download_8_gbit".into())
+                .or_default()
+                .push(gbit(bulk(sys.bulk, size, 8, false).await));
+            r.entry("download_64_gbit".into())
+                .or_default()
+                .push(gbit(bulk(sys.bulk, size, 64, false).await));
+            let pp = ping_pong(sys.bulk, 5000).await;
+            r.entry("rtt_p50_us".into())
+                .or_default()
+                .push(pct(&pp, 0.5));
+            r.entry("rtt_p99_us".into())
+                .or_default()
+                .push(pct(&pp, 0.99));
+            let open = open_latency(sys.greet, 300).await;
+            r.entry("open_p50_us".into())
+                .or_default()
+                .push(pct(&open, 0.5));
+            r.entry("open_p99_us".into())
+                .or_default()
+                .push(pct(&open, 0.99));
+            drop(sys);
+        }
+    }
+    let medians: BTreeMap<String, BTreeMap<String, f64>> = results
+        .iter()
+        .map(|(n, m)| {
+            (
+                n.clone(),
+                m.iter()
+                    .map(|(k, v)| (k.clone(), median(v.clone())))
+                    .collect(),
+            )
+        })
+        .collect();
+
+    eprintln!("scale: {scale_n} idle streams");
+    let mut scale_results = BTreeMap::new();
+    for (name, make) in &factories[1..] {
+        if let Some(sys) = make() {
+            bulk(sys.bulk, 1 << 20, 1, false).await;
+            scale_results.insert(name.to_string(), scale(&sys, scale_n).await);
+        }
+    }
+
+    let report = json!({
+        "machine": machine(),
+        "rounds": rounds,
+        "bytes_per_transfer": size,
+        "raw": results,
+        "median": medians,
+        "scale": scale_results,
+    });
+    write_report(&report);
+}
+
+fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    json!({ "cpu": cpu, "cores": cores, "date": String::from_utf8_lossy(&Command::new("date").arg("-u").arg("+%Y-%m-%d %H:%M UTC").output().map(|o| o.stdout).unwrap_or_default()).trim() })
+}
+
+fn out_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/bench")
+}
+
+fn write_report(report: &Value) {
+    let dir = out_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("report.json"),
+        serde_json::to_string_pretty(report).unwrap(),
+    )
+    .unwrap();
+    let med = &report["median"];
+    let direct = &med["direct TCP"];
+    let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    let mut md = String::new();
+    md.push_str(&format!(
+        "# Benchmark report\n\nMachine: {} ({} cores), {}. Loopback; {} rounds, systems alternating within each round; medians. Transfers of {} MiB.\n\n",
+        report["machine"]["cpu"].as_str().unwrap_or(""),
+        report["machine"]["cores"],
+        report["machine"]["date"].as_str().unwrap_or(""),
+        report["rounds"],
+        f(&report["bytes_per_transfer"]) / 1048576.0
+    ));
+    md.push_str("## Throughput (Gbit/s; ratio to direct TCP)\n\n| system | upload, 1 stream | download, 1 stream | 8 streams | 64 streams |\n|---|---|---|---|---|\n");
+    let obj = med.as_object().cloned().unwrap_or_default();
+    let order = [
+        "direct TCP",
+        "tunnel",
+        "bore 0.6",
+        "rathole 0.5 (tcp, no encryption)",
+        "rathole 0.5 (noise)",
+    ];
+    for name in order.iter().filter(|n| obj.contains_key(**n)) {
+        let m = &obj[*name];
+        let cell = |k: &str| format!("{:.2} ({:.0}%)", f(&m[k]), 100.0 * f(&m[k]) / f(&direct[k]));
+        md.push_str(&format!(
+            "| {name} | {} | {} | {} | {} |\n",
+            cell("upload_1_gbit"),
+            cell("download_1_gbit"),
+            cell("download_8_gbit"),
+            cell("download_64_gbit")
+        ));
+    }
+    md.push_str("\n## Latency (µs)\n\n100-byte request / 100-byte reply on one connection (5,000 round trips), and stream open: client connect → first byte of the server's greeting (300 opens). \"added\" is over direct TCP in the same round.\n\n| system | round trip p50 | p99 | added p50 | added p99 | open p50 | open p99 |\n|---|---|---|---|---|---|---|\n");
+    for name in order.iter().filter(|n| obj.contains_key(**n)) {
+        let m = &obj[*name];
+        md.push_str(&format!(
+            "| {name} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |\n",
+            f(&m["rtt_p50_us"]),
+            f(&m["rtt_p99_us"]),
+            f(&m["rtt_p50_us"]) - f(&direct["rtt_p50_us"]),
+            f(&m["rtt_p99_us"]) - f(&direct["rtt_p99_us"]),
+            f(&m["open_p50_us"]),
+            f(&m["open_p99_us"])
+        ));
+    }
+    md.push_str("\n## Idle streams\n\n| system | streams | opened in (s) | RSS per stream (KiB) | CPU while idle (% of a core) |\n|---|---|---|---|---|\n");
+    if let Some(scale) = report["scale"].as_object() {
+        for (name, s) in scale {
+            let per = s["rss_kib_per_stream"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| format!("{k} {:.2}", f(v)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .unwrap_or_default();
+            md.push_str(&format!(
+                "| {name} | {} | {:.2} | {per} | {:.1} |\n",
+                s["streams"],
+                f(&s["open_seconds"]),
+                f(&s["idle_cpu_percent"])
+            ));
+        }
+    }
+    // Targets
+    let t = &obj.get("tunnel").cloned().unwrap_or(Value::Null);
+    let met = |ok: bool| if ok { "met" } else { "NOT met" };
+    let noise = obj
+        .get("rathole 0.5 (noise)")
+        .map(|m| f(&m["download_1_gbit"]).max(f(&m["upload_1_gbit"])));
+    let one = f(&t["download_1_gbit"]).min(f(&t["upload_1_gbit"]));
+    md.push_str("\n## Targets\n\n| target | measured | verdict |\n|---|---|---|\n");
+    md.push_str(&format!(
+        "| bulk, 1 stream ≥ 25% of direct TCP | {:.0}% | {} |\n",
+        100.0 * one / f(&direct["download_1_gbit"]).min(f(&direct["upload_1_gbit"])),
+        met(one >= 0.25 * f(&direct["download_1_gbit"]).min(f(&direct["upload_1_gbit"])))
+    ));
+    if let Some(nz) = noise {
+        md.push_str(&format!(
+            "| bulk, 1 stream ≥ rathole with encryption | {one:.2} vs {nz:.2} Gbit/s | {} |\n",
+            met(one >= nz)
+        ));
+    }
+    md.push_str("| bulk, 1 stream ≥ 2× dumbpipe | dumbpipe not measured in this run (see README) | not measured |\n");
+    md.push_str(&format!(
+        "| 8 streams aggregate ≥ 1 stream | {:.2} vs {:.2} Gbit/s | {} |\n",
+        f(&t["download_8_gbit"]),
+        f(&t["download_1_gbit"]),
+        met(f(&t["download_8_gbit"]) >= f(&t["download_1_gbit"]))
+    ));
+    let (a50, a99) = (
+        f(&t["rtt_p50_us"]) - f(&direct["rtt_p50_us"]),
+        f(&t["rtt_p99_us"]) - f(&direct["rtt_p99_us"]),
+    );
+    md.push_str(&format!("| added latency p50 ≤ 100 µs | {a50:.0} µs | {} |\n| added latency p99 ≤ 1 ms | {a99:.0} µs | {} |\n", met(a50 <= 100.0), met(a99 <= 1000.0)));
+    md.push_str(&format!("| stream open ≤ 1 round trip over the connection | open p50 {:.0} µs vs round trip p50 {:.0} µs (direct TCP open {:.0} µs) | {} |\n", f(&t["open_p50_us"]), f(&t["rtt_p50_us"]), f(&direct["open_p50_us"]), met(f(&t["open_p50_us"]) - f(&direct["open_p50_us"]) <= f(&t["rtt_p50_us"]))));
+    if let Some(s) = report["scale"].get("tunnel") {
+        let worst = s["rss_kib_per_stream"]
+            .as_object()
+            .map(|m| m.values().map(f).fold(0.0, f64::max))
+            .unwrap_or(f64::NAN);
+        md.push_str(&format!(
+            "| ≤ 16 KiB per idle stream | {worst:.2} KiB (worst side) | {} |\n",
+            met(worst <= 16.0)
+        ));
+    }
+    md.push_str("| media jitter p99 under load within 10% of unloaded | not measured in this run | not measured |\n");
+    std::fs::write(dir.join("report.md"), md).unwrap();
+    eprintln!("wrote {}", dir.join("report.md").display());
+}
