@@ -484,7 +484,207 @@ fn main() {
         });
         return;
     }
+    if std::env::args().any(|a| a == "--worker-dumbpipe") {
+        rt.block_on(dumbpipe_worker());
+        return;
+    }
     rt.block_on(suite());
+}
+
+/// Inside a network namespace whose only interface is `lo` (dumbpipe looks for public
+/// relays and discovery; there it can reach none): targets, `dumbpipe listen-tcp` and
+/// `connect-tcp` for each, then one JSON line of measurements per line read on stdin.
+async fn dumbpipe_worker() {
+    let size = env_num("BENCH_BYTES", GIB);
+    let (bulk_addr, _) = start_targets().await;
+    let greet = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let greet_addr = greet.local_addr().unwrap();
+    tokio::spawn(serve_greet(greet));
+    let mut procs = Vec::new();
+    let mut locals = Vec::new();
+    for target in [bulk_addr, greet_addr] {
+        let listen = Proc::spawn(
+            "dumbpipe listen-tcp",
+            Command::new("dumbpipe").args([
+                "listen-tcp",
+                "--host",
+                &target.to_string(),
+                "--ipv4-addr",
+                "127.0.0.1:0",
+            ]),
+        );
+        procs.push(listen);
+    }
+    for listen in &procs[..2].iter().collect::<Vec<_>>() {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let ticket = loop {
+            if let Some(t) = listen
+                .stderr()
+                .lines()
+                .find_map(|l| l.strip_prefix("dumbpipe connect-tcp ").map(str::to_owned))
+            {
+                break t;
+            }
+            assert!(Instant::now() < deadline, "no ticket: {}", listen.stderr());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        locals.push((ticket, free_port()));
+    }
+    for (ticket, port) in &locals {
+        procs.push(Proc::spawn(
+            "dumbpipe connect-tcp",
+            Command::new("dumbpipe").args([
+                "connect-tcp",
+                "--addr",
+                &format!("127.0.0.1:{port}"),
+                "--ipv4-addr",
+                "127.0.0.1:0",
+                ticket.trim(),
+            ]),
+        ));
+    }
+    let b: SocketAddr = format!("127.0.0.1:{}", locals[0].1).parse().unwrap();
+    let g: SocketAddr = format!("127.0.0.1:{}", locals[1].1).parse().unwrap();
+    wait_connectable(b);
+    wait_connectable(g);
+    bulk(b, 8 << 20, 1, false).await;
+    println!("ready");
+    let mut line = String::new();
+    while std::io::stdin()
+        .read_line(&mut line)
+        .map(|n| n > 0)
+        .unwrap_or(false)
+    {
+        line.clear();
+        let m = measure(b, g, size).await;
+        println!("{}", serde_json::to_string(&m).unwrap());
+    }
+    drop(procs);
+}
+
+/// The per-round measurements of one system.
+async fn measure(
+    bulk_addr: SocketAddr,
+    greet_addr: SocketAddr,
+    size: u64,
+) -> BTreeMap<String, f64> {
+    let gbit = |bps: f64| bps * 8.0 / 1e9;
+    let mut r = BTreeMap::new();
+    r.insert(
+        "upload_1_gbit".into(),
+        gbit(bulk(bulk_addr, size, 1, true).await),
+    );
+    r.insert(
+        "download_1_gbit".into(),
+        gbit(bulk(bulk_addr, size, 1, false).await),
+    );
+    r.insert(
+        "download_8_gbit".into(),
+        gbit(bulk(bulk_addr, size, 8, false).await),
+    );
+    r.insert(
+        "download_64_gbit".into(),
+        gbit(bulk(bulk_addr, size, 64, false).await),
+    );
+    let pp = ping_pong(bulk_addr, 5000).await;
+    r.insert("rtt_p50_us".into(), pct(&pp, 0.5));
+    r.insert("rtt_p99_us".into(), pct(&pp, 0.99));
+    let open = open_latency(greet_addr, 300).await;
+    r.insert("open_p50_us".into(), pct(&open, 0.5));
+    r.insert("open_p99_us".into(), pct(&open, 0.99));
+    r
+}
+
+/// dumbpipe in a lo-only namespace, driven through a worker process (see `dumbpipe_worker`).
+struct DumbpipeWorker {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+    netns: String,
+}
+
+impl DumbpipeWorker {
+    fn start() -> Option<Self> {
+        use std::io::BufRead;
+        if !process::have("dumbpipe") {
+            return None;
+        }
+        let netns = format!("tbench{}", std::process::id());
+        let ok = Command::new("ip")
+            .args(["netns", "add", &netns])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+            && Command::new("ip")
+                .args(["-n", &netns, "link", "set", "lo", "up"])
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+        if !ok {
+            eprintln!("dumbpipe: cannot make a lo-only network namespace (not root?): skipped");
+            return None;
+        }
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &netns])
+            .arg(std::env::current_exe().unwrap())
+            .arg("--worker-dumbpipe")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        eprintln!("dumbpipe: starting in a lo-only namespace (its relay look-ups time out first)");
+        match lines.next() {
+            Some(Ok(l)) if l == "ready" => Some(DumbpipeWorker {
+                child,
+                stdin,
+                lines,
+                netns,
+            }),
+            other => {
+                eprintln!("dumbpipe worker failed to start: {other:?}");
+                None
+            }
+        }
+    }
+
+    fn measure(&mut self) -> Option<BTreeMap<String, f64>> {
+        use std::io::Write;
+        if let Err(e) = writeln!(self.stdin, "go").and_then(|()| self.stdin.flush()) {
+            eprintln!("dumbpipe worker: {e}");
+            return None;
+        }
+        let line = self.lines.next();
+        match line
+            .as_ref()
+            .map(|l| l.as_ref().map(|t| serde_json::from_str(t)))
+        {
+            Some(Ok(Ok(m))) => Some(m),
+            other => {
+                eprintln!("dumbpipe worker: bad answer {line:?}: {other:?}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for DumbpipeWorker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = Command::new("ip")
+            .args(["netns", "pids", &self.netns])
+            .output()
+            .map(|o| {
+                for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                    let _ = Command::new("kill").arg(pid).status();
+                }
+            });
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
+    }
 }
 
 async fn suite() {
@@ -523,8 +723,22 @@ async fn suite() {
     ];
     // name -> metric -> values over rounds
     let mut results: BTreeMap<String, BTreeMap<String, Vec<f64>>> = BTreeMap::new();
+    let only = std::env::var("BENCH_ONLY").ok();
+    let mut dumbpipe = if only.as_deref().is_none_or(|o| "dumbpipe".contains(o)) {
+        DumbpipeWorker::start()
+    } else {
+        None
+    };
     for round in 0..rounds {
-        let only = std::env::var("BENCH_ONLY").ok();
+        if let Some(worker) = dumbpipe.as_mut() {
+            eprintln!("round {}/{rounds}: dumbpipe", round + 1);
+            if let Some(m) = worker.measure() {
+                let r = results.entry("dumbpipe 0.40 (QUIC)".into()).or_default();
+                for (k, v) in m {
+                    r.entry(k).or_default().push(v);
+                }
+            }
+        }
         for (name, make) in &factories {
             if only
                 .as_deref()
@@ -540,36 +754,13 @@ async fn suite() {
             // Warm up: connections and lazily made state exist before timing.
             bulk(sys.bulk, 8 << 20, 1, false).await;
             let r = results.entry(sys.name.clone()).or_default();
-            let gbit = |bps: f64| bps * 8.0 / 1e9;
-            r.entry("upload_1_gbit".into())
-                .or_default()
-                .push(gbit(bulk(sys.bulk, size, 1, true).await));
-            r.entry("download_1_gbit".into())
-                .or_default()
-                .push(gbit(bulk(sys.bulk, size, 1, false).await));
-            r.entry("download_8_gbit".into())
-                .or_default()
-                .push(gbit(bulk(sys.bulk, size, 8, false).await));
-            r.entry("download_64_gbit".into())
-                .or_default()
-                .push(gbit(bulk(sys.bulk, size, 64, false).await));
-            let pp = ping_pong(sys.bulk, 5000).await;
-            r.entry("rtt_p50_us".into())
-                .or_default()
-                .push(pct(&pp, 0.5));
-            r.entry("rtt_p99_us".into())
-                .or_default()
-                .push(pct(&pp, 0.99));
-            let open = open_latency(sys.greet, 300).await;
-            r.entry("open_p50_us".into())
-                .or_default()
-                .push(pct(&open, 0.5));
-            r.entry("open_p99_us".into())
-                .or_default()
-                .push(pct(&open, 0.99));
+            for (k, v) in measure(sys.bulk, sys.greet, size).await {
+                r.entry(k).or_default().push(v);
+            }
             drop(sys);
         }
     }
+    drop(dumbpipe);
     let medians: BTreeMap<String, BTreeMap<String, f64>> = results
         .iter()
         .map(|(n, m)| {
@@ -649,6 +840,7 @@ fn write_report(report: &Value) {
         "bore 0.6",
         "rathole 0.5 (tcp, no encryption)",
         "rathole 0.5 (noise)",
+        "dumbpipe 0.40 (QUIC)",
     ];
     for name in order.iter().filter(|n| obj.contains_key(**n)) {
         let m = &obj[*name];
@@ -713,7 +905,18 @@ fn write_report(report: &Value) {
             met(one >= nz)
         ));
     }
-    md.push_str("| bulk, 1 stream ≥ 2× dumbpipe | dumbpipe not measured in this run (see README) | not measured |\n");
+    match obj.get("dumbpipe 0.40 (QUIC)") {
+        Some(d) => {
+            let dp = f(&d["download_1_gbit"]).max(f(&d["upload_1_gbit"]));
+            md.push_str(&format!(
+                "| bulk, 1 stream ≥ 2× dumbpipe | {one:.2} vs 2 × {dp:.2} Gbit/s | {} |\n",
+                met(one >= 2.0 * dp)
+            ));
+        }
+        None => md.push_str(
+            "| bulk, 1 stream ≥ 2× dumbpipe | dumbpipe not measured in this run | not measured |\n",
+        ),
+    }
     md.push_str(&format!(
         "| 8 streams aggregate ≥ 1 stream | {:.2} vs {:.2} Gbit/s | {} |\n",
         f(&t["download_8_gbit"]),
