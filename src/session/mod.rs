@@ -3,4 +3,5 @@
 
 pub mod backoff;
 pub mod idle;
+pub mod priority;
 pub mod punch;

@@ -7,6 +7,8 @@
 //!   end sees an abort and never a clean end.
 //! - Backpressure, not buffering: at most one read chunk per direction is held here; QUIC flow
 //!   control and the TCP socket buffers do the rest. An idle stream holds no copy buffer.
+//! - Interactive before bulk: a stream moving more than 64 Mbit/s drops to a lower QUIC send
+//!   priority (`session::priority`), so media and requests are not queued behind downloads.
 //! - A clean end waits until the peer acknowledged every byte sent, so "stream ended" means
 //!   "delivered", and closing the connection afterwards loses nothing.
 
@@ -23,6 +25,7 @@ use crate::protocol::header::{
     decode_response, HeaderError, OpenResponse, Status, MAX_RESPONSE_LEN,
 };
 use crate::protocol::stream_code;
+use crate::session::priority::BulkDetector;
 
 /// Bytes read from a socket at a time, and the largest chunk read from a stream.
 pub const CHUNK: usize = 256 * 1024;
@@ -170,6 +173,7 @@ pub fn reset_tcp(tcp: &TcpStream) {
 
 async fn tcp_to_quic(tcp: &TcpStream, send: &mut SendStream, count: &mut u64) -> Result<(), Abort> {
     let mut buf = BytesMut::new();
+    let mut detector = BulkDetector::new(std::time::Instant::now());
     loop {
         tcp.readable().await.map_err(Abort::Local)?;
         if buf.capacity() < MIN_READ_ROOM {
@@ -183,6 +187,9 @@ async fn tcp_to_quic(tcp: &TcpStream, send: &mut SendStream, count: &mut u64) ->
             }
             Ok(n) => {
                 *count += n as u64;
+                if let Some(priority) = detector.sent(n as u64, std::time::Instant::now()) {
+                    let _ = send.set_priority(priority);
+                }
                 match send.write_chunk(buf.split().freeze()).await {
                     Ok(()) => {}
                     // The exposing side refused the open: its response says why, and the
