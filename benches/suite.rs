@@ -442,18 +442,41 @@ async fn scale(sys: &System, n: usize) -> Value {
     let before: Vec<u64> = sys.pids.iter().map(|(_, p)| rss_kib(*p)).collect();
     let t = Instant::now();
     let mut conns = Vec::with_capacity(n);
+    let mut failed = 0usize;
+    let mut first_error = None;
     for _ in 0..n {
-        let mut tcp = TcpStream::connect(sys.greet).await.unwrap();
-        let mut b = [0u8; 6];
-        tcp.read_exact(&mut b).await.unwrap();
-        conns.push(tcp);
+        let opened = async {
+            let mut tcp = TcpStream::connect(sys.greet).await?;
+            let mut b = [0u8; 6];
+            tcp.read_exact(&mut b).await?;
+            Ok::<_, std::io::Error>(tcp)
+        };
+        match tokio::time::timeout(Duration::from_secs(3), opened).await {
+            Ok(Ok(tcp)) => conns.push(tcp),
+            Ok(Err(e)) => {
+                failed += 1;
+                first_error.get_or_insert(e.to_string());
+            }
+            Err(_) => {
+                failed += 1;
+                first_error.get_or_insert("timed out".into());
+            }
+        }
     }
+    if failed > 0 {
+        eprintln!(
+            "{}: {failed} of {n} idle streams failed to open (first: {first_error:?})",
+            sys.name
+        );
+    }
+    let n = conns.len().max(1);
     let opened = t.elapsed();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after: Vec<u64> = sys.pids.iter().map(|(_, p)| rss_kib(*p)).collect();
     let ticks0: u64 = sys.pids.iter().map(|(_, p)| cpu_ticks(*p)).sum();
     tokio::time::sleep(Duration::from_secs(5)).await;
     let ticks1: u64 = sys.pids.iter().map(|(_, p)| cpu_ticks(*p)).sum();
+    let conns_opened = conns.len();
     drop(conns);
     let per: BTreeMap<String, f64> = sys
         .pids
@@ -462,7 +485,9 @@ async fn scale(sys: &System, n: usize) -> Value {
         .map(|((role, _), (b, a))| (role.clone(), a.saturating_sub(*b) as f64 / n as f64))
         .collect();
     json!({
-        "streams": n,
+        "streams": conns_opened,
+        "failed": failed,
+        "first_error": first_error,
         "open_seconds": opened.as_secs_f64(),
         "rss_kib_per_stream": per,
         "idle_cpu_percent": (ticks1 - ticks0) as f64 / 5.0, // 100 ticks/s = 100% of one core
@@ -773,9 +798,17 @@ async fn suite() {
         })
         .collect();
 
+    // Written now too, so a later failure does not lose the rounds.
+    write_report(&json!({
+        "machine": machine(), "rounds": rounds, "bytes_per_transfer": size,
+        "raw": results, "median": medians, "scale": {}, "media": null,
+    }));
     eprintln!("scale: {scale_n} idle streams");
     let mut scale_results = BTreeMap::new();
     for (name, make) in &factories[1..] {
+        if only.as_deref().is_some_and(|o| !name.contains(o)) {
+            continue;
+        }
         if let Some(sys) = make() {
             bulk(sys.bulk, 1 << 20, 1, false).await;
             scale_results.insert(name.to_string(), scale(&sys, scale_n).await);

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The benchmark suite, in one command (not run by CI; about 15 minutes on 2 cores, plus the
+# first installs). Writes docs/bench/report.md, report.json and PNG charts.
+# Needs root for the NAT lab and for dumbpipe's lo-only network namespace.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Peer tunnels, from crates.io (rathole's lock file does not build with this rustc).
+command -v bore >/dev/null || cargo install --locked bore-cli
+command -v rathole >/dev/null || cargo install rathole
+command -v dumbpipe >/dev/null || cargo install --locked dumbpipe
+# Real programs for the media part and the NAT lab.
+need=()
+for pkg in ffmpeg gstreamer1.0-rtsp gir1.2-gst-rtsp-server-1.0 python3-gi gstreamer1.0-plugins-ugly \
+           gstreamer1.0-plugins-good curl iproute2 nftables ethtool; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+python3 -c 'import matplotlib' 2>/dev/null || python3 -m pip install -q matplotlib
+
+# 10,000 idle streams need file descriptors.
+ulimit -n "$(ulimit -Hn)"
+cargo bench --bench suite
+# Connection setup, direct and relayed: the NAT lab, three times, one scenario at a time.
+: > docs/bench/natlab.log
+for _ in 1 2 3; do
+  cargo test --release --test natlab -- --nocapture --test-threads 1 2>/dev/null | grep '^natlab ' >> docs/bench/natlab.log
+done
+python3 bench/charts.py
+echo "report: docs/bench/report.md"
