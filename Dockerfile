@@ -1,4 +1,4 @@
-# tunnel: expose, connect (and later rendezvous) from one small image.
+# tunnel: expose, connect and rendezvous from one small image.
 # Build: docker build -t tunnel .      Run: see README.md, section Container.
 
 FROM rust:1-bookworm AS build
@@ -29,8 +29,9 @@ ENV TUNNEL_IDENTITY=/data/identity.pem \
 USER 10001:10001
 WORKDIR /data
 VOLUME /data
-# 4433/udp: the QUIC endpoint of `expose`; 8554 and 8080: typical `connect --local` ports.
-EXPOSE 4433/udp 8554/tcp 8080/tcp
+# 4433/udp: the QUIC endpoint of `expose`; 3478/udp: `rendezvous`; 8554 and 8080: typical
+# `connect --local` ports.
+EXPOSE 4433/udp 3478/udp 8554/tcp 8080/tcp
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["tunnel"]
 CMD ["--help"]

@@ -26,7 +26,7 @@ cargo bench --bench suite
 # Connection setup, direct and relayed: the NAT lab, three times, one scenario at a time.
 : > docs/bench/natlab.log
 for _ in 1 2 3; do
-  cargo test --release --test natlab -- --nocapture --test-threads 1 2>/dev/null | grep '^natlab ' >> docs/bench/natlab.log
+  cargo test --release --test natlab -- --nocapture --test-threads 1 2>/dev/null | grep -o 'natlab [a-z]*: A=.*' >> docs/bench/natlab.log
 done
 python3 bench/charts.py
 echo "report: docs/bench/report.md"

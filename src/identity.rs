@@ -238,6 +238,17 @@ impl Identity {
         self.cert.clone()
     }
 
+    /// A secret derived from the private key for `purpose` (a domain-separated SHA-256), so
+    /// state that must survive a restart (the QUIC stateless-reset key) needs no file of its own.
+    pub fn derive_secret(&self, purpose: &str) -> [u8; 32] {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(b"tunnel identity secret\0");
+        ctx.update(purpose.as_bytes());
+        ctx.update(b"\0");
+        ctx.update(&self.key_der);
+        ctx.finish().as_ref().try_into().expect("32 bytes")
+    }
+
     pub fn private_key(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(self.key_der.clone().into())
     }

@@ -254,6 +254,13 @@ fn scenario(tag: &str, mode_a: &str, mode_b: &str, loss: u32, delay_ms: u32) -> 
     let child = run.curl("got", &[]);
     let first_byte = run.check(child, "got");
     let path = run.path();
+    if std::env::var_os("NATLAB_VERBOSE").is_some() {
+        println!(
+            "connect:\n{}\nexpose:\n{}",
+            run.connect.stderr(),
+            run.expose.stderr()
+        );
+    }
     println!("natlab {tag}: A={mode_a} B={mode_b} loss={loss}% delay={delay_ms}ms -> path={path}, first byte {first_byte:?}");
     Outcome {
         path,

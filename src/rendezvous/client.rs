@@ -243,6 +243,10 @@ async fn resolve(server: &str, transport: &Transport) -> Result<SocketAddr, Stri
         .ok_or_else(|| format!("{server} has no address this socket ({local}) can reach"))
 }
 
+/// When the handshake attempts to each direct candidate start, after the common start time:
+/// the first just after this side's first punch, the second in case that one was lost.
+const DIRECT_ATTEMPTS: [Duration; 2] = [Duration::from_millis(20), Duration::from_millis(220)];
+
 /// Sends the punch packets (and relay binds) of an introduction on its schedule.
 /// Bounded: about 3 s and 30 rounds.
 pub async fn punch(transport: Transport, intro: Arc<Introduction>) {
@@ -303,8 +307,17 @@ pub async fn dial_introduced(
         }
     };
     if direct {
-        for c in &intro.candidates {
-            tasks.spawn(attempt(Path::Direct(*c)));
+        // Staggered handshakes per candidate: an Initial that reaches the peer's NAT before
+        // the peer's punch opened it is lost, and quinn would resend it only after ~300 ms;
+        // a second attempt 200 ms later is cheaper than waiting (the loser is dropped).
+        for delay in DIRECT_ATTEMPTS {
+            for c in &intro.candidates {
+                let a = attempt(Path::Direct(*c));
+                tasks.spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    a.await
+                });
+            }
         }
     }
     let deadline = if direct {

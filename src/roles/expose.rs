@@ -109,8 +109,9 @@ impl Expose {
     }
 
     async fn serve_connection(self: Arc<Self>, incoming: quinn::Incoming) {
+        let transport = self.node.transport.clone();
         let conn = match tokio::time::timeout(self.config.handshake_timeout, async {
-            incoming.accept()?.await
+            transport.accept(incoming)?.await
         })
         .await
         {

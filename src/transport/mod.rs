@@ -53,7 +53,8 @@ impl Default for Tuning {
 }
 
 impl Tuning {
-    fn transport_config(&self) -> quinn::TransportConfig {
+    /// The transport configuration of a connection; `loopback` for a peer on this host.
+    fn transport_config(&self, loopback: bool) -> quinn::TransportConfig {
         let mut t = quinn::TransportConfig::default();
         t.max_concurrent_bidi_streams(VarInt::from_u32(self.max_streams))
             .max_concurrent_uni_streams(VarInt::from_u32(0))
@@ -64,19 +65,20 @@ impl Tuning {
             // Before the first RTT sample: retransmit a lost Initial (a punch that arrived
             // before the peer's NAT opened) after ~300 ms instead of ~1 s.
             .initial_rtt(Duration::from_millis(100))
-            // Let MTU discovery find large paths (loopback, jumbo frames): quinn's sender is
-            // CPU-bound per packet, so bigger packets are most of the throughput there. On a
-            // 1500-byte path discovery settles at ~1450 as usual. Segmentation offload off:
-            // with it on, discovery fell back to 1200-byte packets (../shared/PERF-NOTES.md).
-            .mtu_discovery_config(Some({
-                let mut mtu = quinn::MtuDiscoveryConfig::default();
-                mtu.upper_bound(MAX_UDP_PAYLOAD);
-                mtu
-            }))
-            .enable_segmentation_offload(false)
             .max_idle_timeout(Some(
                 IdleTimeout::try_from(self.idle_timeout).expect("idle timeout fits a varint"),
             ));
+        if loopback {
+            // On loopback MTU discovery may go up to 64 KB packets: quinn's sender is
+            // CPU-bound per packet, so that is most of the throughput there
+            // (../shared/PERF-NOTES.md); segmentation offload off, or discovery fell back
+            // to 1200-byte packets. Not on other paths: probing far above a 1500-byte MTU
+            // delayed connection set-up through NATs by ~140 ms (measured in the NAT lab).
+            let mut mtu = quinn::MtuDiscoveryConfig::default();
+            mtu.upper_bound(MAX_UDP_PAYLOAD);
+            t.mtu_discovery_config(Some(mtu))
+                .enable_segmentation_offload(false);
+        }
         t
     }
 }
@@ -101,6 +103,8 @@ pub struct Transport {
     endpoint: quinn::Endpoint,
     identity: Arc<Identity>,
     tuning: Arc<Tuning>,
+    /// The server configuration for peers on this host (see `Tuning::transport_config`).
+    loopback_server: Arc<std::sync::OnceLock<Arc<quinn::ServerConfig>>>,
     /// The same UDP socket (a duplicate descriptor), for the few non-QUIC packets we send:
     /// punches and relay binds. Never read from: every packet received goes to quinn.
     raw: Arc<UdpSocket>,
@@ -121,7 +125,14 @@ impl Transport {
             .map_err(|source| TransportError::Bind { addr, source })?;
         let runtime = quinn::default_runtime()
             .ok_or_else(|| TransportError::Quic("no async runtime".into()))?;
-        let mut config = quinn::EndpointConfig::default();
+        // The stateless-reset key comes from the identity, so after a restart this endpoint
+        // answers its old connections' packets with a reset the peers accept: they learn at
+        // once that the connection is gone instead of waiting for the idle timeout.
+        let reset_key = ring::hmac::Key::new(
+            ring::hmac::HMAC_SHA256,
+            &identity.derive_secret("quic stateless reset"),
+        );
+        let mut config = quinn::EndpointConfig::new(Arc::new(reset_key));
         config
             .max_udp_payload_size(MAX_UDP_PAYLOAD)
             .expect("a valid UDP payload size");
@@ -134,6 +145,7 @@ impl Transport {
             endpoint,
             identity,
             tuning: Arc::new(tuning),
+            loopback_server: Arc::default(),
             raw: Arc::new(raw),
         })
     }
@@ -144,9 +156,25 @@ impl Transport {
         let quic =
             QuicServerConfig::try_from(tls).map_err(|e| TransportError::Quic(e.to_string()))?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
-        config.transport_config(Arc::new(self.tuning.transport_config()));
+        config.transport_config(Arc::new(self.tuning.transport_config(false)));
+        let mut loopback = config.clone();
+        loopback.transport_config(Arc::new(self.tuning.transport_config(true)));
+        let _ = self.loopback_server.set(Arc::new(loopback));
         self.endpoint.set_server_config(Some(config));
         Ok(())
+    }
+
+    /// Accepts an incoming connection with the configuration that suits where it comes from.
+    pub fn accept(
+        &self,
+        incoming: quinn::Incoming,
+    ) -> Result<quinn::Connecting, quinn::ConnectionError> {
+        match self.loopback_server.get() {
+            Some(config) if incoming.remote_address().ip().is_loopback() => {
+                incoming.accept_with(config.clone())
+            }
+            _ => incoming.accept(),
+        }
     }
 
     /// Starts a connection to `addr`, accepting only the peer whose id is `expected`.
@@ -182,7 +210,9 @@ impl Transport {
         let quic =
             QuicClientConfig::try_from(tls).map_err(|e| TransportError::Quic(e.to_string()))?;
         let mut config = quinn::ClientConfig::new(Arc::new(quic));
-        config.transport_config(Arc::new(self.tuning.transport_config()));
+        config.transport_config(Arc::new(
+            self.tuning.transport_config(addr.ip().is_loopback()),
+        ));
         self.endpoint
             .connect_with(config, addr, tls::SERVER_NAME)
             .map_err(|e| TransportError::Quic(e.to_string()))
