@@ -421,68 +421,6 @@ async fn over_the_socket_limit_the_peer_answers_busy() {
     pair.shutdown().await;
 }
 
-/// One node exposes and connects on its single endpoint; two such nodes reach each other.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_node_both_exposes_and_connects() {
-    use tunnel::config::PeerAddr;
-    use tunnel::node::Node;
-    use tunnel::roles::connect::SessionConfig;
-    use tunnel::roles::expose::{Authorized, ExposeConfig};
-    use tunnel::transport::Tuning;
-
-    let echo = echo_server().await;
-    let (ia, ib) = (identity(), identity());
-    let a = Node::bind(loopback(), ia.clone(), Tuning::default()).unwrap();
-    let b = Node::bind(loopback(), ib.clone(), Tuning::default()).unwrap();
-    for (node, other) in [(&a, ib.peer_id()), (&b, ia.peer_id())] {
-        let services = [(
-            "echo".parse().unwrap(),
-            echo.addr.to_string().parse().unwrap(),
-        )]
-        .into();
-        node.expose(ExposeConfig::new(
-            services,
-            Authorized::Only([other].into()),
-        ))
-        .unwrap();
-    }
-    let to_b = a.connect(
-        PeerAddr {
-            id: b.peer_id(),
-            addr: Some(b.local_addr().unwrap().to_string()),
-        },
-        SessionConfig::default(),
-    );
-    let to_a = b.connect(
-        PeerAddr {
-            id: a.peer_id(),
-            addr: Some(a.local_addr().unwrap().to_string()),
-        },
-        SessionConfig::default(),
-    );
-    let la = tokio::net::TcpListener::bind(loopback()).await.unwrap();
-    let lb = tokio::net::TcpListener::bind(loopback()).await.unwrap();
-    let (addr_a, addr_b) = (la.local_addr().unwrap(), lb.local_addr().unwrap());
-    a.serve_local(&to_b, la, "echo".parse().unwrap());
-    b.serve_local(&to_a, lb, "echo".parse().unwrap());
-    echo_round_trip(addr_a, b"a to b").await;
-    echo_round_trip(addr_b, b"b to a").await;
-    // A dialled first; B's session found that connection and used it: one connection
-    // carries both directions, on one UDP socket per node.
-    assert_eq!(a.connections_with(&b.peer_id()), [a.peer_id()]);
-    assert_eq!(b.connections_with(&a.peer_id()), [a.peer_id()]);
-    assert_eq!(
-        a.stats().connections_opened() + b.stats().connections_opened(),
-        2,
-        "one dial, one accept"
-    );
-    drop((to_a, to_b));
-    tokio::join!(
-        a.shutdown(Duration::from_secs(1)),
-        b.shutdown(Duration::from_secs(1))
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_lets_a_live_stream_finish_then_resets_what_outlives_the_drain() {
     // A server that sends 2 MiB slowly enough to still be going when the drain starts.
@@ -567,51 +505,78 @@ async fn server_that_hangs() -> TestServer {
     .await
 }
 
-/// Both peers dial each other at the same moment: they end with one connection, the one
-/// dialled by the lower peer id, and traffic flows both ways on it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn peers_dialling_each_other_at_once_keep_one_connection() {
+/// Two nodes that expose `echo` to each other and each hold a session to the other; each
+/// session is served by a local listener. Returns the nodes and the listeners' addresses.
+async fn two_nodes_exposing_to_each_other(
+    echo: std::net::SocketAddr,
+    config: tunnel::roles::connect::SessionConfig,
+) -> (
+    tunnel::node::Node,
+    tunnel::node::Node,
+    std::net::SocketAddr,
+    std::net::SocketAddr,
+) {
     use tunnel::config::PeerAddr;
     use tunnel::node::Node;
-    use tunnel::roles::connect::SessionConfig;
     use tunnel::roles::expose::{Authorized, ExposeConfig};
     use tunnel::transport::Tuning;
 
-    let echo = echo_server().await;
     let (ia, ib) = (identity(), identity());
     let a = Node::bind(loopback(), ia.clone(), Tuning::default()).unwrap();
     let b = Node::bind(loopback(), ib.clone(), Tuning::default()).unwrap();
     for (node, other) in [(&a, ib.peer_id()), (&b, ia.peer_id())] {
-        let services = [(
-            "echo".parse().unwrap(),
-            echo.addr.to_string().parse().unwrap(),
-        )]
-        .into();
+        let services = [("echo".parse().unwrap(), echo.to_string().parse().unwrap())].into();
         node.expose(ExposeConfig::new(
             services,
             Authorized::Only([other].into()),
         ))
         .unwrap();
     }
-    let eager = SessionConfig {
-        eager: true,
-        ..SessionConfig::default()
-    };
+    let mut locals = Vec::new();
+    for (from, to) in [(&a, &b), (&b, &a)] {
+        let peer = PeerAddr {
+            id: to.peer_id(),
+            addr: Some(to.local_addr().unwrap().to_string()),
+        };
+        let session = from.connect(peer, config.clone());
+        let listener = tokio::net::TcpListener::bind(loopback()).await.unwrap();
+        locals.push(listener.local_addr().unwrap());
+        from.serve_local(&session, listener, "echo".parse().unwrap());
+    }
+    (a, b, locals[0], locals[1])
+}
+
+/// One node exposes and connects on its single endpoint; two such nodes reach each other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_node_both_exposes_and_connects() {
+    let echo = echo_server().await;
+    let (a, b, addr_a, addr_b) =
+        two_nodes_exposing_to_each_other(echo.addr, Default::default()).await;
+    echo_round_trip(addr_a, b"a to b").await;
+    echo_round_trip(addr_b, b"b to a").await;
+    // A dialled first; B's session found that connection and used it: one connection
+    // carries both directions, on one UDP socket per node.
+    assert_eq!(a.connections_with(&b.peer_id()), [a.peer_id()]);
+    assert_eq!(b.connections_with(&a.peer_id()), [a.peer_id()]);
+    let opened = a.stats().connections_opened() + b.stats().connections_opened();
+    assert_eq!(opened, 2, "one dial, one accept");
+    tokio::join!(
+        a.shutdown(Duration::from_secs(1)),
+        b.shutdown(Duration::from_secs(1))
+    );
+}
+
+/// Both peers dial each other at the same moment: they end with one connection, the one
+/// dialled by the lower peer id, and traffic flows both ways on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_dialling_each_other_at_once_keep_one_connection() {
+    let echo = echo_server().await;
     // Both sessions dial at start, at once.
-    let to_b = a.connect(
-        PeerAddr {
-            id: b.peer_id(),
-            addr: Some(b.local_addr().unwrap().to_string()),
-        },
-        eager.clone(),
-    );
-    let to_a = b.connect(
-        PeerAddr {
-            id: a.peer_id(),
-            addr: Some(a.local_addr().unwrap().to_string()),
-        },
-        eager,
-    );
+    let eager = tunnel::roles::connect::SessionConfig {
+        eager: true,
+        ..Default::default()
+    };
+    let (a, b, addr_a, addr_b) = two_nodes_exposing_to_each_other(echo.addr, eager).await;
     let low = a.peer_id().min(b.peer_id());
     let deadline = tokio::time::Instant::now() + WAIT;
     while a.connections_with(&b.peer_id()) != [low] || b.connections_with(&a.peer_id()) != [low] {
@@ -623,11 +588,6 @@ async fn peers_dialling_each_other_at_once_keep_one_connection() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let la = tokio::net::TcpListener::bind(loopback()).await.unwrap();
-    let lb = tokio::net::TcpListener::bind(loopback()).await.unwrap();
-    let (addr_a, addr_b) = (la.local_addr().unwrap(), lb.local_addr().unwrap());
-    a.serve_local(&to_b, la, "echo".parse().unwrap());
-    b.serve_local(&to_a, lb, "echo".parse().unwrap());
     echo_round_trip(addr_a, b"a to b").await;
     echo_round_trip(addr_b, b"b to a").await;
     assert_eq!(
@@ -640,7 +600,6 @@ async fn peers_dialling_each_other_at_once_keep_one_connection() {
         opened, 4,
         "both dialled (2 dials + 2 accepts); the duplicate was closed"
     );
-    drop((to_a, to_b));
     tokio::join!(
         a.shutdown(Duration::from_secs(1)),
         b.shutdown(Duration::from_secs(1))
