@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use process::{free_port, peer_id, tunnel_bin, Proc, TempDir};
+use process::{free_port, start_pair, wait_connectable, Proc, TempDir};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -120,14 +120,6 @@ async fn serve_greet(greet: TcpListener) {
     }
 }
 
-fn wait_connectable(addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "{addr} never accepted");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn direct(bulk: SocketAddr, greet: SocketAddr) -> System {
     System {
         name: "direct TCP".into(),
@@ -140,59 +132,21 @@ fn direct(bulk: SocketAddr, greet: SocketAddr) -> System {
 }
 
 fn tunnel(bulk: SocketAddr, greet: SocketAddr) -> System {
-    let dir = TempDir::new("bench");
-    let connect_id = peer_id(&dir.path("c.pem"));
-    let expose = Proc::spawn(
-        "tunnel expose",
-        Command::new(tunnel_bin())
-            .env("RUST_LOG", "warn")
-            .args([
-                "expose",
-                "--listen",
-                "127.0.0.1:0",
-                "--allow",
-                &connect_id,
-                "--identity",
-            ])
-            .arg(dir.path("e.pem"))
-            .args([
-                "--service",
-                &format!("bulk={bulk}"),
-                "--service",
-                &format!("greet={greet}"),
-            ]),
+    let pair = start_pair(
+        &[("bulk", &bulk.to_string()), ("greet", &greet.to_string())],
+        &["--eager"],
     );
-    let line = expose.line_matching(|l| l.trim_start().starts_with("tunnel connect "));
-    let peer = line.split_whitespace().nth(2).unwrap().to_owned();
-    let connect = Proc::spawn(
-        "tunnel connect",
-        Command::new(tunnel_bin())
-            .env("RUST_LOG", "warn")
-            .args(["connect", &peer, "--eager", "--identity"])
-            .arg(dir.path("c.pem"))
-            .args([
-                "--local",
-                "127.0.0.1:0=bulk",
-                "--local",
-                "127.0.0.1:0=greet",
-            ]),
-    );
-    let local = |svc: &str| -> SocketAddr {
-        let l = connect.line_matching(|l| l.contains(&format!(" -> {svc} on ")));
-        l.split_whitespace().next().unwrap().parse().unwrap()
-    };
-    let (b, g) = (local("bulk"), local("greet"));
     let pids = vec![
-        ("expose".into(), expose.pid()),
-        ("connect".into(), connect.pid()),
+        ("expose".into(), pair.expose.pid()),
+        ("connect".into(), pair.connect.pid()),
     ];
     System {
         name: "tunnel".into(),
-        bulk: b,
-        greet: g,
+        bulk: pair.locals[0].parse().unwrap(),
+        greet: pair.locals[1].parse().unwrap(),
         pids,
-        _procs: vec![expose, connect],
-        _dir: Some(dir),
+        _procs: vec![pair.expose, pair.connect],
+        _dir: Some(pair.dir),
     }
 }
 
@@ -212,7 +166,7 @@ fn bore(bulk: SocketAddr, greet: SocketAddr) -> Option<System> {
             "40000",
         ]),
     );
-    wait_connectable("127.0.0.1:7835".parse().unwrap());
+    wait_connectable("127.0.0.1:7835");
     let mut procs = vec![];
     let mut pids = vec![("server".to_string(), server.pid())];
     let mut addrs = vec![];
@@ -230,7 +184,7 @@ fn bore(bulk: SocketAddr, greet: SocketAddr) -> Option<System> {
                 .args(["--to", "127.0.0.1", "--port", &port.to_string()]),
         );
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        wait_connectable(addr);
+        wait_connectable(&addr.to_string());
         pids.push(("local".to_string(), p.pid()));
         procs.push(p);
         addrs.push(addr);
@@ -302,8 +256,8 @@ fn rathole(bulk: SocketAddr, greet: SocketAddr, noise: bool) -> Option<System> {
         format!("127.0.0.1:{pb}").parse().unwrap(),
         format!("127.0.0.1:{pg}").parse().unwrap(),
     );
-    wait_connectable(b);
-    wait_connectable(g);
+    wait_connectable(&b.to_string());
+    wait_connectable(&g.to_string());
     // The data channel comes up with the first visitor: warm it.
     let pids = vec![
         ("server".into(), server.pid()),
@@ -495,6 +449,8 @@ async fn scale(sys: &System, n: usize) -> Value {
 }
 
 fn main() {
+    // The tunnels' own logs at warn only: logging is not what is measured.
+    std::env::set_var("RUST_LOG", "warn");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -570,8 +526,8 @@ async fn dumbpipe_worker() {
     }
     let b: SocketAddr = format!("127.0.0.1:{}", locals[0].1).parse().unwrap();
     let g: SocketAddr = format!("127.0.0.1:{}", locals[1].1).parse().unwrap();
-    wait_connectable(b);
-    wait_connectable(g);
+    wait_connectable(&b.to_string());
+    wait_connectable(&g.to_string());
     bulk(b, 8 << 20, 1, false).await;
     println!("ready");
     let mut line = String::new();

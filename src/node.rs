@@ -36,9 +36,8 @@ pub(crate) struct NodeCtx {
     /// Cancelled when the drain is over: remaining streams are reset.
     pub abort: CancellationToken,
     pub tasks: TaskTracker,
-    /// Set when the node exposes: who may use it (introductions from others are ignored).
-    pub exposed: Arc<OnceLock<Authorized>>,
-    /// The expose role, when the node exposes (weak: the role's tasks own it).
+    /// The expose role, when the node exposes (weak: the role's tasks own it): it serves
+    /// streams on connections the node dialled, and says who may be punched toward.
     pub expose: Arc<OnceLock<std::sync::Weak<Expose>>>,
     /// Every connection with every peer, either direction.
     pub peers: Arc<PeerTable>,
@@ -67,7 +66,6 @@ impl Node {
                 stop: CancellationToken::new(),
                 abort: CancellationToken::new(),
                 tasks: TaskTracker::new(),
-                exposed: Arc::default(),
                 expose: Arc::default(),
                 peers: Arc::new(PeerTable::new(me)),
                 rendezvous: Arc::default(),
@@ -89,13 +87,12 @@ impl Node {
 
     /// Starts serving allowed peers' streams to the services in `config`.
     pub fn expose(&self, config: ExposeConfig) -> Result<(), TransportError> {
-        if matches!(config.authorized, crate::roles::expose::Authorized::Any) {
+        if matches!(config.authorized, Authorized::Any) {
             tracing::warn!(
                 "--allow-any: ANY peer that can reach this port may use every exposed service"
             );
         }
         self.ctx.transport.enable_server(&[crate::protocol::ALPN])?;
-        let _ = self.ctx.exposed.set(config.authorized.clone());
         let expose = Expose::new(config, self.ctx.clone());
         let _ = self.ctx.expose.set(Arc::downgrade(&expose));
         self.ctx.tasks.spawn(expose.accept_loop());
@@ -116,12 +113,13 @@ impl Node {
                     () = ctx.abort.cancelled() => return,
                 };
                 let Some(intro) = intro else { return };
-                match ctx.exposed.get() {
-                    Some(allowed) if allowed.allows(&intro.peer) => {
+                let expose = ctx.expose.get().and_then(|w| w.upgrade());
+                match expose.map(|e| e.allows(&intro.peer)) {
+                    Some(true) => {
                         info!(peer = %intro.peer, candidates = ?intro.candidates, relay = intro.relay.is_some(), "introduced: punching");
                         ctx.tasks.spawn(punch(ctx.transport.clone(), Arc::new(intro)));
                     }
-                    Some(_) => tracing::warn!(peer = %intro.peer, "introduced to a peer that is not allowed here: ignored"),
+                    Some(false) => tracing::warn!(peer = %intro.peer, "introduced to a peer that is not allowed here: ignored"),
                     None => tracing::debug!(peer = %intro.peer, "introduction ignored: this node exposes nothing"),
                 }
             }

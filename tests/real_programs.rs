@@ -4,26 +4,10 @@
 
 mod common;
 
-use std::net::TcpStream;
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use common::process::*;
 use common::{random_bytes, sha256};
-
-/// Waits until something accepts TCP on `addr` (a third-party server that cannot say it is ready).
-fn wait_listening(addr: &str, proc: &Proc) {
-    let deadline = Instant::now() + WAIT;
-    while TcpStream::connect(addr).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "{} never listened on {addr}: {}",
-            proc.name,
-            proc.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 #[test]
 fn nginx_served_through_the_tunnel_to_curl() {
@@ -51,7 +35,7 @@ fn nginx_served_through_the_tunnel_to_curl() {
         ),
     )
     .unwrap();
-    let nginx = Proc::spawn(
+    let _nginx = Proc::spawn(
         "nginx",
         Command::new("nginx")
             .arg("-c")
@@ -60,7 +44,7 @@ fn nginx_served_through_the_tunnel_to_curl() {
             .arg(&dir.0),
     );
     let target = format!("127.0.0.1:{port}");
-    wait_listening(&target, &nginx);
+    wait_connectable(&target);
 
     let pair = start_pair(&[("web", &target)], &[]);
     let local = &pair.locals[0];

@@ -17,7 +17,7 @@ use tracing::{debug, info, warn, Instrument};
 use crate::identity::PeerId;
 use crate::node::NodeCtx;
 use crate::protocol::rendezvous::{relay_bind_packet, token_from_hex, ClientMsg, ServerMsg, PUNCH};
-use crate::rendezvous::server::{read_frame, write_frames};
+use crate::rendezvous::{read_frame, write_frames};
 use crate::session::backoff::Backoff;
 use crate::session::punch::{Path, PathChoice, PunchSchedule};
 use crate::transport::Transport;
@@ -294,15 +294,7 @@ pub async fn dial_introduced(
         let transport = transport.clone();
         let peer = intro.peer;
         async move {
-            let result = match transport.connect(path.addr(), peer) {
-                Ok((connecting, wrong)) => connecting.await.map_err(|e| {
-                    match wrong.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                        Some(w) => w.to_string(),
-                        None => crate::roles::describe_close(&e),
-                    }
-                }),
-                Err(e) => Err(e.to_string()),
-            };
+            let result = transport.connect(path.addr(), peer).await;
             Some((path, result))
         }
     };
@@ -328,7 +320,10 @@ pub async fn dial_introduced(
     let mut choice = PathChoice::new(std::time::Instant::now(), deadline);
     let mut last_error = String::from("no candidate answered");
     loop {
-        let relay_at = choice.relay_deadline().filter(|_| intro.relay.is_some());
+        let relay_at = choice
+            .relay_deadline()
+            .filter(|_| intro.relay.is_some())
+            .map(Instant::from_std);
         tokio::select! {
             joined = tasks.join_next() => match joined {
                 Some(Ok(Some((path, Ok(conn))))) => return Ok((conn, path)),
@@ -339,7 +334,7 @@ pub async fn dial_introduced(
                 Some(Ok(None)) | Some(Err(_)) => {}
                 None => return Err(last_error),
             },
-            () = sleep_until_opt(relay_at) => {
+            () = crate::roles::sleep_until_opt(relay_at) => {
                 if choice.start_relay(std::time::Instant::now(), true) {
                     if let Some((relay, _)) = intro.relay {
                         debug!(%relay, "no direct path yet: trying the relay too");
@@ -348,12 +343,5 @@ pub async fn dial_introduced(
                 }
             }
         }
-    }
-}
-
-async fn sleep_until_opt(deadline: Option<std::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(Instant::from_std(d)).await,
-        None => std::future::pending().await,
     }
 }

@@ -9,17 +9,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use quinn::{Connection, RecvStream, SendStream};
+use quinn::Connection;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::identity::PeerId;
 use crate::node::NodeCtx;
 use crate::protocol::close_code;
-use crate::protocol::rendezvous::{
-    decode, encode, token_hex, ClientMsg, RelayGrant, ServerMsg, MAX_FRAME, MAX_LOCAL_ADDRS,
-};
-use crate::rendezvous::relay;
+use crate::protocol::rendezvous::{token_hex, ClientMsg, RelayGrant, ServerMsg, MAX_LOCAL_ADDRS};
+use crate::rendezvous::{read_frame, relay, write_frames};
 use crate::transport::tls;
 
 /// Limits and switches of the rendezvous server.
@@ -388,40 +386,4 @@ fn candidates(entry: &Entry) -> Vec<SocketAddr> {
         }
     }
     out
-}
-
-/// Reads one frame; `Ok(None)` when the stream finished cleanly between frames.
-pub(crate) async fn read_frame<T: for<'de> serde::Deserialize<'de>>(
-    recv: &mut RecvStream,
-    buf: &mut BytesMut,
-) -> Result<Option<T>, String> {
-    loop {
-        match decode::<T>(buf) {
-            Ok(Some((msg, used))) => {
-                let _ = buf.split_to(used);
-                return Ok(Some(msg));
-            }
-            Ok(None) => {}
-            Err(e) => return Err(e.to_string()),
-        }
-        match recv.read_chunk(MAX_FRAME, true).await {
-            Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
-            Ok(None) if buf.is_empty() => return Ok(None),
-            Ok(None) => return Err("stream ended inside a frame".into()),
-            Err(e) => return Err(e.to_string()),
-        }
-    }
-}
-
-/// Writes every message from `rx` as a frame until `rx` closes, then finishes the stream.
-pub(crate) async fn write_frames<T: serde::Serialize>(
-    mut send: SendStream,
-    mut rx: mpsc::Receiver<T>,
-) {
-    while let Some(msg) = rx.recv().await {
-        if send.write_all(&encode(&msg)).await.is_err() {
-            return;
-        }
-    }
-    let _ = send.finish();
 }

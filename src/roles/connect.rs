@@ -23,8 +23,8 @@ use crate::identity::PeerId;
 use crate::node::NodeCtx;
 use crate::protocol::close_code;
 use crate::protocol::header::{encode_request, OpenRequest};
-use crate::roles::describe_close;
 use crate::roles::peers::PeerConn;
+use crate::roles::{describe_close, sleep_until_opt};
 use crate::session::backoff::Backoff;
 use crate::session::idle::IdleGrace;
 use crate::session::punch::Path;
@@ -239,7 +239,7 @@ struct Live {
     generation: u64,
     /// Counted in the node's connections when this session dialled it (an adopted incoming
     /// connection is counted by the expose role).
-    _gauge: Option<GaugeGuard>,
+    dialled: Option<GaugeGuard>,
 }
 
 impl Live {
@@ -423,7 +423,7 @@ impl Actor {
         }
         self.path.send_replace(None);
         if let Some(l) = live {
-            if l._gauge.is_some() {
+            if l.dialled.is_some() {
                 l.pc.conn.close(close_code::SHUTDOWN, b"shutting down");
             }
         }
@@ -441,7 +441,7 @@ impl Actor {
             pc,
             grace: IdleGrace::new(self.config.idle_grace, std::time::Instant::now()),
             generation: *generation,
-            _gauge: None,
+            dialled: None,
         })
     }
 
@@ -464,7 +464,7 @@ impl Actor {
             pc,
             grace: IdleGrace::new(self.config.idle_grace, std::time::Instant::now()),
             generation: *generation,
-            _gauge: Some(self.node.stats.connection()),
+            dialled: Some(self.node.stats.connection()),
         }
     }
 
@@ -539,21 +539,6 @@ async fn dial_address(
             ))
         })?;
     debug!(%addr, "dialling");
-    let (connecting, wrong_peer) = transport
-        .connect(addr, peer)
-        .map_err(|e| failed(e.to_string()))?;
-    let conn = connecting.await.map_err(|e| {
-        match wrong_peer.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            Some(wrong) => failed(format!("refusing {addr}: {wrong}")),
-            None => failed(describe_close(&e)),
-        }
-    })?;
+    let conn = transport.connect(addr, peer).await.map_err(failed)?;
     Ok((conn, Path::Direct(addr)))
-}
-
-async fn sleep_until_opt(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
-    }
 }

@@ -87,6 +87,11 @@ impl Expose {
         })
     }
 
+    /// Whether `peer` may use this node's services.
+    pub(crate) fn allows(&self, peer: &PeerId) -> bool {
+        self.config.authorized.allows(peer)
+    }
+
     /// Accepts connections until the node aborts (end of drain).
     pub(crate) async fn accept_loop(self: Arc<Self>) {
         let endpoint = self.node.transport.endpoint().clone();
@@ -143,7 +148,7 @@ impl Expose {
     /// Serves the streams `peer` opens on a connection this node dialled (one connection per
     /// peer pair carries streams both ways), if `peer` is allowed here; else it may open none.
     pub(crate) fn serve_outgoing(self: Arc<Self>, pc: PeerConn, peer: PeerId) {
-        if !self.config.authorized.allows(&peer) {
+        if !self.allows(&peer) {
             pc.conn.set_max_concurrent_bi_streams(VarInt::from_u32(0));
             return;
         }

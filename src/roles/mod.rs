@@ -27,3 +27,11 @@ pub fn describe_close(e: &quinn::ConnectionError) -> String {
         other => other.to_string(),
     }
 }
+
+/// Sleeps until `deadline`, or forever when there is none (for `select!` arms).
+pub(crate) async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

@@ -177,29 +177,42 @@ impl Transport {
         }
     }
 
-    /// Starts a connection to `addr`, accepting only the peer whose id is `expected`.
-    /// If the peer presents another id, the handshake fails and the slot tells which.
-    pub fn connect(
+    /// Connects to `addr`, accepting only the peer whose id is `expected`. The error says
+    /// plainly when another peer answered.
+    pub async fn connect(
         &self,
         addr: SocketAddr,
         expected: PeerId,
-    ) -> Result<(quinn::Connecting, tls::WrongPeerSlot), TransportError> {
+    ) -> Result<quinn::Connection, String> {
         let wrong = tls::WrongPeerSlot::default();
         let tls = tls::client_config(
             &self.identity,
-            expected,
+            Some(expected),
             wrong.clone(),
             crate::protocol::ALPN,
-        )?;
-        Ok((self.connect_with(tls, addr)?, wrong))
+        )
+        .map_err(|e| e.to_string())?;
+        let connecting = self.connect_with(tls, addr).map_err(|e| e.to_string())?;
+        connecting.await.map_err(
+            |e| match wrong.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                Some(wrong) => format!("refusing {addr}: {wrong}"),
+                None => crate::roles::describe_close(&e),
+            },
+        )
     }
 
-    /// Starts a connection to a rendezvous server at `addr`.
+    /// Starts a connection to a rendezvous server at `addr` (any server key).
     pub fn connect_rendezvous(
         &self,
         addr: SocketAddr,
     ) -> Result<quinn::Connecting, TransportError> {
-        self.connect_with(tls::rendezvous_client_config(&self.identity)?, addr)
+        let tls = tls::client_config(
+            &self.identity,
+            None,
+            tls::WrongPeerSlot::default(),
+            crate::protocol::rendezvous::ALPN,
+        )?;
+        self.connect_with(tls, addr)
     }
 
     fn connect_with(

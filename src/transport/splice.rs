@@ -296,11 +296,12 @@ async fn write_tcp_vectored(tcp: &TcpStream, chunks: &mut [Bytes]) -> Result<u64
             continue;
         }
         tcp.writable().await.map_err(Abort::Local)?;
-        let slices: Vec<io::IoSlice<'_>> = chunks[first..]
-            .iter()
-            .map(|c| io::IoSlice::new(c))
-            .collect();
-        match tcp.try_write_vectored(&slices) {
+        let mut slices = [io::IoSlice::new(&[]); BATCH];
+        let n = (chunks.len() - first).min(BATCH);
+        for (slice, chunk) in slices.iter_mut().zip(&chunks[first..first + n]) {
+            *slice = io::IoSlice::new(chunk);
+        }
+        match tcp.try_write_vectored(&slices[..n]) {
             Ok(mut n) => {
                 while n > 0 {
                     let c = &mut chunks[first];

@@ -79,14 +79,17 @@ pub struct WrongPeer {
 /// so the dialler can say so plainly.
 pub type WrongPeerSlot = Arc<std::sync::Mutex<Option<WrongPeer>>>;
 
+/// Checks the server's key: it must be `expected` when one is pinned (a peer); any key
+/// proving possession is accepted when none is (the rendezvous, which can introduce peers but
+/// never impersonate one, since peers pin each other).
 #[derive(Debug)]
-struct PinnedServer {
-    expected: PeerId,
+struct ServerKey {
+    expected: Option<PeerId>,
     provider: Arc<CryptoProvider>,
     wrong: WrongPeerSlot,
 }
 
-impl ServerCertVerifier for PinnedServer {
+impl ServerCertVerifier for ServerKey {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -96,11 +99,8 @@ impl ServerCertVerifier for PinnedServer {
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let got = peer_of(end_entity)?;
-        if got != self.expected {
-            let wrong = WrongPeer {
-                expected: self.expected,
-                got,
-            };
+        if let Some(expected) = self.expected.filter(|e| *e != got) {
+            let wrong = WrongPeer { expected, got };
             *self.wrong.lock().unwrap_or_else(|p| p.into_inner()) = Some(wrong.clone());
             return Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::Other(rustls::OtherError(Arc::new(wrong))),
@@ -140,10 +140,11 @@ impl ClientCertVerifier for AnyKeyClient {
     signature_checks!();
 }
 
-/// rustls client configuration that pins `expected` and authenticates as `identity`.
+/// rustls client configuration that authenticates as `identity` and accepts the server
+/// only if its key is `expected` (any key when `None`: the rendezvous).
 pub fn client_config(
     identity: &Identity,
-    expected: PeerId,
+    expected: Option<PeerId>,
     wrong: WrongPeerSlot,
     alpn: &[u8],
 ) -> Result<rustls::ClientConfig, rustls::Error> {
@@ -151,7 +152,7 @@ pub fn client_config(
     let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinnedServer {
+        .with_custom_certificate_verifier(Arc::new(ServerKey {
             expected,
             provider,
             wrong,
@@ -159,44 +160,6 @@ pub fn client_config(
         .with_client_auth_cert(vec![identity.certificate()], identity.private_key())?;
     config.alpn_protocols = vec![alpn.to_vec()];
     Ok(config)
-}
-
-/// rustls client configuration for a rendezvous server: any server key is accepted (the
-/// rendezvous can only introduce peers, never impersonate one: peers pin each other), and
-/// this side authenticates with its identity, which is how the rendezvous knows its peer id.
-pub fn rendezvous_client_config(
-    identity: &Identity,
-) -> Result<rustls::ClientConfig, rustls::Error> {
-    let provider = provider();
-    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyServer { provider }))
-        .with_client_auth_cert(vec![identity.certificate()], identity.private_key())?;
-    config.alpn_protocols = vec![crate::protocol::rendezvous::ALPN.to_vec()];
-    Ok(config)
-}
-
-/// Accepts any server key that proves possession (used only toward the rendezvous).
-#[derive(Debug)]
-struct AnyServer {
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for AnyServer {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        peer_of(end_entity)?;
-        Ok(ServerCertVerified::assertion())
-    }
-
-    signature_checks!();
 }
 
 /// rustls server configuration that requires a client certificate and speaks `alpns`.

@@ -221,6 +221,16 @@ pub fn have(program: &str) -> bool {
     found
 }
 
+/// Waits until something accepts TCP on `addr`: for third-party servers that cannot say
+/// when they are ready. Bounded by `WAIT`.
+pub fn wait_connectable(addr: &str) {
+    let deadline = Instant::now() + WAIT;
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "nothing ever accepted on {addr}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A free TCP port on 127.0.0.1, for third-party servers that cannot report theirs.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
