@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::identity::PeerId;
-use crate::protocol::header::check_service_name;
+use crate::protocol::header::{check_service_name, Protocol, RtspUdp};
 
 /// Problems with the rules file or the flags.
 #[derive(Debug, thiserror::Error)]
@@ -126,29 +126,127 @@ impl FromStr for ServiceName {
     }
 }
 
-/// The address of a real server: `HOST:PORT` (a name or an IP; `[v6]:port`).
+/// A real server: its address `HOST:PORT` (a name or an IP; `[v6]:port`) and what it speaks,
+/// written as the scheme: `HOST:PORT` or `tcp://HOST:PORT` for bytes, `rtsp://HOST:PORT`
+/// for RTSP, `rtsp://HOST:PORT?udp=refuse` to refuse UDP SETUPs (see `docs/rtsp.md`).
+/// In the rules file a table works too: `{ target = "rtsp://HOST:PORT", rtsp_udp = "refuse" }`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Target(String);
+pub struct Target {
+    addr: String,
+    pub protocol: Protocol,
+}
 
 impl Target {
+    /// `HOST:PORT`, to dial.
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.addr
     }
 }
 
 impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        match self.protocol {
+            Protocol::Tcp => f.write_str(&self.addr),
+            Protocol::Rtsp(RtspUdp::Datagram) => write!(f, "rtsp://{}", self.addr),
+            Protocol::Rtsp(RtspUdp::Refuse) => write!(f, "rtsp://{}?udp=refuse", self.addr),
+        }
     }
 }
 
 impl FromStr for Target {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        check_host_port(s).map_err(|why| {
-            format!("invalid target {s:?}: {why}; expected HOST:PORT, e.g. 127.0.0.1:554")
+        let invalid = |why: &str| {
+            format!(
+                "invalid target {s:?}: {why}; expected HOST:PORT or rtsp://HOST:PORT, \
+                 e.g. 127.0.0.1:8080 or rtsp://127.0.0.1:554"
+            )
+        };
+        let (protocol, rest) = match s.split_once("://") {
+            None => (Protocol::Tcp, s),
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("tcp") => (Protocol::Tcp, rest),
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("rtsp") => {
+                (Protocol::Rtsp(RtspUdp::Datagram), rest)
+            }
+            Some((scheme, _)) => {
+                return Err(invalid(&format!(
+                    "unknown scheme {scheme:?} (this build knows tcp and rtsp)"
+                )))
+            }
+        };
+        let (addr, query) = match rest.split_once('?') {
+            Some((addr, query)) => (addr.trim_end_matches('/'), Some(query)),
+            None => (rest.trim_end_matches('/'), None),
+        };
+        let protocol = match (protocol, query) {
+            (p, None) => p,
+            (Protocol::Rtsp(_), Some(q)) => Protocol::Rtsp(
+                q.strip_prefix("udp=")
+                    .ok_or_else(|| invalid("the only option is ?udp=datagram or ?udp=refuse"))?
+                    .parse()?,
+            ),
+            (Protocol::Tcp, Some(_)) => return Err(invalid("options are for rtsp:// only")),
+        };
+        check_host_port(addr).map_err(invalid)?;
+        Ok(Target {
+            addr: addr.to_owned(),
+            protocol,
+        })
+    }
+}
+
+impl FromStr for RtspUdp {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "datagram" => Ok(RtspUdp::Datagram),
+            "refuse" => Ok(RtspUdp::Refuse),
+            _ => Err(format!(
+                "invalid rtsp_udp {s:?}: write \"datagram\" (carry RTP over UDP as QUIC \
+                 datagrams) or \"refuse\" (answer 461 so clients use interleaved TCP)"
+            )),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Target {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Table {
+            target: String,
+            rtsp_udp: Option<String>,
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Form {
+            Text(String),
+            Table(Table),
+        }
+        let form = Form::deserialize(d).map_err(|_| {
+            serde::de::Error::custom(
+                "expected \"HOST:PORT\", \"rtsp://HOST:PORT\" or \
+                 { target = \"rtsp://HOST:PORT\", rtsp_udp = \"datagram\" | \"refuse\" }",
+            )
         })?;
-        Ok(Target(s.to_owned()))
+        match form {
+            Form::Text(s) => s.parse().map_err(serde::de::Error::custom),
+            Form::Table(t) => {
+                let mut target: Target = t.target.parse().map_err(serde::de::Error::custom)?;
+                if let Some(mode) = t.rtsp_udp {
+                    let mode: RtspUdp = mode.parse().map_err(serde::de::Error::custom)?;
+                    match target.protocol {
+                        Protocol::Rtsp(_) => target.protocol = Protocol::Rtsp(mode),
+                        Protocol::Tcp => {
+                            return Err(serde::de::Error::custom(
+                                "rtsp_udp is only for rtsp:// targets",
+                            ))
+                        }
+                    }
+                }
+                Ok(target)
+            }
+        }
     }
 }
 
@@ -260,7 +358,10 @@ impl FromStr for ServiceRule {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let (name, target) = s.split_once('=').ok_or_else(|| {
-            format!("invalid service {s:?}: expected NAME=HOST:PORT, e.g. cam=127.0.0.1:554")
+            format!(
+                "invalid service {s:?}: expected NAME=HOST:PORT or NAME=rtsp://HOST:PORT, \
+                 e.g. cam=rtsp://127.0.0.1:554"
+            )
         })?;
         Ok(ServiceRule {
             name: name.parse()?,
@@ -300,7 +401,7 @@ macro_rules! deserialize_via_from_str {
         }
     )*};
 }
-deserialize_via_from_str!(ServiceName, Target, PeerAddr, Dur, RendezvousAddr);
+deserialize_via_from_str!(ServiceName, PeerAddr, Dur, RendezvousAddr);
 
 #[cfg(test)]
 mod tests {
@@ -364,6 +465,18 @@ mod tests {
         let err = RulesFile::parse("[expose.services]\ncam = \"127.0.0.1\"\n").unwrap_err();
         assert!(err.contains("line 2") && err.contains("no port"), "{err}");
 
+        let err = RulesFile::parse(
+            "[expose.services]\ncam = { target = \"127.0.0.1:1\", rtsp_udp = \"refuse\" }\n",
+        )
+        .unwrap_err();
+        assert!(err.contains("line 2") && err.contains("rtsp://"), "{err}");
+        let rules = RulesFile::parse(
+            "[expose.services]\ncam = { target = \"rtsp://127.0.0.1:1\", rtsp_udp = \"refuse\" }\n",
+        )
+        .unwrap();
+        let cam = &rules.expose.unwrap().services[&"cam".parse::<ServiceName>().unwrap()];
+        assert_eq!(cam.protocol, Protocol::Rtsp(RtspUdp::Refuse));
+
         let err = RulesFile::parse("[connect]\nidle_grace = \"soon\"\n").unwrap_err();
         assert!(err.contains("line 2") && err.contains("30s"), "{err}");
 
@@ -384,6 +497,20 @@ mod tests {
         assert_eq!(svc.target.as_str(), "[::1]:8080");
         assert!("cam=127.0.0.1:0".parse::<ServiceRule>().is_err());
         assert!("c/m=127.0.0.1:1".parse::<ServiceRule>().is_err());
+        let rtsp: ServiceRule = "cam=rtsp://127.0.0.1:554".parse().unwrap();
+        assert_eq!(rtsp.target.as_str(), "127.0.0.1:554");
+        assert_eq!(rtsp.target.protocol, Protocol::Rtsp(RtspUdp::Datagram));
+        let refuse: Target = "rtsp://cam.lan:554/?udp=refuse".parse().unwrap();
+        assert_eq!(refuse.protocol, Protocol::Rtsp(RtspUdp::Refuse));
+        assert_eq!(refuse.to_string(), "rtsp://cam.lan:554?udp=refuse");
+        assert_eq!(
+            "tcp://h:1".parse::<Target>().unwrap().protocol,
+            Protocol::Tcp
+        );
+        let err = "http://h:1".parse::<Target>().unwrap_err();
+        assert!(err.contains("unknown scheme"), "{err}");
+        let err = "rtsp://h:1?udp=maybe".parse::<Target>().unwrap_err();
+        assert!(err.contains("refuse"), "{err}");
         let err = "abc@host:1".parse::<PeerAddr>().unwrap_err();
         assert!(err.contains("tunnel id"), "{err}");
         let bare: PeerAddr = "a".repeat(32).parse().unwrap();

@@ -57,6 +57,10 @@ pub struct Stats {
     pub connections: Gauge,
     /// Proxied streams alive now, either role.
     pub streams: Gauge,
+    /// RTSP sessions with UDP media carried as datagrams, alive now.
+    pub rtsp_sessions: Gauge,
+    /// Media flows (a UDP port pair each) alive now.
+    pub media_flows: Gauge,
     /// QUIC connections ever established (handshake done), either direction.
     pub connections_opened: AtomicU64,
     /// Streams ever opened or accepted.

@@ -28,6 +28,58 @@ pub const MAX_RESPONSE_LEN: usize = 2 + 2 + MAX_MESSAGE_LEN + 2 + MAX_EXT_LEN;
 
 /// Request extension: the local client's socket address, as text, for the exposing side's logs.
 const EXT_CLIENT_ADDR: u8 = 1;
+/// Response extension: the service's protocol, `kind:u8 | rtsp_udp:u8` (see [`Protocol`]).
+const EXT_PROTOCOL: u8 = 1;
+
+/// What a service speaks, declared on the exposing side and learned by the connecting side
+/// from the response: it picks the layer between the socket and the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Protocol {
+    /// Bytes, copied unchanged.
+    #[default]
+    Tcp,
+    /// RTSP 1.0 (`docs/rtsp.md`): UDP SETUPs are carried as QUIC datagrams or refused.
+    Rtsp(RtspUdp),
+}
+
+/// What the RTSP layer does with a SETUP that asks for RTP over UDP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum RtspUdp {
+    /// Keep the client's UDP: RTP and RTCP cross the tunnel as QUIC datagrams.
+    #[default]
+    Datagram,
+    /// Answer `461 Unsupported Transport`, so the client falls back to interleaved TCP.
+    Refuse,
+}
+
+impl Protocol {
+    fn encode(self) -> [u8; 2] {
+        match self {
+            Protocol::Tcp => [0, 0],
+            Protocol::Rtsp(RtspUdp::Datagram) => [1, 0],
+            Protocol::Rtsp(RtspUdp::Refuse) => [1, 1],
+        }
+    }
+
+    /// A kind this build does not know is carried as bytes.
+    fn decode(value: &[u8]) -> Protocol {
+        match value {
+            [1, 1, ..] => Protocol::Rtsp(RtspUdp::Refuse),
+            [1, ..] => Protocol::Rtsp(RtspUdp::Datagram),
+            _ => Protocol::Tcp,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Protocol::Tcp => f.write_str("tcp"),
+            Protocol::Rtsp(RtspUdp::Datagram) => f.write_str("rtsp (udp as datagrams)"),
+            Protocol::Rtsp(RtspUdp::Refuse) => f.write_str("rtsp (udp refused)"),
+        }
+    }
+}
 
 /// What the opener of a stream asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,6 +155,8 @@ pub struct OpenResponse {
     pub status: Status,
     /// Human-readable detail, logged by the connecting side. Empty when `status` is `Ok`.
     pub message: String,
+    /// The service's protocol (meaningful when `status` is `Ok`).
+    pub protocol: Protocol,
 }
 
 /// Why bytes are not a valid header. These never become valid with more bytes.
@@ -276,8 +330,20 @@ pub fn decode_response(buf: &[u8]) -> Result<Option<(OpenResponse, usize)>, Head
         .map_err(|_| HeaderError::NotUtf8)?
         .to_owned();
     let ext = need!(read_ext(&mut cur)?);
-    parse_extensions(ext)?;
-    Ok(Some((OpenResponse { status, message }, cur.pos)))
+    let mut protocol = Protocol::Tcp;
+    for (kind, value) in parse_extensions(ext)? {
+        if kind == EXT_PROTOCOL {
+            protocol = Protocol::decode(value);
+        }
+    }
+    Ok(Some((
+        OpenResponse {
+            status,
+            message,
+            protocol,
+        },
+        cur.pos,
+    )))
 }
 
 /// Encodes a response. A message over the limit is cut at a character boundary.
@@ -292,7 +358,12 @@ pub fn encode_response(resp: &OpenResponse) -> Vec<u8> {
     out.push(resp.status.code());
     out.extend_from_slice(&(message.len() as u16).to_be_bytes());
     out.extend_from_slice(message);
-    out.extend_from_slice(&0u16.to_be_bytes());
+    let mut ext = Vec::new();
+    if resp.protocol != Protocol::Tcp {
+        push_ext(&mut ext, EXT_PROTOCOL, &resp.protocol.encode());
+    }
+    out.extend_from_slice(&(ext.len() as u16).to_be_bytes());
+    out.extend_from_slice(&ext);
     out
 }
 
@@ -324,12 +395,14 @@ mod tests {
         }
 
         #[test]
-        fn response_round_trips(code in any::<u8>(), message in ".{0,100}") {
-            let resp = OpenResponse { status: Status::from_code(code), message };
+        fn response_round_trips(code in any::<u8>(), message in ".{0,100}", proto in 0u8..3) {
+            let protocol = [Protocol::Tcp, Protocol::Rtsp(RtspUdp::Datagram), Protocol::Rtsp(RtspUdp::Refuse)][proto as usize];
+            let resp = OpenResponse { status: Status::from_code(code), message, protocol };
             let bytes = encode_response(&resp);
             let (decoded, used) = decode_response(&bytes).unwrap().unwrap();
             prop_assert_eq!(used, bytes.len());
             prop_assert_eq!(decoded.status.code(), code);
+            prop_assert_eq!(decoded.protocol, protocol);
             prop_assert_eq!(decoded, resp);
         }
 
@@ -403,6 +476,7 @@ mod tests {
         let resp = OpenResponse {
             status: Status::TargetRefused,
             message: "é".repeat(400),
+            protocol: Protocol::Tcp,
         };
         let (decoded, _) = decode_response(&encode_response(&resp)).unwrap().unwrap();
         assert_eq!(decoded.message, "é".repeat(256));

@@ -3,6 +3,7 @@
 
 pub mod header;
 pub mod rendezvous;
+pub mod rtsp;
 
 use quinn::VarInt;
 
@@ -23,6 +24,8 @@ pub mod stream_code {
     pub const SHUTDOWN: VarInt = VarInt::from_u32(4);
     /// The header did not arrive in time.
     pub const TIMEOUT: VarInt = VarInt::from_u32(5);
+    /// The service protocol's layer found the payload malformed or oversized (e.g. RTSP).
+    pub const BAD_PAYLOAD: VarInt = VarInt::from_u32(6);
 }
 
 /// Application error codes carried by QUIC `CONNECTION_CLOSE` frames.

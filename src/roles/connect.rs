@@ -6,6 +6,7 @@
 //! to every later client, counts live streams with an [`IdleGrace`] and closes the connection
 //! when the grace runs out. Dropping every handle ends the actor and closes the connection.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -22,14 +23,15 @@ use crate::config::{PeerAddr, ServiceName};
 use crate::identity::PeerId;
 use crate::node::NodeCtx;
 use crate::protocol::close_code;
-use crate::protocol::header::{encode_request, OpenRequest};
+use crate::protocol::header::{encode_request, OpenRequest, Protocol};
 use crate::roles::peers::PeerConn;
 use crate::roles::{describe_close, sleep_until_opt};
 use crate::session::backoff::Backoff;
 use crate::session::idle::IdleGrace;
 use crate::session::punch::Path;
 use crate::stats::GaugeGuard;
-use crate::transport::splice::{splice, Abort, Downstream};
+use crate::transport::rtsp::{splice_rtsp, Facing, RtspCtx};
+use crate::transport::splice::{cut_short, read_response, splice, Abort, Downstream, Report};
 
 /// The connecting role's settings for one remote peer.
 #[derive(Debug, Clone)]
@@ -71,7 +73,7 @@ pub enum ConnectError {
     ShuttingDown,
 }
 
-type Reply = oneshot::Sender<Result<(Connection, StreamLease), ConnectError>>;
+type Reply = oneshot::Sender<Result<(PeerConn, StreamLease), ConnectError>>;
 
 /// Holds one stream on a connection's idle count (and on its count of streams in both
 /// directions); dropping it reports the stream's end.
@@ -96,6 +98,8 @@ pub struct Session {
     requests: mpsc::Sender<Reply>,
     node: NodeCtx,
     path: tokio::sync::watch::Receiver<Option<Path>>,
+    /// Each service's protocol, as the exposing side last answered.
+    protocols: Arc<std::sync::Mutex<HashMap<ServiceName, Protocol>>>,
 }
 
 impl Session {
@@ -116,6 +120,7 @@ impl Session {
             requests: tx,
             node,
             path,
+            protocols: Arc::default(),
         }
     }
 
@@ -130,6 +135,11 @@ impl Session {
 
     /// The live connection (dialled now if there is none) and a lease on its idle count.
     pub async fn acquire(&self) -> Result<(Connection, StreamLease), ConnectError> {
+        let (pc, lease) = self.acquire_peer_conn().await?;
+        Ok((pc.conn, lease))
+    }
+
+    async fn acquire_peer_conn(&self) -> Result<(PeerConn, StreamLease), ConnectError> {
         let (tx, rx) = oneshot::channel();
         self.requests
             .send(tx)
@@ -174,8 +184,9 @@ impl Session {
     async fn serve_client(self, tcp: TcpStream, client: SocketAddr, service: ServiceName) {
         let _live = self.node.stats.stream();
         let _ = tcp.set_nodelay(true);
-        let acquired = tokio::time::timeout(self.config.connect_timeout, self.acquire()).await;
-        let (conn, _lease) = match acquired {
+        let acquired =
+            tokio::time::timeout(self.config.connect_timeout, self.acquire_peer_conn()).await;
+        let (pc, _lease) = match acquired {
             Ok(Ok(pair)) => pair,
             Ok(Err(e)) => return warn!("closing the client: cannot reach peer {}: {e}", self.peer),
             Err(_) => {
@@ -184,7 +195,7 @@ impl Session {
             }
         };
         // Waits while the peer's limit of concurrent streams is reached: backpressure.
-        let (mut send, recv) = match conn.open_bi().await {
+        let (mut send, mut recv) = match pc.conn.open_bi().await {
             Ok(pair) => pair,
             Err(e) => return warn!("closing the client: {}", describe_close(&e)),
         };
@@ -197,16 +208,97 @@ impl Session {
         if let Err(e) = send.write_chunk(Bytes::from(header)).await {
             return warn!("closing the client: stream failed: {e}");
         }
-        let report = splice(
-            tcp,
-            send,
-            recv,
-            Downstream::AwaitResponse(self.config.open_timeout),
-            self.node.abort.clone(),
-        )
-        .await;
+        let limit = self.config.open_timeout;
+        // The service's protocol picks the layer: known from an earlier stream, the
+        // response is read alongside; else it is read before the client's bytes are.
+        let known = self
+            .protocols
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&service)
+            .copied();
+        let (protocol, downstream) = match known {
+            Some(expect) => (expect, Downstream::AwaitResponse { limit, expect }),
+            None => match tokio::time::timeout(limit, read_response(&mut recv)).await {
+                Ok(Ok((protocol, first))) => {
+                    self.protocols
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(service.clone(), protocol);
+                    (protocol, Downstream::Payload(first))
+                }
+                Ok(Err(abort)) => {
+                    return self.report(
+                        &service,
+                        Report {
+                            up: 0,
+                            down: 0,
+                            abort: Some(abort),
+                        },
+                        tcp,
+                        send,
+                        recv,
+                    )
+                }
+                Err(_) => {
+                    let abort = Abort::ResponseTimeout(limit);
+                    return self.report(
+                        &service,
+                        Report {
+                            up: 0,
+                            down: 0,
+                            abort: Some(abort),
+                        },
+                        tcp,
+                        send,
+                        recv,
+                    );
+                }
+            },
+        };
+        let cancel = self.node.abort.clone();
+        let report = match protocol {
+            Protocol::Tcp => splice(tcp, send, recv, downstream, cancel).await,
+            Protocol::Rtsp(udp) => {
+                let ctx = RtspCtx {
+                    facing: Facing::Client,
+                    udp,
+                    mux: pc.media.clone(),
+                    stats: self.node.stats.clone(),
+                };
+                splice_rtsp(tcp, send, recv, downstream, ctx, cancel).await
+            }
+        };
+        self.log_report(&service, report);
+    }
+
+    /// An open that failed before the splice: tells both ends, then logs it.
+    fn report(
+        &self,
+        service: &ServiceName,
+        report: Report,
+        tcp: TcpStream,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) {
+        if let Some(abort) = &report.abort {
+            cut_short(abort, &tcp, &mut send, &mut recv);
+        }
+        self.log_report(service, report);
+    }
+
+    fn log_report(&self, service: &ServiceName, report: Report) {
         match report.abort {
             None => debug!(up = report.up, down = report.down, "stream closed"),
+            Some(Abort::ProtocolChanged { now, .. }) => {
+                warn!(
+                    "the service's protocol is now {now}; the client was closed and should retry"
+                );
+                self.protocols
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(service.clone(), now);
+            }
             Some(Abort::Refused { status, message }) => {
                 warn!("the peer refused the stream ({status}): {message}")
             }
@@ -243,14 +335,14 @@ struct Live {
 }
 
 impl Live {
-    fn lease(&mut self, ended: &mpsc::UnboundedSender<u64>) -> (Connection, StreamLease) {
+    fn lease(&mut self, ended: &mpsc::UnboundedSender<u64>) -> (PeerConn, StreamLease) {
         self.grace.stream_opened();
         let lease = StreamLease {
             generation: self.generation,
             ended: ended.clone(),
             _on_conn: self.pc.streams.hold(),
         };
-        (self.pc.conn.clone(), lease)
+        (self.pc.clone(), lease)
     }
 }
 

@@ -18,11 +18,13 @@ use crate::config::{ServiceName, Target};
 use crate::identity::PeerId;
 use crate::node::NodeCtx;
 use crate::protocol::header::{
-    decode_request, encode_response, HeaderError, OpenRequest, OpenResponse, Status,
+    decode_request, encode_response, HeaderError, OpenRequest, OpenResponse, Protocol, Status,
 };
 use crate::protocol::{close_code, stream_code};
 use crate::roles::peers::PeerConn;
 use crate::session::punch::Path;
+use crate::transport::media::MediaMux;
+use crate::transport::rtsp::{splice_rtsp, Facing, RtspCtx};
 use crate::transport::splice::{reset_tcp, splice, Downstream};
 use crate::transport::tls;
 
@@ -176,9 +178,10 @@ impl Expose {
                 service = tracing::field::Empty
             );
             let on_conn = pc.streams.hold();
+            let media = pc.media.clone();
             self.node.tasks.spawn(
                 async move {
-                    this.serve_stream(send, recv).await;
+                    this.serve_stream(send, recv, media).await;
                     drop(on_conn);
                 }
                 .instrument(span),
@@ -186,7 +189,12 @@ impl Expose {
         }
     }
 
-    async fn serve_stream(self: Arc<Self>, mut send: SendStream, mut recv: RecvStream) {
+    async fn serve_stream(
+        self: Arc<Self>,
+        mut send: SendStream,
+        mut recv: RecvStream,
+        media: Arc<MediaMux>,
+    ) {
         let _live = self.node.stats.stream();
         let (req, leftover) =
             match tokio::time::timeout(self.config.header_timeout, read_request(&mut recv)).await {
@@ -268,6 +276,7 @@ impl Expose {
         let ok = encode_response(&OpenResponse {
             status: Status::Ok,
             message: String::new(),
+            protocol: target.protocol,
         });
         if let Err(e) = send.write_chunk(Bytes::from(ok)).await {
             // The client is gone already: the real server sees an abort, as it would have.
@@ -276,14 +285,20 @@ impl Expose {
             return debug!("peer went away before the response: {e}");
         }
         debug!(client, %target, "stream open");
-        let report = splice(
-            tcp,
-            send,
-            recv,
-            Downstream::Payload(leftover),
-            self.node.abort.clone(),
-        )
-        .await;
+        let downstream = Downstream::Payload(leftover);
+        let cancel = self.node.abort.clone();
+        let report = match target.protocol {
+            Protocol::Tcp => splice(tcp, send, recv, downstream, cancel).await,
+            Protocol::Rtsp(udp) => {
+                let ctx = RtspCtx {
+                    facing: Facing::Server,
+                    udp,
+                    mux: media,
+                    stats: self.node.stats.clone(),
+                };
+                splice_rtsp(tcp, send, recv, downstream, ctx, cancel).await
+            }
+        };
         match report.abort {
             None => debug!(up = report.down, down = report.up, "stream closed"),
             Some(abort) => info!(
@@ -300,6 +315,7 @@ async fn refuse(send: &mut SendStream, recv: &mut RecvStream, status: Status, me
     let resp = encode_response(&OpenResponse {
         status,
         message: message.to_owned(),
+        protocol: Protocol::Tcp,
     });
     if send.write_chunk(Bytes::from(resp)).await.is_ok() {
         let _ = send.finish();

@@ -8,7 +8,7 @@
 //! dialled it as soon as no stream is left on it.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use quinn::Connection;
 use tokio::sync::watch;
@@ -19,6 +19,7 @@ use crate::node::NodeCtx;
 use crate::protocol::close_code;
 use crate::session::punch::Path;
 use crate::stats::Gauge;
+use crate::transport::media::MediaMux;
 
 /// A connection with a peer.
 #[derive(Clone)]
@@ -29,6 +30,8 @@ pub(crate) struct PeerConn {
     pub path: Path,
     /// Streams on it now, in both directions (each end counts every stream).
     pub streams: Gauge,
+    /// RTP/RTCP flows carried on it as datagrams.
+    pub media: Arc<MediaMux>,
     /// Order of registration here.
     seq: u64,
 }
@@ -86,7 +89,9 @@ impl PeerTable {
         let pc = {
             let mut inner = self.inner();
             inner.seq += 1;
+            let media = MediaMux::new(conn.clone(), node.tasks.clone());
             let pc = PeerConn {
+                media,
                 conn,
                 initiator,
                 path,
@@ -99,6 +104,8 @@ impl PeerTable {
         self.changed.send_modify(|n| *n += 1);
         let watched = pc.clone();
         let node = node.clone();
+        node.tasks
+            .spawn(pc.media.clone().run(node.abort.child_token()));
         node.tasks.clone().spawn(async move {
             node.peers.supervise(peer, watched).await;
         });

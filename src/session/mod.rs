@@ -5,3 +5,4 @@ pub mod backoff;
 pub mod idle;
 pub mod priority;
 pub mod punch;
+pub mod rtsp;

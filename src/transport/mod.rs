@@ -2,6 +2,8 @@
 //! (it accepts connections for `expose` and dials them for `connect`; the rendezvous and
 //! punch packets will share it too), the TLS pinning, and the TCP <-> QUIC splice.
 
+pub mod media;
+pub mod rtsp;
 pub mod splice;
 pub mod tls;
 
@@ -57,7 +59,10 @@ impl Tuning {
     fn transport_config(&self, loopback: bool) -> quinn::TransportConfig {
         let mut t = quinn::TransportConfig::default();
         t.max_concurrent_bidi_streams(VarInt::from_u32(self.max_streams))
-            .max_concurrent_uni_streams(VarInt::from_u32(0))
+            // Overflow streams of media flows (RTP packets above the datagram limit).
+            .max_concurrent_uni_streams(VarInt::from_u32(1024))
+            .datagram_receive_buffer_size(Some(4 << 20))
+            .datagram_send_buffer_size(1 << 20)
             .stream_receive_window(VarInt::from_u32(self.stream_window))
             .receive_window(VarInt::from_u32(self.connection_window))
             .send_window(self.send_window)

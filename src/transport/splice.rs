@@ -22,7 +22,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::protocol::header::{
-    decode_response, HeaderError, OpenResponse, Status, MAX_RESPONSE_LEN,
+    decode_response, HeaderError, OpenResponse, Protocol, Status, MAX_RESPONSE_LEN,
 };
 use crate::protocol::stream_code;
 use crate::session::priority::BulkDetector;
@@ -39,8 +39,9 @@ const MIN_READ_ROOM: usize = 16 * 1024;
 pub enum Downstream {
     /// Payload; these bytes (already read past the header) go to the socket first.
     Payload(Bytes),
-    /// The opener's side: the exposing side's response header comes first.
-    AwaitResponse(Duration),
+    /// The opener's side: the exposing side's response header comes first, within `limit`,
+    /// and names the protocol this side already assumed (`expect`).
+    AwaitResponse { limit: Duration, expect: Protocol },
 }
 
 /// Why a splice was cut short.
@@ -64,10 +65,14 @@ pub enum Abort {
     ResponseTimeout(Duration),
     #[error("stream error: {0}")]
     Stream(String),
+    #[error("the service's protocol changed from {was} to {now}; the client should retry")]
+    ProtocolChanged { was: Protocol, now: Protocol },
+    #[error("{0}")]
+    BadPayload(String),
 }
 
 impl Abort {
-    fn from_read(e: ReadError) -> Self {
+    pub(crate) fn from_read(e: ReadError) -> Self {
         match e {
             ReadError::Reset(code) => Abort::PeerReset(code),
             ReadError::ConnectionLost(e) => Abort::ConnectionLost(e),
@@ -75,7 +80,7 @@ impl Abort {
         }
     }
 
-    fn from_write(e: WriteError) -> Self {
+    pub(crate) fn from_write(e: WriteError) -> Self {
         match e {
             WriteError::Stopped(code) => Abort::PeerStopped(code),
             WriteError::ConnectionLost(e) => Abort::ConnectionLost(e),
@@ -84,8 +89,9 @@ impl Abort {
     }
 
     /// The code to reset/stop the QUIC stream with.
-    fn code(&self) -> VarInt {
+    pub(crate) fn code(&self) -> VarInt {
         match self {
+            Abort::BadPayload(_) => stream_code::BAD_PAYLOAD,
             Abort::Shutdown => stream_code::SHUTDOWN,
             Abort::Refused { .. } => stream_code::REFUSED,
             Abort::BadResponse(_) => stream_code::BAD_HEADER,
@@ -122,12 +128,7 @@ pub async fn splice(
                 quic_to_tcp(&mut recv, &tcp, downstream, &mut down),
             )?;
             // Delivered, not only sent: wait for the peer's acknowledgement of our FIN.
-            match send.stopped().await {
-                Ok(None) => Ok(()),
-                Ok(Some(code)) => Err(Abort::PeerStopped(code)),
-                Err(quinn::StoppedError::ConnectionLost(e)) => Err(Abort::ConnectionLost(e)),
-                Err(e) => Err(Abort::Stream(e.to_string())),
-            }
+            delivered(&mut send).await
         };
         tokio::select! {
             biased;
@@ -137,19 +138,40 @@ pub async fn splice(
     };
     let abort = result.err();
     if let Some(abort) = &abort {
-        let code = abort.code();
-        // Errors here mean the stream is already closed that way: nothing left to tell.
-        let _ = send.reset(code);
-        let _ = recv.stop(code);
-        if matches!(abort, Abort::Refused { .. }) {
-            // The peer answered: the client gets a plain close (FIN), not an abort.
-            let _ = socket2::SockRef::from(&tcp).shutdown(Shutdown::Write);
-            discard_unread(&tcp);
-        } else {
-            reset_tcp(&tcp);
-        }
+        cut_short(abort, &tcp, &mut send, &mut recv);
     }
     Report { up, down, abort }
+}
+
+/// Tells both ends that a splice was cut short: resets and stops the QUIC stream; aborts the
+/// socket with an RST, or closes it plainly (FIN) when it already got its answer (a refusal,
+/// or an RTSP `400 Bad Request`).
+pub(crate) fn cut_short(
+    abort: &Abort,
+    tcp: &TcpStream,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+) {
+    let code = abort.code();
+    // Errors here mean the stream is already closed that way: nothing left to tell.
+    let _ = send.reset(code);
+    let _ = recv.stop(code);
+    if matches!(abort, Abort::Refused { .. } | Abort::BadPayload(_)) {
+        let _ = socket2::SockRef::from(tcp).shutdown(Shutdown::Write);
+        discard_unread(tcp);
+    } else {
+        reset_tcp(tcp);
+    }
+}
+
+/// Waits until the peer acknowledged everything sent on `send`, FIN included.
+pub(crate) async fn delivered(send: &mut SendStream) -> Result<(), Abort> {
+    match send.stopped().await {
+        Ok(None) => Ok(()),
+        Ok(Some(code)) => Err(Abort::PeerStopped(code)),
+        Err(quinn::StoppedError::ConnectionLost(e)) => Err(Abort::ConnectionLost(e)),
+        Err(e) => Err(Abort::Stream(e.to_string())),
+    }
 }
 
 /// Drops what the client already sent and nobody will read (at most 1 MiB): closing a
@@ -213,12 +235,7 @@ async fn quic_to_tcp(
     downstream: Downstream,
     count: &mut u64,
 ) -> Result<(), Abort> {
-    let first = match downstream {
-        Downstream::Payload(first) => first,
-        Downstream::AwaitResponse(limit) => tokio::time::timeout(limit, read_response(recv))
-            .await
-            .map_err(|_| Abort::ResponseTimeout(limit))??,
-    };
+    let first = first_payload(recv, downstream).await?;
     write_tcp(tcp, &first).await?;
     *count += first.len() as u64;
     // Quinn hands out received data frame by frame (about one packet each): take up to
@@ -255,8 +272,31 @@ fn ignore_not_connected(e: io::Error) -> io::Result<()> {
     }
 }
 
-/// Reads the response header; returns the payload bytes read past it.
-async fn read_response(recv: &mut RecvStream) -> Result<Bytes, Abort> {
+/// The payload bytes that come first: given, or read past the response header.
+pub(crate) async fn first_payload(
+    recv: &mut RecvStream,
+    downstream: Downstream,
+) -> Result<Bytes, Abort> {
+    match downstream {
+        Downstream::Payload(first) => Ok(first),
+        Downstream::AwaitResponse { limit, expect } => {
+            let (protocol, first) = tokio::time::timeout(limit, read_response(recv))
+                .await
+                .map_err(|_| Abort::ResponseTimeout(limit))??;
+            if protocol != expect {
+                return Err(Abort::ProtocolChanged {
+                    was: expect,
+                    now: protocol,
+                });
+            }
+            Ok(first)
+        }
+    }
+}
+
+/// Reads the response header; returns the service's protocol and the payload bytes read
+/// past the header.
+pub(crate) async fn read_response(recv: &mut RecvStream) -> Result<(Protocol, Bytes), Abort> {
     let mut buf = BytesMut::new();
     loop {
         let chunk = match recv.read_chunk(MAX_RESPONSE_LEN, true).await {
@@ -272,13 +312,18 @@ async fn read_response(recv: &mut RecvStream) -> Result<Bytes, Abort> {
         match decode_response(&buf) {
             Ok(Some((
                 OpenResponse {
-                    status: Status::Ok, ..
+                    status: Status::Ok,
+                    protocol,
+                    ..
                 },
                 used,
-            ))) => return Ok(buf.split_off(used).freeze()),
-            Ok(Some((OpenResponse { status, message }, _))) => {
-                return Err(Abort::Refused { status, message })
-            }
+            ))) => return Ok((protocol, buf.split_off(used).freeze())),
+            Ok(Some((
+                OpenResponse {
+                    status, message, ..
+                },
+                _,
+            ))) => return Err(Abort::Refused { status, message }),
             Ok(None) => {}
             Err(e) => return Err(Abort::BadResponse(e)),
         }
@@ -320,7 +365,7 @@ async fn write_tcp_vectored(tcp: &TcpStream, chunks: &mut [Bytes]) -> Result<u64
     Ok(total)
 }
 
-async fn write_tcp(tcp: &TcpStream, mut data: &[u8]) -> Result<(), Abort> {
+pub(crate) async fn write_tcp(tcp: &TcpStream, mut data: &[u8]) -> Result<(), Abort> {
     while !data.is_empty() {
         tcp.writable().await.map_err(Abort::Local)?;
         match tcp.try_write(data) {

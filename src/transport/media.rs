@@ -1,0 +1,401 @@
+//! RTP and RTCP across the tunnel: a UDP port pair on each peer (facing the RTSP client on
+//! one, the RTSP server on the other), joined by QUIC datagrams.
+//!
+//! - A flow is named by a channel id that the client-facing peer allocates; every datagram
+//!   starts with a 4-byte tag: `id << 2 | allocated_by_sender << 1 | rtcp`. Each peer thus
+//!   tells its own ids from the other's on a connection that carries streams both ways.
+//! - A packet larger than the connection's datagram limit is not dropped: it goes on a
+//!   unidirectional stream of its flow (tag, then `rtcp:u8 | len:u16be | packet` frames),
+//!   opened when the first such packet comes. Order across the two paths is not kept; RTP
+//!   receivers reorder by sequence number.
+//! - Only packets from the expected host (the RTSP client's or server's address) enter a
+//!   flow; a flow sends to the ports the SETUP exchange named, or to the first sender's.
+//! - [`MediaMux`] is one per QUIC connection: it reads datagrams and accepts those streams.
+//!   Dropping a [`MediaFlow`] closes its sockets and stops its task.
+//! - Datagrams go out before stream data in every QUIC packet (quinn writes DATAGRAM frames
+//!   first), and the overflow streams have a raised priority: media goes ahead of bulk.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use quinn::{Connection, RecvStream, SendDatagramError, SendStream};
+use tokio::net::UdpSocket;
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::task::TaskTracker;
+use tracing::debug;
+
+use crate::protocol::stream_code;
+use crate::stats::GaugeGuard;
+
+/// Bytes of the tag in front of every datagram and at the start of an overflow stream.
+pub const TAG_LEN: usize = 4;
+/// Largest channel id (30 bits).
+const MAX_ID: u32 = (1 << 30) - 1;
+/// Send priority of overflow streams (RTSP streams use the same; bulk streams go below 0).
+pub const MEDIA_PRIORITY: i32 = 1;
+/// Largest UDP payload.
+const MAX_PACKET: usize = 65_535;
+
+/// `0` RTP, `1` RTCP: the first and second port of a pair.
+pub type Kind = usize;
+
+/// A datagram or stream tag: `(channel id, allocated by the sender, kind)`.
+pub fn encode_tag(id: u32, allocated_by_sender: bool, kind: Kind) -> [u8; TAG_LEN] {
+    ((id & MAX_ID) << 2 | u32::from(allocated_by_sender) << 1 | (kind as u32 & 1)).to_be_bytes()
+}
+
+pub fn decode_tag(buf: &[u8]) -> Option<(u32, bool, Kind)> {
+    let v = u32::from_be_bytes(buf.get(..TAG_LEN)?.try_into().ok()?);
+    Some((v >> 2, v & 2 != 0, (v & 1) as Kind))
+}
+
+/// A flow's key on one peer: (allocated here, id).
+type Key = (bool, u32);
+
+struct Sink {
+    sockets: [Arc<UdpSocket>; 2],
+    /// Where packets from the other peer go: the client's or the server's ports.
+    remote: Mutex<[Option<SocketAddr>; 2]>,
+}
+
+impl Sink {
+    fn remote(&self, kind: Kind) -> Option<SocketAddr> {
+        self.remote.lock().unwrap_or_else(|p| p.into_inner())[kind]
+    }
+
+    fn deliver(&self, kind: Kind, packet: &[u8]) {
+        if let Some(to) = self.remote(kind) {
+            // UDP: a full socket buffer drops, as the network would.
+            let _ = self.sockets[kind].try_send_to(packet, to);
+        }
+    }
+}
+
+/// The media side of one QUIC connection.
+pub struct MediaMux {
+    conn: Connection,
+    flows: Mutex<HashMap<Key, Arc<Sink>>>,
+    next_id: AtomicU32,
+    tasks: TaskTracker,
+}
+
+impl MediaMux {
+    pub fn new(conn: Connection, tasks: TaskTracker) -> Arc<MediaMux> {
+        Arc::new(MediaMux {
+            conn,
+            flows: Mutex::default(),
+            next_id: AtomicU32::new(1),
+            tasks,
+        })
+    }
+
+    fn flows(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Arc<Sink>>> {
+        self.flows.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A new channel id, allocated by this peer.
+    pub fn allocate(&self) -> u32 {
+        self.next_id.fetch_add(1, Ordering::Relaxed) & MAX_ID
+    }
+
+    fn sink(&self, key: Key) -> Option<Arc<Sink>> {
+        self.flows().get(&key).cloned()
+    }
+
+    /// Routes the other peer's datagrams and overflow streams to their flows, until the
+    /// connection closes or `cancel`.
+    pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
+        loop {
+            tokio::select! {
+                d = self.conn.read_datagram() => match d {
+                    Ok(d) => self.datagram(&d),
+                    Err(_) => break,
+                },
+                s = self.conn.accept_uni() => match s {
+                    Ok(recv) => {
+                        let this = self.clone();
+                        let cancel = cancel.clone();
+                        self.tasks.spawn(async move {
+                            tokio::select! {
+                                () = this.overflow(recv) => {}
+                                () = cancel.cancelled() => {}
+                            }
+                        });
+                    }
+                    Err(_) => break,
+                },
+                () = cancel.cancelled() => break,
+            }
+        }
+        self.flows().clear();
+    }
+
+    fn datagram(&self, d: &[u8]) {
+        let Some((id, by_sender, kind)) = decode_tag(d) else {
+            return debug!("datagram shorter than its tag");
+        };
+        if let Some(sink) = self.sink((!by_sender, id)) {
+            sink.deliver(kind, &d[TAG_LEN..]);
+        }
+    }
+
+    /// One flow's overflow stream: frames until it ends or the flow is gone.
+    async fn overflow(&self, mut recv: RecvStream) {
+        let mut tag = [0u8; TAG_LEN];
+        if recv.read_exact(&mut tag).await.is_err() {
+            return;
+        }
+        let Some((id, by_sender, _)) = decode_tag(&tag) else {
+            return;
+        };
+        let key = (!by_sender, id);
+        let mut packet = vec![0u8; MAX_PACKET];
+        loop {
+            let mut head = [0u8; 3];
+            if recv.read_exact(&mut head).await.is_err() {
+                return;
+            }
+            let len = u16::from_be_bytes([head[1], head[2]]) as usize;
+            if recv.read_exact(&mut packet[..len]).await.is_err() {
+                return;
+            }
+            match self.sink(key) {
+                Some(sink) => sink.deliver(usize::from(head[0] & 1), &packet[..len]),
+                None => {
+                    let _ = recv.stop(stream_code::ABORTED);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A UDP port pair on this peer, joined to its twin on the other peer. Dropping it closes
+/// the sockets, stops its task and unregisters it.
+pub struct MediaFlow {
+    mux: Arc<MediaMux>,
+    key: Key,
+    sink: Arc<Sink>,
+    ports: (u16, u16),
+    last_rx: Arc<Mutex<Option<Instant>>>,
+    _task: DropGuard,
+    _live: GaugeGuard,
+}
+
+impl MediaFlow {
+    /// Binds a port pair (RTP on an even port when one is free) on `local` and starts
+    /// forwarding what `near` (the client's or server's host) sends to it.
+    /// `allocated_here`: this peer allocated `id` (it is the client-facing one).
+    pub fn open(
+        mux: &Arc<MediaMux>,
+        id: u32,
+        allocated_here: bool,
+        local: IpAddr,
+        near: IpAddr,
+        live: GaugeGuard,
+    ) -> io::Result<MediaFlow> {
+        let (a, b) = bind_pair(local)?;
+        let ports = (a.local_addr()?.port(), b.local_addr()?.port());
+        let sink = Arc::new(Sink {
+            sockets: [Arc::new(a), Arc::new(b)],
+            remote: Mutex::new([None, None]),
+        });
+        let key = (allocated_here, id);
+        mux.flows().insert(key, sink.clone());
+        let cancel = CancellationToken::new();
+        let last_rx = Arc::new(Mutex::new(None));
+        let pump = Pump {
+            conn: mux.conn.clone(),
+            sink: sink.clone(),
+            near,
+            tag: encode_tag(id, allocated_here, 0),
+            overflow: None,
+            last_rx: last_rx.clone(),
+        };
+        let stop = cancel.clone();
+        mux.tasks.spawn(async move {
+            tokio::select! {
+                () = pump.run() => {}
+                () = stop.cancelled() => {}
+            }
+        });
+        Ok(MediaFlow {
+            mux: mux.clone(),
+            key,
+            sink,
+            ports,
+            last_rx,
+            _task: cancel.drop_guard(),
+            _live: live,
+        })
+    }
+
+    /// The local (RTP, RTCP) ports.
+    pub fn ports(&self) -> (u16, u16) {
+        self.ports
+    }
+
+    /// Where to send what comes from the other peer; `None` keeps the current value (set
+    /// from the first packet the near host sends).
+    pub fn set_remote(&self, rtp: Option<SocketAddr>, rtcp: Option<SocketAddr>) {
+        let mut remote = self.sink.remote.lock().unwrap_or_else(|p| p.into_inner());
+        remote[0] = rtp.or(remote[0]);
+        remote[1] = rtcp.or(remote[1]);
+    }
+
+    /// When the near host last sent a packet.
+    pub fn last_activity(&self) -> Option<Instant> {
+        *self.last_rx.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Drop for MediaFlow {
+    fn drop(&mut self) {
+        self.mux.flows().remove(&self.key);
+    }
+}
+
+/// Reads both sockets of a flow and sends to the other peer.
+struct Pump {
+    conn: Connection,
+    sink: Arc<Sink>,
+    near: IpAddr,
+    tag: [u8; TAG_LEN],
+    overflow: Option<SendStream>,
+    last_rx: Arc<Mutex<Option<Instant>>>,
+}
+
+impl Pump {
+    async fn run(mut self) {
+        let (mut rtp_buf, mut rtcp_buf) = (vec![0u8; MAX_PACKET], vec![0u8; MAX_PACKET]);
+        let [rtp, rtcp] = self.sink.sockets.clone();
+        loop {
+            let (kind, got) = tokio::select! {
+                r = rtp.recv_from(&mut rtp_buf) => (0, r),
+                r = rtcp.recv_from(&mut rtcp_buf) => (1, r),
+            };
+            let (n, from) = match got {
+                Ok(v) => v,
+                // ICMP port unreachable from an earlier send, and the like: keep going.
+                Err(_) => continue,
+            };
+            if canonical(from.ip()) != canonical(self.near) {
+                continue;
+            }
+            *self.last_rx.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+            {
+                let mut remote = self.sink.remote.lock().unwrap_or_else(|p| p.into_inner());
+                remote[kind].get_or_insert(from);
+            }
+            let packet = if kind == 0 {
+                &rtp_buf[..n]
+            } else {
+                &rtcp_buf[..n]
+            };
+            if self.send(kind, packet).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// As a datagram if it fits, else on the overflow stream. Err: the connection is gone.
+    async fn send(&mut self, kind: Kind, packet: &[u8]) -> Result<(), ()> {
+        let fits = self
+            .conn
+            .max_datagram_size()
+            .is_some_and(|max| TAG_LEN + packet.len() <= max);
+        if fits {
+            let mut d = BytesMut::with_capacity(TAG_LEN + packet.len());
+            d.put_slice(&self.tag);
+            d[TAG_LEN - 1] |= kind as u8;
+            d.put_slice(packet);
+            match self.conn.send_datagram(d.freeze()) {
+                Ok(()) => return Ok(()),
+                Err(SendDatagramError::ConnectionLost(_)) => return Err(()),
+                // Too large after all (the path MTU shrank), or datagrams are off: stream.
+                Err(_) => {}
+            }
+        }
+        if self.overflow.is_none() {
+            let mut s = self.conn.open_uni().await.map_err(|_| ())?;
+            let _ = s.set_priority(MEDIA_PRIORITY);
+            s.write_all(&self.tag).await.map_err(|_| ())?;
+            self.overflow = Some(s);
+        }
+        let stream = self.overflow.as_mut().expect("opened above");
+        let mut frame = Vec::with_capacity(3 + packet.len());
+        frame.push(kind as u8);
+        frame.extend_from_slice(&(packet.len() as u16).to_be_bytes());
+        frame.extend_from_slice(packet);
+        if stream.write_chunk(Bytes::from(frame)).await.is_err() {
+            // The other peer stopped it (its flow is gone): open another next time.
+            self.overflow = None;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Pump {
+    fn drop(&mut self) {
+        if let Some(s) = &mut self.overflow {
+            let _ = s.reset(stream_code::ABORTED);
+        }
+    }
+}
+
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Two UDP sockets on `ip`, on ports P and P+1 with P even when such a pair is free
+/// (RFC 3550's convention; some clients expect it), else any two ports.
+fn bind_pair(ip: IpAddr) -> io::Result<(UdpSocket, UdpSocket)> {
+    let tokio_socket = |s: std::net::UdpSocket| {
+        s.set_nonblocking(true)?;
+        UdpSocket::from_std(s)
+    };
+    for _ in 0..32 {
+        let a = std::net::UdpSocket::bind((ip, 0))?;
+        let port = a.local_addr()?.port();
+        if port % 2 != 0 || port == u16::MAX {
+            continue;
+        }
+        if let Ok(b) = std::net::UdpSocket::bind((ip, port + 1)) {
+            return Ok((tokio_socket(a)?, tokio_socket(b)?));
+        }
+    }
+    let a = std::net::UdpSocket::bind((ip, 0))?;
+    let b = std::net::UdpSocket::bind((ip, 0))?;
+    Ok((tokio_socket(a)?, tokio_socket(b)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_round_trip() {
+        for (id, by, kind) in [(1, true, 0), (MAX_ID, false, 1), (77, true, 1)] {
+            assert_eq!(decode_tag(&encode_tag(id, by, kind)), Some((id, by, kind)));
+        }
+        assert_eq!(decode_tag(&[1, 2, 3]), None);
+    }
+
+    #[tokio::test]
+    async fn pairs_are_adjacent_and_even_when_possible() {
+        let (a, b) = bind_pair("127.0.0.1".parse().unwrap()).unwrap();
+        let (pa, pb) = (
+            a.local_addr().unwrap().port(),
+            b.local_addr().unwrap().port(),
+        );
+        assert_eq!((pa % 2, pb), (0, pa + 1));
+    }
+}
