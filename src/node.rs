@@ -169,6 +169,13 @@ impl Node {
         let ctx = self.ctx;
         ctx.stop.cancel();
         let live = ctx.stats.streams.get();
+        info!(
+            connections = ctx.stats.connections.get(),
+            streams = live,
+            rtsp_sessions = ctx.stats.rtsp_sessions.get(),
+            media_flows = ctx.stats.media_flows.get(),
+            "stopping"
+        );
         if live > 0 {
             info!(
                 live,

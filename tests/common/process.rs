@@ -73,6 +73,11 @@ impl Proc {
         }
     }
 
+    /// Every stdout line received so far and not yet taken.
+    pub fn lines_so_far(&self) -> Vec<String> {
+        self.lines.try_iter().collect()
+    }
+
     pub fn stderr(&self) -> String {
         self.stderr.lock().unwrap().clone()
     }
