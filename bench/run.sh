@@ -12,7 +12,7 @@ command -v dumbpipe >/dev/null || cargo install --locked dumbpipe
 # Real programs for the media part and the NAT lab.
 need=()
 for pkg in ffmpeg gstreamer1.0-rtsp gir1.2-gst-rtsp-server-1.0 python3-gi gstreamer1.0-plugins-ugly \
-           gstreamer1.0-plugins-good curl iproute2 nftables ethtool; do
+           gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-libav curl iproute2 nftables ethtool; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -28,5 +28,8 @@ cargo bench --bench suite
 for _ in 1 2 3; do
   cargo test --release --test natlab -- --nocapture --test-threads 1 2>/dev/null | grep -o 'natlab [a-z]*: A=.*' >> docs/bench/natlab.log
 done
+# RTSP: first frame per client and mode (docs/bench/rtsp.md).
+cargo build --release
+python3 bench/rtsp_bench.py target/release/tunnel
 python3 bench/charts.py
 echo "report: docs/bench/report.md"
