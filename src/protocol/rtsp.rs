@@ -42,10 +42,6 @@ impl Item {
             Item::Blank { len } => len,
         }
     }
-
-    pub fn is_empty(&self) -> bool {
-        false
-    }
 }
 
 /// Why bytes are not RTSP. These never become valid with more bytes.

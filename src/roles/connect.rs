@@ -219,42 +219,29 @@ impl Session {
             .copied();
         let (protocol, downstream) = match known {
             Some(expect) => (expect, Downstream::AwaitResponse { limit, expect }),
-            None => match tokio::time::timeout(limit, read_response(&mut recv)).await {
-                Ok(Ok((protocol, first))) => {
-                    self.protocols
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(service.clone(), protocol);
-                    (protocol, Downstream::Payload(first))
-                }
-                Ok(Err(abort)) => {
-                    return self.report(
-                        &service,
-                        Report {
+            None => {
+                let read = tokio::time::timeout(limit, read_response(&mut recv))
+                    .await
+                    .unwrap_or(Err(Abort::ResponseTimeout(limit)));
+                match read {
+                    Ok((protocol, first)) => {
+                        self.protocols
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(service.clone(), protocol);
+                        (protocol, Downstream::Payload(first))
+                    }
+                    Err(abort) => {
+                        cut_short(&abort, &tcp, &mut send, &mut recv);
+                        let report = Report {
                             up: 0,
                             down: 0,
                             abort: Some(abort),
-                        },
-                        tcp,
-                        send,
-                        recv,
-                    )
+                        };
+                        return self.log_report(&service, report);
+                    }
                 }
-                Err(_) => {
-                    let abort = Abort::ResponseTimeout(limit);
-                    return self.report(
-                        &service,
-                        Report {
-                            up: 0,
-                            down: 0,
-                            abort: Some(abort),
-                        },
-                        tcp,
-                        send,
-                        recv,
-                    );
-                }
-            },
+            }
         };
         let cancel = self.node.abort.clone();
         let report = match protocol {
@@ -270,21 +257,6 @@ impl Session {
             }
         };
         self.log_report(&service, report);
-    }
-
-    /// An open that failed before the splice: tells both ends, then logs it.
-    fn report(
-        &self,
-        service: &ServiceName,
-        report: Report,
-        tcp: TcpStream,
-        mut send: quinn::SendStream,
-        mut recv: quinn::RecvStream,
-    ) {
-        if let Some(abort) = &report.abort {
-            cut_short(abort, &tcp, &mut send, &mut recv);
-        }
-        self.log_report(service, report);
     }
 
     fn log_report(&self, service: &ServiceName, report: Report) {

@@ -34,7 +34,7 @@ use crate::session::rtsp::Sessions;
 use crate::stats::{GaugeGuard, Stats};
 use crate::transport::media::{MediaFlow, MediaMux, MEDIA_PRIORITY};
 use crate::transport::splice::{
-    cut_short, delivered, first_payload, write_tcp, Abort, Downstream, Report,
+    cut_short, delivered, first_payload, ignore_not_connected, write_tcp, Abort, Downstream, Report,
 };
 
 /// The header that carries a flow's channel id from the client-facing peer to the
@@ -243,13 +243,7 @@ impl Layer<'_> {
         match to {
             To::Socket => socket2::SockRef::from(self.tcp)
                 .shutdown(std::net::Shutdown::Write)
-                .or_else(|e| {
-                    if e.kind() == std::io::ErrorKind::NotConnected {
-                        Ok(())
-                    } else {
-                        Err(e)
-                    }
-                })
+                .or_else(ignore_not_connected)
                 .map_err(Abort::Local),
             To::Stream => {
                 let _ = self.send.lock().await.finish();
@@ -473,22 +467,12 @@ impl Layer<'_> {
                 return unsupported("multicast, or UDP without client_port, is not carried")
             }
         };
-        if let Err(limit) = st.sessions.can_add() {
-            warn!("SETUP refused: {limit}");
-            return Action::Reply(reply(head, 453, "Not Enough Bandwidth"));
-        }
         let (rtp, rtcp) = udp.ports("client_port").expect("filtered above");
         let rtcp = rtcp.unwrap_or(rtp.saturating_add(1));
         let id = self.ctx.mux.allocate();
-        let media = match self.open_flow(id, true) {
+        let media = match self.open_flow(st, head, id, true) {
             Ok(m) => m,
-            Err(e) => {
-                warn!(
-                    "SETUP refused: cannot bind a UDP port pair on {}: {e}",
-                    self.local_ip
-                );
-                return Action::Reply(reply(head, 500, "Internal Server Error"));
-            }
+            Err(refusal) => return refusal,
         };
         media.set_remote(
             Some(SocketAddr::new(self.near_ip, rtp)),
@@ -527,19 +511,9 @@ impl Layer<'_> {
         else {
             return Action::Replace(head.encode());
         };
-        if let Err(limit) = st.sessions.can_add() {
-            warn!("SETUP refused: {limit}");
-            return Action::Reply(reply(head, 453, "Not Enough Bandwidth"));
-        }
-        let media = match self.open_flow(id, false) {
+        let media = match self.open_flow(st, head, id, false) {
             Ok(m) => m,
-            Err(e) => {
-                warn!(
-                    "SETUP refused: cannot bind a UDP port pair on {}: {e}",
-                    self.local_ip
-                );
-                return Action::Reply(reply(head, 500, "Internal Server Error"));
-            }
+            Err(refusal) => return refusal,
         };
         let client_port = udp.get("client_port").map(str::to_owned);
         let (a, b) = media.ports();
@@ -550,7 +524,19 @@ impl Layer<'_> {
         Action::Replace(head.encode())
     }
 
-    fn open_flow(&self, id: u32, allocated_here: bool) -> std::io::Result<MediaFlow> {
+    /// A new flow for the SETUP in `head`, or the answer that refuses it (at a limit, or no
+    /// port pair could be bound).
+    fn open_flow(
+        &self,
+        st: &State,
+        head: &Head,
+        id: u32,
+        allocated_here: bool,
+    ) -> Result<MediaFlow, Action> {
+        if let Err(limit) = st.sessions.can_add() {
+            warn!("SETUP refused: {limit}");
+            return Err(Action::Reply(reply(head, 453, "Not Enough Bandwidth")));
+        }
         MediaFlow::open(
             &self.ctx.mux,
             id,
@@ -559,6 +545,13 @@ impl Layer<'_> {
             self.near_ip,
             self.ctx.stats.media_flows.hold(),
         )
+        .map_err(|e| {
+            warn!(
+                "SETUP refused: cannot bind a UDP port pair on {}: {e}",
+                self.local_ip
+            );
+            Action::Reply(reply(head, 500, "Internal Server Error"))
+        })
     }
 
     /// A response travelling toward the client.

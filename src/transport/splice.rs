@@ -264,7 +264,7 @@ async fn quic_to_tcp(
     }
 }
 
-fn ignore_not_connected(e: io::Error) -> io::Result<()> {
+pub(crate) fn ignore_not_connected(e: io::Error) -> io::Result<()> {
     if e.kind() == io::ErrorKind::NotConnected {
         Ok(())
     } else {
