@@ -9,7 +9,7 @@ use tunnel::protocol::rtsp::{frame, rebase_head, rebase_sdp, Head, Item, Transpo
 fuzz_target!(|data: &[u8]| {
     let mut rest = data;
     while let Ok(Some(item)) = frame(rest) {
-        let len = item.len();
+        let len = item.wire_len();
         assert!(len > 0, "an item always consumes bytes");
         if len > rest.len() {
             break; // incomplete: a reader waits for more

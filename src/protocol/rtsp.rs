@@ -35,7 +35,7 @@ pub enum Item {
 
 impl Item {
     /// Bytes the item takes in the stream.
-    pub fn len(&self) -> usize {
+    pub fn wire_len(&self) -> usize {
         match *self {
             Item::Message { head, body } => head + body,
             Item::Data { len, .. } => 4 + len,
@@ -639,7 +639,7 @@ mod tests {
         for cut in 0..msg.len() {
             match frame(&msg[..cut]) {
                 Ok(None) => assert!(cut < first, "cut {cut}"),
-                Ok(Some(item)) => assert_eq!(item.len(), first, "cut {cut}"),
+                Ok(Some(item)) => assert_eq!(item.wire_len(), first, "cut {cut}"),
                 Err(e) => panic!("cut {cut}: {e}"),
             }
         }

@@ -247,6 +247,24 @@ async fn resolve(server: &str, transport: &Transport) -> Result<SocketAddr, Stri
 /// the first just after this side's first punch, the second in case that one was lost.
 const DIRECT_ATTEMPTS: [Duration; 2] = [Duration::from_millis(20), Duration::from_millis(220)];
 
+/// The direct attempts (and the punches) left after the relay won: the first direct
+/// handshake to complete, or the last error once all have failed.
+fn first_direct(
+    mut tasks: JoinSet<Option<(Path, Result<quinn::Connection, String>)>>,
+    mut last_error: String,
+) -> DirectLater {
+    Box::pin(async move {
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok(Some((path, Ok(conn)))) => return Ok((conn, path)),
+                Ok(Some((_, Err(e)))) => last_error = e,
+                Ok(None) | Err(_) => {}
+            }
+        }
+        Err(last_error)
+    })
+}
+
 /// Sends the punch packets (and relay binds) of an introduction on its schedule.
 /// Bounded: about 3 s and 30 rounds.
 pub async fn punch(transport: Transport, intro: Arc<Introduction>) {
@@ -266,9 +284,16 @@ pub async fn punch(transport: Transport, intro: Arc<Introduction>) {
     }
 }
 
+/// Direct handshakes still under way when the relay won; resolves to the first that completes.
+pub type DirectLater = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<(quinn::Connection, Path), String>> + Send>,
+>;
+
 /// Dials `peer` after an introduction: QUIC handshakes to every candidate at once while the
 /// punches go out, and, if none succeeds by `direct_deadline`, through the relay as well.
-/// The first handshake to complete wins; the others are abandoned.
+/// The first handshake to complete wins. When that is the relay's, the direct handshakes
+/// and the punches go on (a lost Initial costs a retransmission, about a second): they come
+/// back as [`DirectLater`] so the caller can move to the direct path as soon as it exists.
 ///
 /// With `direct` false (diagnosis: `--force-relay`), only the relay is tried.
 pub async fn dial_introduced(
@@ -276,7 +301,7 @@ pub async fn dial_introduced(
     intro: Introduction,
     direct_deadline: Duration,
     direct: bool,
-) -> Result<(quinn::Connection, Path), String> {
+) -> Result<(quinn::Connection, Path, Option<DirectLater>), String> {
     if !direct && intro.relay.is_none() {
         return Err("the rendezvous granted no relay (is it running with --no-relay?)".into());
     }
@@ -326,7 +351,11 @@ pub async fn dial_introduced(
             .map(Instant::from_std);
         tokio::select! {
             joined = tasks.join_next() => match joined {
-                Some(Ok(Some((path, Ok(conn))))) => return Ok((conn, path)),
+                Some(Ok(Some((path @ Path::Relay(_), Ok(conn))))) => {
+                    let later = direct.then(|| first_direct(tasks, last_error));
+                    return Ok((conn, path, later));
+                }
+                Some(Ok(Some((path, Ok(conn))))) => return Ok((conn, path, None)),
                 Some(Ok(Some((path, Err(e))))) => {
                     debug!(path = path.kind(), addr = %path.addr(), "attempt failed: {e}");
                     last_error = e;

@@ -318,12 +318,21 @@ impl Live {
     }
 }
 
-type Dial = std::pin::Pin<
-    Box<dyn std::future::Future<Output = Result<(Connection, Path), ConnectError>> + Send>,
->;
+type Dial =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Dialled, ConnectError>> + Send>>;
+
+/// A dial's connection, and the direct handshakes still under way when the relay won.
+struct Dialled {
+    conn: Connection,
+    path: Path,
+    direct_later: Option<Dial>,
+}
 
 /// Without a direct path by then, the relay is tried as well.
 const DIRECT_DEADLINE: Duration = Duration::from_millis(600);
+/// How long the direct handshakes of a dial the relay won may still complete: the punch
+/// window (3 s) and quinn's Initial retransmissions within it.
+const DIRECT_LATER: Duration = Duration::from_secs(5);
 /// While relayed, how often to try punching a direct path again.
 const UPGRADE_EVERY: Duration = Duration::from_secs(10);
 
@@ -395,7 +404,7 @@ impl Actor {
                 result = async { dial.as_mut().expect("guarded").await }, if dial.is_some() => {
                     dial = None;
                     match result {
-                        Ok((conn, path)) => {
+                        Ok(Dialled { conn, path, direct_later }) => {
                             backoff.succeeded();
                             info!(path = %path.kind(), remote = %path.addr(), "connected");
                             let mut l = self.register(conn, path, &mut generation);
@@ -403,7 +412,14 @@ impl Actor {
                                 // A client that gave up drops the lease with the reply.
                                 let _ = reply.send(Ok(l.lease(&ended_tx)));
                             }
-                            upgrade_at = path.is_relay().then(|| Instant::now() + UPGRADE_EVERY);
+                            // Relayed: the direct handshakes of this dial go on; without
+                            // them, a fresh punch later.
+                            upgrade_at = None;
+                            if direct_later.is_some() {
+                                upgrade = direct_later;
+                            } else if path.is_relay() {
+                                upgrade_at = Some(Instant::now() + UPGRADE_EVERY);
+                            }
                             live = Some(l);
                         }
                         Err(e) => {
@@ -427,7 +443,7 @@ impl Actor {
                 result = async { upgrade.as_mut().expect("guarded").await }, if upgrade.is_some() => {
                     upgrade = None;
                     match (result, live.take()) {
-                        (Ok((conn, path)), Some(old)) => {
+                        (Ok(Dialled { conn, path, .. }), Some(old)) => {
                             info!(path = %path.kind(), remote = %path.addr(), was = %old.pc.path.kind(), "path changed: new streams use the direct path");
                             let mut l = self.register(conn, path, &mut generation);
                             // The relayed connection is no longer preferred: the peer table
@@ -437,7 +453,7 @@ impl Actor {
                             }
                             live = Some(l);
                         }
-                        (Ok((conn, _)), None) => conn.close(close_code::IDLE, b"not needed"),
+                        (Ok(Dialled { conn, .. }), None) => conn.close(close_code::IDLE, b"not needed"),
                         (Err(e), old) => {
                             debug!("still no direct path: {e}");
                             live = old;
@@ -561,7 +577,7 @@ async fn dial_rendezvous(
     peer: PeerId,
     relay: bool,
     direct: bool,
-) -> Result<(Connection, Path), ConnectError> {
+) -> Result<Dialled, ConnectError> {
     let rendezvous = node.rendezvous.get().cloned().ok_or_else(|| {
         ConnectError::Failed(
             "the peer has no address: give PEER_ID@HOST:PORT, or --rendezvous HOST:PORT".into(),
@@ -571,21 +587,39 @@ async fn dial_rendezvous(
         .introduce(peer, relay)
         .await
         .ok_or(ConnectError::ShuttingDown)?;
-    crate::rendezvous::client::dial_introduced(
+    let (conn, path, later) = crate::rendezvous::client::dial_introduced(
         node.transport.clone(),
         intro,
         DIRECT_DEADLINE,
         direct,
     )
     .await
-    .map_err(|e| ConnectError::Failed(e.into()))
+    .map_err(|e| ConnectError::Failed(e.into()))?;
+    let direct_later = later.map(|later| -> Dial {
+        Box::pin(async move {
+            match tokio::time::timeout(DIRECT_LATER, later).await {
+                Ok(Ok((conn, path))) => Ok(Dialled {
+                    conn,
+                    path,
+                    direct_later: None,
+                }),
+                Ok(Err(e)) => Err(ConnectError::Failed(e.into())),
+                Err(_) => Err(ConnectError::Timeout(DIRECT_LATER)),
+            }
+        })
+    });
+    Ok(Dialled {
+        conn,
+        path,
+        direct_later,
+    })
 }
 
 async fn dial_address(
     transport: crate::transport::Transport,
     peer: PeerId,
     host_port: &str,
-) -> Result<(Connection, Path), ConnectError> {
+) -> Result<Dialled, ConnectError> {
     let failed = |msg: String| ConnectError::Failed(msg.into());
     let local = transport.local_addr().map_err(|e| failed(e.to_string()))?;
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host(host_port)
@@ -604,5 +638,9 @@ async fn dial_address(
         })?;
     debug!(%addr, "dialling");
     let conn = transport.connect(addr, peer).await.map_err(failed)?;
-    Ok((conn, Path::Direct(addr)))
+    Ok(Dialled {
+        conn,
+        path: Path::Direct(addr),
+        direct_later: None,
+    })
 }

@@ -231,9 +231,7 @@ impl Layer<'_> {
             }
             To::Stream => {
                 let mut send = self.send.lock().await;
-                send.write_all(data)
-                    .await
-                    .map_err(|e| Abort::from_write(e.into()))
+                send.write_all(data).await.map_err(Abort::from_write)
             }
         }
     }
@@ -297,7 +295,7 @@ impl Layer<'_> {
         let mut run = 0;
         loop {
             let item = match frame(&buf[run..]) {
-                Ok(Some(item)) if buf.len() - run >= item.len() => item,
+                Ok(Some(item)) if buf.len() - run >= item.wire_len() => item,
                 Ok(_) => break,
                 Err(e) => {
                     self.flush(buf, &mut run, to, count).await?;
@@ -319,16 +317,16 @@ impl Layer<'_> {
                 }
             };
             match action {
-                Action::Pass => run += item.len(),
+                Action::Pass => run += item.wire_len(),
                 Action::Replace(bytes) => {
                     self.flush(buf, &mut run, to, count).await?;
-                    let _ = buf.split_to(item.len());
+                    let _ = buf.split_to(item.wire_len());
                     self.write(to, &bytes).await?;
                     *count += bytes.len() as u64;
                 }
                 Action::Reply(bytes) => {
                     self.flush(buf, &mut run, to, count).await?;
-                    let _ = buf.split_to(item.len());
+                    let _ = buf.split_to(item.wire_len());
                     let back = if to == To::Socket {
                         To::Stream
                     } else {
