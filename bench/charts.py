@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Draws docs/bench/*.png from docs/bench/report.json, and adds the NAT lab's connection
-setup times (docs/bench/natlab.log, written by bench/run.sh) to report.md and report.json."""
+setup times (docs/bench/natlab.log, written by bench/run.sh) and the RTSP figures
+(docs/bench/rtsp.json, from bench/rtsp_bench.py) to report.md and report.json."""
 import json
 import re
 import statistics
@@ -105,4 +106,25 @@ if log.exists():
         (bench / "report.md").write_text(md)
         report["natlab_setup"] = rows
         (bench / "report.json").write_text(json.dumps(report, indent=2))
+# RTSP: first frame and playback over a lossy link (bench/rtsp_bench.py, same session).
+rtsp = bench / "rtsp.json"
+if rtsp.exists():
+    data = json.loads(rtsp.read_text())
+    report["rtsp"] = data
+    (bench / "report.json").write_text(json.dumps(report, indent=2))
+    rows = [r for r in data["lossy"]["rows"] if r.get("longest_freeze_ms") is not None]
+    if rows:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        labels = [f"{r['client']}\n{r['path'].replace('tunnel, ', '')}" for r in rows]
+        ax.bar(labels, [r["longest_freeze_ms"] for r in rows], color="tab:purple")
+        ax.set_ylabel("longest freeze, median of runs (ms)")
+        ax.set_title(f"RTSP over {data['lossy']['delay_ms']} ms + {data['lossy']['loss_pct']}% loss each way")
+        fig.tight_layout()
+        fig.savefig(bench / "rtsp-loss.png", dpi=110)
+        plt.close(fig)
+    md = (bench / "report.md").read_text()
+    md = md.split("\n## RTSP (from rtsp.md)")[0].rstrip("\n")
+    body = (bench / "rtsp.md").read_text().split("\n", 1)[1].replace("\n## ", "\n### ")
+    md += "\n\n## RTSP (from rtsp.md)\n" + body + "\n![longest freeze](rtsp-loss.png)\n"
+    (bench / "report.md").write_text(md)
 print("charts written to", bench, file=sys.stderr)

@@ -7,6 +7,7 @@
 //! reason, and the node waits for its tasks and for the close to reach the peers.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -174,6 +175,13 @@ impl Node {
             streams = live,
             rtsp_sessions = ctx.stats.rtsp_sessions.get(),
             media_flows = ctx.stats.media_flows.get(),
+            media_datagrams = ctx.stats.media_datagrams.load(Ordering::Relaxed),
+            media_overflow = ctx.stats.media_overflow.load(Ordering::Relaxed),
+            rtp_requested = ctx.stats.rtp_requested.load(Ordering::Relaxed),
+            rtp_resent = ctx.stats.rtp_resent.load(Ordering::Relaxed),
+            rtp_repaired = ctx.stats.rtp_repaired.load(Ordering::Relaxed),
+            rtp_parities = ctx.stats.rtp_parities.load(Ordering::Relaxed),
+            rtp_rebuilt = ctx.stats.rtp_rebuilt.load(Ordering::Relaxed),
             "stopping"
         );
         if live > 0 {

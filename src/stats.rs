@@ -65,6 +65,20 @@ pub struct Stats {
     pub connections_opened: AtomicU64,
     /// Streams ever opened or accepted.
     pub streams_opened: AtomicU64,
+    /// Media packets (RTP and RTCP) this node sent as QUIC datagrams.
+    pub media_datagrams: AtomicU64,
+    /// Media packets this node sent on a flow's overflow stream (larger than a datagram).
+    pub media_overflow: AtomicU64,
+    /// RTP packets this node asked the other peer to resend (loss repair).
+    pub rtp_requested: AtomicU64,
+    /// RTP packets this node resent when asked.
+    pub rtp_resent: AtomicU64,
+    /// Gaps in received RTP that a later packet filled (a resent, rebuilt or late one).
+    pub rtp_repaired: AtomicU64,
+    /// Parity packets (FEC) this node sent.
+    pub rtp_parities: AtomicU64,
+    /// Lost RTP packets this node rebuilt from a parity.
+    pub rtp_rebuilt: AtomicU64,
     /// Peers registered with this node's rendezvous role now.
     pub rendezvous_peers: std::sync::atomic::AtomicUsize,
 }

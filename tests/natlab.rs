@@ -265,7 +265,7 @@ fn scenario(tag: &str, mode_a: &str, mode_b: &str, loss: u32, delay_ms: u32) -> 
             .find(|l| l.contains("path changed"))
             .and_then(|l| l.split("path=").nth(1))
             .and_then(|rest| rest.split_whitespace().next())
-            .map(|p| format!("relay, then {p}"))
+            .map(|p| format!("relay_then_{p}"))
             .unwrap_or_default();
     }
     if std::env::var_os("NATLAB_VERBOSE").is_some() {
@@ -347,7 +347,7 @@ fn both_symmetric_use_the_relay() {
 /// retransmission after the relay's 600 ms head start); the session must end up direct.
 fn assert_ends_direct(outcome: &Outcome) {
     assert!(
-        ["direct", "relay, then direct"].contains(&outcome.path.as_str()),
+        ["direct", "relay_then_direct"].contains(&outcome.path.as_str()),
         "path {:?}; connect's log:\n{}",
         outcome.path,
         outcome.connect_log

@@ -28,8 +28,10 @@ const REWRITER: &str = concat!(
 );
 /// Seconds a client may take to decode its frames.
 const CLIENT_LIMIT: &str = "60";
+const DELAY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/natlab/delay.py");
 
-/// Two namespaces joined by a veth pair; deleted (with every process started here) on drop.
+/// Two namespaces joined by a veth pair, or through a link emulator in a third; deleted
+/// (with every process started here) on drop.
 struct Lab {
     tag: String,
     procs: Vec<Proc>,
@@ -48,8 +50,19 @@ fn ip(args: &[&str]) {
 impl Lab {
     /// `None` (test skipped, said loudly) when this machine cannot run it.
     fn up(tag: &str) -> Option<Lab> {
+        Lab::with_link(tag, None)
+    }
+
+    /// The two namespaces joined through tests/natlab/delay.py in a third ("m"), which drops
+    /// `loss_pct` percent of the frames each way (the kernel here has no netem).
+    fn lossy(tag: &str, loss_pct: u32) -> Option<Lab> {
+        Lab::with_link(tag, Some(loss_pct))
+    }
+
+    fn with_link(tag: &str, loss_pct: Option<u32>) -> Option<Lab> {
         let tools_ok = have("ffmpeg")
             && have("gst-launch-1.0")
+            && (loss_pct.is_none() || have("ethtool"))
             && have("ip")
             && have("ss")
             && Command::new("/usr/bin/python3")
@@ -73,7 +86,7 @@ impl Lab {
             return None;
         }
         let tag = format!("rt{tag}{}", std::process::id() % 10_000);
-        let lab = Lab {
+        let mut lab = Lab {
             tag,
             procs: Vec::new(),
             dir: TempDir::new("rtsp"),
@@ -82,9 +95,37 @@ impl Lab {
         ip(&["netns", "add", &s]);
         ip(&["netns", "add", &c]);
         let (v0, v1) = (format!("{}a", lab.tag), format!("{}b", lab.tag));
-        ip(&[
-            "link", "add", &v0, "netns", &s, "type", "veth", "peer", "name", &v1, "netns", &c,
-        ]);
+        match loss_pct {
+            None => ip(&[
+                "link", "add", &v0, "netns", &s, "type", "veth", "peer", "name", &v1, "netns", &c,
+            ]),
+            Some(loss) => {
+                let m = lab.ns("m");
+                ip(&["netns", "add", &m]);
+                let (m0, m1) = (format!("{}am", lab.tag), format!("{}bm", lab.tag));
+                ip(&[
+                    "link", "add", &v0, "netns", &s, "type", "veth", "peer", "name", &m0, "netns",
+                    &m,
+                ]);
+                ip(&[
+                    "link", "add", &v1, "netns", &c, "type", "veth", "peer", "name", &m1, "netns",
+                    &m,
+                ]);
+                // Frames as on a wire (no offloads): the emulator forwards what it reads.
+                for (ns, dev) in [(&m, &m0), (&m, &m1), (&s, &v0), (&c, &v1)] {
+                    ip(&["-n", ns, "link", "set", dev, "up"]);
+                    for feature in ["tx", "gro", "gso", "tso"] {
+                        let _ = Command::new("ip")
+                            .args(["netns", "exec", ns, "ethtool", "-K", dev, feature, "off"])
+                            .output();
+                    }
+                }
+                let mut cmd = lab.cmd("m", "python3");
+                cmd.args(["-u", DELAY, &m0, &m1, "0", &loss.to_string()]);
+                let i = lab.spawn("link emulator", &mut cmd);
+                lab.procs[i].line_matching(|l| l.starts_with("ready"));
+            }
+        }
         for (ns, dev, addr) in [(&s, &v0, "198.51.100.1/24"), (&c, &v1, "198.51.100.2/24")] {
             ip(&["-n", ns, "addr", "add", addr, "dev", dev]);
             ip(&["-n", ns, "link", "set", dev, "up"]);
@@ -203,7 +244,7 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         self.procs.clear();
-        for side in ["s", "c"] {
+        for side in ["s", "c", "m"] {
             let _ = Command::new("ip")
                 .args(["netns", "del", &self.ns(side)])
                 .status();
@@ -466,4 +507,61 @@ fn churn_of_killed_players_leaves_no_ports_sessions_or_connections() {
             );
         }
     }
+}
+
+/// The counters a tunnel process logs when told to stop: `name=value` pairs.
+fn stop_and_count(lab: &Lab, name: &str) -> std::collections::HashMap<String, u64> {
+    let i = lab.procs.iter().position(|p| p.name == name).unwrap();
+    lab.procs[i].signal("TERM");
+    assert_eq!(lab.procs[i].wait_exit(Duration::from_secs(10)), Some(0));
+    let log = lab.procs[i].stderr();
+    let stopping = log
+        .lines()
+        .find(|l| l.contains("stopping"))
+        .unwrap_or_else(|| panic!("{}: no stop logged:\n{log}", lab.procs[i].name));
+    stopping
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .filter_map(|(k, v)| Some((k.to_owned(), v.parse().ok()?)))
+        .collect()
+}
+
+#[test]
+fn a_lossy_link_is_mended_by_parity_and_by_asking_again() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    // 3% of the frames dropped each way, QUIC and media alike.
+    let Some(mut lab) = Lab::lossy("ls", 3) else {
+        return;
+    };
+    let port = lab.rtsp_server();
+    let base = lab.tunnel(&format!("rtsp://127.0.0.1:{port}"));
+    // A camera-like stream (about 1.5 Mbit/s, several packets per frame), UDP as ffmpeg
+    // asks by default: about 1,500 RTP packets, so some 45 lost on the way.
+    let out = lab.ffmpeg(&format!("{base}/busy"), None, 150);
+    assert_ffmpeg_played(&lab, "ffmpeg over a lossy link", &out);
+    let missed: u64 = text(&out)
+        .split("RTP: missed ")
+        .skip(1)
+        .filter_map(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    let (expose, connect) = (
+        stop_and_count(&lab, "tunnel expose"),
+        stop_and_count(&lab, "tunnel connect"),
+    );
+    let get = |side: &std::collections::HashMap<String, u64>, k: &str| {
+        side.get(k).copied().unwrap_or(0)
+    };
+    let why = format!(
+        "ffmpeg missed {missed}\nexpose {expose:?}\nconnect {connect:?}\n{}",
+        lab.logs()
+    );
+    // The camera side sent a parity per frame and resent what it was asked for; the client
+    // side rebuilt lost packets from parities and asked for others.
+    assert!(get(&expose, "rtp_parities") >= 100, "{why}");
+    assert!(get(&connect, "rtp_rebuilt") > 0, "{why}");
+    assert!(get(&connect, "rtp_requested") > 0, "{why}");
+    assert!(get(&expose, "rtp_resent") > 0, "{why}");
+    // Without repair ffmpeg would miss every lost packet; with it, most gaps are filled
+    // before ffmpeg stops waiting for them.
+    assert!(missed < get(&connect, "rtp_repaired"), "{why}");
 }

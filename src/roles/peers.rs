@@ -89,7 +89,7 @@ impl PeerTable {
         let pc = {
             let mut inner = self.inner();
             inner.seq += 1;
-            let media = MediaMux::new(conn.clone(), node.tasks.clone());
+            let media = MediaMux::new(conn.clone(), node.tasks.clone(), node.stats.clone());
             let pc = PeerConn {
                 media,
                 conn,

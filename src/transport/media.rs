@@ -2,8 +2,14 @@
 //! one, the RTSP server on the other), joined by QUIC datagrams.
 //!
 //! - A flow is named by a channel id that the client-facing peer allocates; every datagram
-//!   starts with a 4-byte tag: `id << 2 | allocated_by_sender << 1 | rtcp`. Each peer thus
-//!   tells its own ids from the other's on a connection that carries streams both ways.
+//!   starts with a 4-byte tag: `id << 3 | control << 2 | allocated_by_sender << 1 | rtcp`.
+//!   Each peer thus tells its own ids from the other's on a connection that carries streams
+//!   both ways. A control datagram carries the flow's loss repair (below), not media.
+//! - Loss repair (`session::repair`): the sending peer keeps its last RTP packets; the
+//!   receiving peer, seeing a gap in the sequence numbers, asks for the missing ones at once
+//!   in a control datagram (again after about a round trip, three times at most), and the
+//!   sender resends them as they were. Nothing waits for a resend: the client's jitter buffer
+//!   puts it in its place.
 //! - A packet larger than the connection's datagram limit is not dropped: it goes on a
 //!   unidirectional stream of its flow (tag, then `rtcp:u8 | len:u16be | packet` frames),
 //!   opened when the first such packet comes. Order across the two paths is not kept; RTP
@@ -20,7 +26,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use quinn::{Connection, RecvStream, SendDatagramError, SendStream};
@@ -30,12 +36,14 @@ use tokio_util::task::TaskTracker;
 use tracing::debug;
 
 use crate::protocol::stream_code;
-use crate::stats::GaugeGuard;
+use crate::session::fec;
+use crate::session::repair::{self, Gaps, History};
+use crate::stats::{GaugeGuard, Stats};
 
 /// Bytes of the tag in front of every datagram and at the start of an overflow stream.
 pub const TAG_LEN: usize = 4;
-/// Largest channel id (30 bits).
-const MAX_ID: u32 = (1 << 30) - 1;
+/// Largest channel id (29 bits).
+const MAX_ID: u32 = (1 << 29) - 1;
 /// Send priority of overflow streams (RTSP streams use the same; bulk streams go below 0).
 pub const MEDIA_PRIORITY: i32 = 1;
 /// Largest UDP payload.
@@ -44,28 +52,63 @@ const MAX_PACKET: usize = 65_535;
 /// `0` RTP, `1` RTCP: the first and second port of a pair.
 pub type Kind = usize;
 
-/// A datagram or stream tag: `(channel id, allocated by the sender, kind)`.
-pub fn encode_tag(id: u32, allocated_by_sender: bool, kind: Kind) -> [u8; TAG_LEN] {
-    ((id & MAX_ID) << 2 | u32::from(allocated_by_sender) << 1 | (kind as u32 & 1)).to_be_bytes()
+/// What a datagram or overflow stream starts with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tag {
+    pub id: u32,
+    /// The sender of the datagram allocated `id` (it is the client-facing peer).
+    pub allocated_by_sender: bool,
+    /// A loss-repair message about the flow's `kind` packets, not a packet.
+    pub control: bool,
+    pub kind: Kind,
 }
 
-pub fn decode_tag(buf: &[u8]) -> Option<(u32, bool, Kind)> {
-    let v = u32::from_be_bytes(buf.get(..TAG_LEN)?.try_into().ok()?);
-    Some((v >> 2, v & 2 != 0, (v & 1) as Kind))
+impl Tag {
+    pub fn encode(self) -> [u8; TAG_LEN] {
+        ((self.id & MAX_ID) << 3
+            | u32::from(self.control) << 2
+            | u32::from(self.allocated_by_sender) << 1
+            | (self.kind as u32 & 1))
+            .to_be_bytes()
+    }
+
+    pub fn decode(buf: &[u8]) -> Option<Tag> {
+        let v = u32::from_be_bytes(buf.get(..TAG_LEN)?.try_into().ok()?);
+        Some(Tag {
+            id: v >> 3,
+            control: v & 4 != 0,
+            allocated_by_sender: v & 2 != 0,
+            kind: (v & 1) as Kind,
+        })
+    }
 }
 
 /// A flow's key on one peer: (allocated here, id).
 type Key = (bool, u32);
 
 struct Sink {
+    /// The flow's RTP tag as this peer sends it.
+    tag: Tag,
     sockets: [Arc<UdpSocket>; 2],
     /// Where packets from the other peer go: the client's or the server's ports.
     remote: Mutex<[Option<SocketAddr>; 2]>,
+    /// RTP this peer sent as datagrams, for resending.
+    sent: Mutex<History>,
+    /// RTP from the other peer that has not arrived.
+    gaps: Mutex<Gaps>,
+    /// Parity of the RTP block this peer is sending.
+    fec_tx: Mutex<fec::Encoder>,
+    /// RTP and parities from the other peer, for rebuilding a lost packet.
+    fec_rx: Mutex<fec::Decoder>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Sink {
     fn remote(&self, kind: Kind) -> Option<SocketAddr> {
-        self.remote.lock().unwrap_or_else(|p| p.into_inner())[kind]
+        lock(&self.remote)[kind]
     }
 
     fn deliver(&self, kind: Kind, packet: &[u8]) {
@@ -82,20 +125,22 @@ pub struct MediaMux {
     flows: Mutex<HashMap<Key, Arc<Sink>>>,
     next_id: AtomicU32,
     tasks: TaskTracker,
+    stats: Arc<Stats>,
 }
 
 impl MediaMux {
-    pub fn new(conn: Connection, tasks: TaskTracker) -> Arc<MediaMux> {
+    pub fn new(conn: Connection, tasks: TaskTracker, stats: Arc<Stats>) -> Arc<MediaMux> {
         Arc::new(MediaMux {
             conn,
             flows: Mutex::default(),
             next_id: AtomicU32::new(1),
             tasks,
+            stats,
         })
     }
 
     fn flows(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Arc<Sink>>> {
-        self.flows.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.flows)
     }
 
     /// A new channel id, allocated by this peer.
@@ -133,14 +178,104 @@ impl MediaMux {
             }
         }
         self.flows().clear();
+        let path = self.conn.stats().path;
+        debug!(
+            lost_packets = path.lost_packets,
+            congestion_events = path.congestion_events,
+            cwnd = path.cwnd,
+            rtt = ?path.rtt,
+            "media mux done"
+        );
     }
 
     fn datagram(&self, d: &[u8]) {
-        let Some((id, by_sender, kind)) = decode_tag(d) else {
+        let Some(tag) = Tag::decode(d) else {
             return debug!("datagram shorter than its tag");
         };
-        if let Some(sink) = self.sink((!by_sender, id)) {
-            sink.deliver(kind, &d[TAG_LEN..]);
+        let Some(sink) = self.sink((!tag.allocated_by_sender, tag.id)) else {
+            return;
+        };
+        let body = &d[TAG_LEN..];
+        match (tag.control, body.first()) {
+            (true, Some(1)) => self.resend(&sink, body),
+            (true, Some(2)) => self.parity(&sink, body),
+            (true, _) => debug!("unknown media control message"),
+            (false, _) => self.received(&sink, tag.kind, body),
+        }
+    }
+
+    /// A media packet from the other peer (datagram or overflow stream): to the near host;
+    /// RTP also to loss repair, with any packet its arrival lets the FEC decoder rebuild.
+    fn received(&self, sink: &Sink, kind: Kind, packet: &[u8]) {
+        sink.deliver(kind, packet);
+        if kind != 0 {
+            return;
+        }
+        let rebuilt = lock(&sink.fec_rx).arrived(Bytes::copy_from_slice(packet), Instant::now());
+        self.arrived(sink, packet);
+        for p in rebuilt {
+            self.rebuilt(sink, &p);
+        }
+    }
+
+    /// A parity from the other peer: rebuilds the one packet of its block that is missing.
+    fn parity(&self, sink: &Sink, body: &[u8]) {
+        let Some(parity) = fec::Parity::decode(body) else {
+            return debug!("malformed parity");
+        };
+        let rebuilt = lock(&sink.fec_rx).parity(parity, Instant::now());
+        if let Some(p) = rebuilt {
+            self.rebuilt(sink, &p);
+        }
+    }
+
+    fn rebuilt(&self, sink: &Sink, packet: &[u8]) {
+        self.stats.rtp_rebuilt.fetch_add(1, Ordering::Relaxed);
+        sink.deliver(0, packet);
+        self.arrived(sink, packet);
+    }
+
+    /// An RTP packet from the other peer was delivered: ask for what is missing before it.
+    fn arrived(&self, sink: &Sink, packet: &[u8]) {
+        let Some((ssrc, seq)) = repair::rtp_id(packet) else {
+            return;
+        };
+        let rtt = self.conn.rtt();
+        let retry = rtt + rtt / 4 + Duration::from_millis(5);
+        let arrival = lock(&sink.gaps).arrived(ssrc, seq, Instant::now(), retry);
+        if arrival.filled {
+            self.stats.rtp_repaired.fetch_add(1, Ordering::Relaxed);
+        }
+        if arrival.request.is_empty() {
+            return;
+        }
+        self.stats
+            .rtp_requested
+            .fetch_add(arrival.request.len() as u64, Ordering::Relaxed);
+        let tag = Tag {
+            control: true,
+            ..sink.tag
+        };
+        let mut d = BytesMut::from(&tag.encode()[..]);
+        d.put_slice(&repair::encode_request(ssrc, &arrival.request));
+        // Lost or refused: the next packet asks again.
+        let _ = self.conn.send_datagram(d.freeze());
+    }
+
+    /// The other peer asks for RTP packets again.
+    fn resend(&self, sink: &Sink, request: &[u8]) {
+        let Some((ssrc, seqs)) = repair::decode_request(request) else {
+            return debug!("malformed repair request");
+        };
+        let now = Instant::now();
+        let again: Vec<Bytes> = {
+            let sent = lock(&sink.sent);
+            seqs.filter_map(|seq| sent.resend(ssrc, seq, now)).collect()
+        };
+        for d in again {
+            if self.conn.send_datagram(d).is_ok() {
+                self.stats.rtp_resent.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -150,10 +285,10 @@ impl MediaMux {
         if recv.read_exact(&mut tag).await.is_err() {
             return;
         }
-        let Some((id, by_sender, _)) = decode_tag(&tag) else {
+        let Some(tag) = Tag::decode(&tag) else {
             return;
         };
-        let key = (!by_sender, id);
+        let key = (!tag.allocated_by_sender, tag.id);
         let mut packet = vec![0u8; MAX_PACKET];
         loop {
             let mut head = [0u8; 3];
@@ -165,7 +300,7 @@ impl MediaMux {
                 return;
             }
             match self.sink(key) {
-                Some(sink) => sink.deliver(usize::from(head[0] & 1), &packet[..len]),
+                Some(sink) => self.received(&sink, usize::from(head[0] & 1), &packet[..len]),
                 None => {
                     let _ = recv.stop(stream_code::ABORTED);
                     return;
@@ -201,9 +336,20 @@ impl MediaFlow {
     ) -> io::Result<MediaFlow> {
         let (a, b) = bind_pair(local)?;
         let ports = (a.local_addr()?.port(), b.local_addr()?.port());
+        let tag = Tag {
+            id,
+            allocated_by_sender: allocated_here,
+            control: false,
+            kind: 0,
+        };
         let sink = Arc::new(Sink {
+            tag,
             sockets: [Arc::new(a), Arc::new(b)],
             remote: Mutex::new([None, None]),
+            sent: Mutex::default(),
+            gaps: Mutex::default(),
+            fec_tx: Mutex::default(),
+            fec_rx: Mutex::default(),
         });
         let key = (allocated_here, id);
         mux.flows().insert(key, sink.clone());
@@ -211,9 +357,9 @@ impl MediaFlow {
         let last_rx = Arc::new(Mutex::new(None));
         let pump = Pump {
             conn: mux.conn.clone(),
+            stats: mux.stats.clone(),
             sink: sink.clone(),
             near,
-            tag: encode_tag(id, allocated_here, 0),
             overflow: None,
             last_rx: last_rx.clone(),
         };
@@ -243,14 +389,14 @@ impl MediaFlow {
     /// Where to send what comes from the other peer; `None` keeps the current value (set
     /// from the first packet the near host sends).
     pub fn set_remote(&self, rtp: Option<SocketAddr>, rtcp: Option<SocketAddr>) {
-        let mut remote = self.sink.remote.lock().unwrap_or_else(|p| p.into_inner());
+        let mut remote = lock(&self.sink.remote);
         remote[0] = rtp.or(remote[0]);
         remote[1] = rtcp.or(remote[1]);
     }
 
     /// When the near host last sent a packet.
     pub fn last_activity(&self) -> Option<Instant> {
-        *self.last_rx.lock().unwrap_or_else(|p| p.into_inner())
+        *lock(&self.last_rx)
     }
 }
 
@@ -265,9 +411,9 @@ struct Pump {
     conn: Connection,
     sink: Arc<Sink>,
     near: IpAddr,
-    tag: [u8; TAG_LEN],
     overflow: Option<SendStream>,
     last_rx: Arc<Mutex<Option<Instant>>>,
+    stats: Arc<Stats>,
 }
 
 impl Pump {
@@ -287,9 +433,9 @@ impl Pump {
             if canonical(from.ip()) != canonical(self.near) {
                 continue;
             }
-            *self.last_rx.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+            *lock(&self.last_rx) = Some(Instant::now());
             {
-                let mut remote = self.sink.remote.lock().unwrap_or_else(|p| p.into_inner());
+                let mut remote = lock(&self.sink.remote);
                 remote[kind].get_or_insert(from);
             }
             let packet = if kind == 0 {
@@ -311,20 +457,36 @@ impl Pump {
             .is_some_and(|max| TAG_LEN + packet.len() <= max);
         if fits {
             let mut d = BytesMut::with_capacity(TAG_LEN + packet.len());
-            d.put_slice(&self.tag);
-            d[TAG_LEN - 1] |= kind as u8;
+            d.put_slice(
+                &Tag {
+                    kind,
+                    ..self.sink.tag
+                }
+                .encode(),
+            );
             d.put_slice(packet);
-            match self.conn.send_datagram(d.freeze()) {
-                Ok(()) => return Ok(()),
+            let d = d.freeze();
+            match self.conn.send_datagram(d.clone()) {
+                Ok(()) => {
+                    self.stats.media_datagrams.fetch_add(1, Ordering::Relaxed);
+                    if let (0, Some((ssrc, seq))) = (kind, repair::rtp_id(packet)) {
+                        lock(&self.sink.sent).sent(ssrc, seq, Instant::now(), d);
+                        self.send_parity(packet);
+                    }
+                    return Ok(());
+                }
                 Err(SendDatagramError::ConnectionLost(_)) => return Err(()),
                 // Too large after all (the path MTU shrank), or datagrams are off: stream.
                 Err(_) => {}
             }
         }
+        if kind == 0 {
+            lock(&self.sink.fec_tx).skipped();
+        }
         if self.overflow.is_none() {
             let mut s = self.conn.open_uni().await.map_err(|_| ())?;
             let _ = s.set_priority(MEDIA_PRIORITY);
-            s.write_all(&self.tag).await.map_err(|_| ())?;
+            s.write_all(&self.sink.tag.encode()).await.map_err(|_| ())?;
             self.overflow = Some(s);
         }
         let stream = self.overflow.as_mut().expect("opened above");
@@ -332,11 +494,39 @@ impl Pump {
         frame.push(kind as u8);
         frame.extend_from_slice(&(packet.len() as u16).to_be_bytes());
         frame.extend_from_slice(packet);
+        self.stats.media_overflow.fetch_add(1, Ordering::Relaxed);
         if stream.write_chunk(Bytes::from(frame)).await.is_err() {
             // The other peer stopped it (its flow is gone): open another next time.
             self.overflow = None;
         }
         Ok(())
+    }
+}
+
+impl Pump {
+    /// Sends the parity of the block `packet` ends, if it ends one and the parity fits in
+    /// a datagram (else that block goes without: loss repair still asks again).
+    fn send_parity(&self, packet: &[u8]) {
+        let Some(parity) = lock(&self.sink.fec_tx).sent(packet) else {
+            return;
+        };
+        let wire = parity.encode();
+        if self
+            .conn
+            .max_datagram_size()
+            .is_some_and(|max| TAG_LEN + wire.len() <= max)
+        {
+            let tag = Tag {
+                control: true,
+                ..self.sink.tag
+            };
+            let mut d = BytesMut::with_capacity(TAG_LEN + wire.len());
+            d.put_slice(&tag.encode());
+            d.put_slice(&wire);
+            if self.conn.send_datagram(d.freeze()).is_ok() {
+                self.stats.rtp_parities.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 }
 
@@ -383,10 +573,20 @@ mod tests {
 
     #[test]
     fn tags_round_trip() {
-        for (id, by, kind) in [(1, true, 0), (MAX_ID, false, 1), (77, true, 1)] {
-            assert_eq!(decode_tag(&encode_tag(id, by, kind)), Some((id, by, kind)));
+        for (id, by, control, kind) in [
+            (1, true, false, 0),
+            (MAX_ID, false, true, 1),
+            (77, true, true, 0),
+        ] {
+            let tag = Tag {
+                id,
+                allocated_by_sender: by,
+                control,
+                kind,
+            };
+            assert_eq!(Tag::decode(&tag.encode()), Some(tag));
         }
-        assert_eq!(decode_tag(&[1, 2, 3]), None);
+        assert_eq!(Tag::decode(&[1, 2, 3]), None);
     }
 
     #[tokio::test]
