@@ -15,6 +15,7 @@ import json
 import os
 import re
 import select
+import shutil
 import signal
 import statistics
 import subprocess
@@ -32,7 +33,7 @@ PLAY_S = 20
 DELAY_MS, LOSS_PCT = 20, 1
 # One decoded frame, as the measuring clients write it: 16x16 grey.
 FRAME = 16 * 16
-procs, namespaces = [], []
+procs, namespaces, dirs = [], [], []
 
 
 def sh(*args, check=True):
@@ -106,6 +107,7 @@ class World:
         self.port = int(line(srv, lambda l: l.startswith("ready")).split()[1])
         ident = f"/tmp/{tag}"
         os.makedirs(ident, exist_ok=True)
+        dirs.append(ident)
         cid = sh(TUNNEL, "id", "--identity", f"{ident}/c.pem").stdout.strip()
         env = dict(os.environ, NO_COLOR="1")
         exp = spawn(ns(s, TUNNEL, "expose", "--listen", "198.51.100.1:0", "--allow", cid,
@@ -253,7 +255,7 @@ def lossy_part():
             row["worst_freeze_ms"] = max((r["longest_freeze_ms"] or 0 for r in ok), default=None)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "each"}), flush=True)
-    return rows
+    return rows, world.stop()
 
 
 def fmt(v, pattern):
@@ -263,13 +265,15 @@ def fmt(v, pattern):
 def main():
     try:
         first = first_frame_part()
-        lossy = lossy_part()
+        lossy, counters = lossy_part()
     finally:
         for p in procs:
             p.kill()
             p.wait()
         for name in namespaces:
             sh("ip", "netns", "del", name, check=False)
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
     day = time.strftime("%Y-%m-%d")
     out = ["# RTSP benchmark", "",
            f"`bench/rtsp_bench.py`, {day}.", "",
@@ -299,11 +303,14 @@ def main():
         out.append(f"| {r['client']} | {r['path']} | {fmt(r['frames'], '%d')} | {fmt(r['longest_freeze_ms'], '%.0f')} | "
                    f"{fmt(r['worst_freeze_ms'], '%.0f')} | {fmt(r['decode_errors'], '%d')} | {fmt(r['missed_packets'], '%d')} | "
                    f"{fmt(r['first_frame_s'], '%.2f')} | {r['ok']}/{r['runs']} |")
+    out += ["", "The tunnels' media counters over the whole lossy part (both clients, both modes), "
+            "as they logged them when stopped:", "", "```"] + [c.split("stopping ", 1)[-1] for c in counters] + ["```"]
     with open(os.path.join(ROOT, "docs/bench/rtsp.md"), "w") as f:
         f.write("\n".join(out) + "\n")
     with open(os.path.join(ROOT, "docs/bench/rtsp.json"), "w") as f:
         json.dump({"date": day, "first_frame": first,
-                   "lossy": {"delay_ms": DELAY_MS, "loss_pct": LOSS_PCT, "play_s": PLAY_S, "rows": lossy}}, f, indent=2)
+                   "lossy": {"delay_ms": DELAY_MS, "loss_pct": LOSS_PCT, "play_s": PLAY_S, "rows": lossy,
+                             "tunnel_counters": counters}}, f, indent=2)
     print("\n".join(out))
 
 
