@@ -30,6 +30,8 @@ TAG = f"rb{os.getpid() % 10000}"
 RUNS = 5
 LOSSY_RUNS = 3
 PLAY_S = 20
+# Bytes of the bulk download over the lossy link (per controller, twice).
+BULK_BYTES = 4 << 20
 DELAY_MS, LOSS_PCT = 20, 1
 # One decoded frame, as the measuring clients write it: 16x16 grey.
 FRAME = 16 * 16
@@ -82,7 +84,7 @@ class World:
     """Camera side S (RTSP server and `tunnel expose`) and client side C (`tunnel connect`),
     joined by a veth, or, when `impaired`, through delay.py in a namespace M between them."""
 
-    def __init__(self, tag, impaired):
+    def __init__(self, tag, impaired, congestion="cubic"):
         s, c = f"{tag}-s", f"{tag}-c"
         self.s, self.c = s, c
         netns(s)
@@ -113,15 +115,25 @@ class World:
         exp = spawn(ns(s, TUNNEL, "expose", "--listen", "198.51.100.1:0", "--allow", cid,
                        "--identity", f"{ident}/e.pem", "--service", f"cam=rtsp://127.0.0.1:{self.port}",
                        "--service", f"camr=rtsp://127.0.0.1:{self.port}?udp=refuse",
-                       "--service", f"raw=127.0.0.1:{self.port}"), log=f"{ident}/expose.log", env=env)
+                       "--service", f"raw=127.0.0.1:{self.port}", "--service", "web=127.0.0.1:8000",
+                       "--congestion", congestion), log=f"{ident}/expose.log", env=env)
         peer = line(exp, lambda l: l.strip().startswith("tunnel connect")).split()[2]
         con = spawn(ns(c, TUNNEL, "connect", peer, "--eager", "--identity", f"{ident}/c.pem",
                        "--local", "127.0.0.1:18554=cam", "--local", "127.0.0.1:18555=camr",
-                       "--local", "127.0.0.1:18556=raw"), log=f"{ident}/connect.log", env=env)
+                       "--local", "127.0.0.1:18556=raw", "--local", "127.0.0.1:18080=web",
+                       "--congestion", congestion), log=f"{ident}/connect.log", env=env)
         self.logs = (f"{ident}/expose.log", f"{ident}/connect.log")
         self.tunnels = (exp, con)
-        for _ in range(3):
+        for _ in range(4):
             line(con, lambda l: " -> " in l)
+        # Bulk for comparison: a file served on the camera's host.
+        www = f"{ident}/www"
+        os.makedirs(www, exist_ok=True)
+        with open(f"{www}/blob", "wb") as f:
+            f.write(os.urandom(BULK_BYTES))
+        web = spawn(ns(s, "python3", "-u", "-m", "http.server", "8000", "--bind", "127.0.0.1",
+                       "--directory", www), log=f"{ident}/http.log")
+        time.sleep(0.5)
         time.sleep(1)
 
     def stop(self):
@@ -239,23 +251,41 @@ def first_frame_part():
     return rows
 
 
+def bulk_mbits(where):
+    """Mbit/s of one download of the bulk file through the tunnel, or None."""
+    r = subprocess.run(ns(where, "curl", "-sS", "--fail", "--max-time", "120", "-o", "/dev/null",
+                          "-w", "%{speed_download}", "http://127.0.0.1:18080/blob"),
+                       capture_output=True, text=True)
+    return float(r.stdout) * 8 / 1e6 if r.returncode == 0 else None
+
+
 def lossy_part():
-    world = World(f"{TAG}l", impaired=True)
-    modes = world.modes("busy")
-    rows = []
-    for client in ("ffmpeg", "gstreamer"):
-        for mode in ("tunnel, datagram mode", "tunnel, refuse mode"):
-            where, url = modes[mode]
-            runs = [play(where, client, url) for _ in range(LOSSY_RUNS)]
-            ok = [r for r in runs if r is not None]
-            row = {"client": client, "path": mode, "ok": len(ok), "runs": LOSSY_RUNS, "each": ok}
-            for key in ("frames", "decode_errors", "missed_packets", "longest_freeze_ms", "first_frame_s"):
-                values = [r[key] for r in ok if r[key] is not None]
-                row[key] = statistics.median(values) if values else None
-            row["worst_freeze_ms"] = max((r["longest_freeze_ms"] or 0 for r in ok), default=None)
-            rows.append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "each"}), flush=True)
-    return rows, world.stop()
+    """Both congestion controllers, each in its own lossy world: playback rows, bulk rows and
+    the tunnels' counters."""
+    rows, bulk, counters = [], [], {}
+    for congestion in ("cubic", "bbr"):
+        world = World(f"{TAG}l{congestion[0]}", impaired=True, congestion=congestion)
+        modes = world.modes("busy")
+        for client in ("ffmpeg", "gstreamer"):
+            for mode in ("tunnel, datagram mode", "tunnel, refuse mode"):
+                where, url = modes[mode]
+                runs = [play(where, client, url) for _ in range(LOSSY_RUNS)]
+                ok = [r for r in runs if r is not None]
+                row = {"congestion": congestion, "client": client, "path": mode, "ok": len(ok),
+                       "runs": LOSSY_RUNS, "each": ok}
+                for key in ("frames", "decode_errors", "missed_packets", "longest_freeze_ms", "first_frame_s"):
+                    values = [r[key] for r in ok if r[key] is not None]
+                    row[key] = statistics.median(values) if values else None
+                row["worst_freeze_ms"] = max((r["longest_freeze_ms"] or 0 for r in ok), default=None)
+                rows.append(row)
+                print(json.dumps({k: v for k, v in row.items() if k != "each"}), flush=True)
+        speeds = [bulk_mbits(world.c) for _ in range(2)]
+        ok = [v for v in speeds if v is not None]
+        bulk.append({"congestion": congestion, "mbit_s": statistics.median(ok) if ok else None,
+                     "each": speeds})
+        print(json.dumps(bulk[-1]), flush=True)
+        counters[congestion] = world.stop()
+    return rows, bulk, counters
 
 
 def fmt(v, pattern):
@@ -265,7 +295,7 @@ def fmt(v, pattern):
 def main():
     try:
         first = first_frame_part()
-        lossy, counters = lossy_part()
+        lossy, bulk, counters = lossy_part()
     finally:
         for p in procs:
             p.kill()
@@ -296,21 +326,29 @@ def main():
             "over all runs (at 25 fps frames are 40 ms apart). *missed packets*: what the client "
             "reported lost (ffmpeg \"RTP: missed N packets\"; rtpjitterbuffer lost-packet lines); "
             "*decoder errors*: the H.264 decoder's error lines (concealed slices, missing "
-            "references).", "",
-            "| client | mode | frames | longest freeze (ms) | worst freeze (ms) | decoder errors | missed packets | first frame (s) | runs ok |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "references). Each congestion controller (`--congestion`, on both tunnels) in a "
+            "fresh pair of namespaces.", "",
+            "| controller | client | mode | frames | longest freeze (ms) | worst freeze (ms) | decoder errors | missed packets | first frame (s) | runs ok |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in lossy:
-        out.append(f"| {r['client']} | {r['path']} | {fmt(r['frames'], '%d')} | {fmt(r['longest_freeze_ms'], '%.0f')} | "
+        out.append(f"| {r['congestion']} | {r['client']} | {r['path']} | {fmt(r['frames'], '%d')} | {fmt(r['longest_freeze_ms'], '%.0f')} | "
                    f"{fmt(r['worst_freeze_ms'], '%.0f')} | {fmt(r['decode_errors'], '%d')} | {fmt(r['missed_packets'], '%d')} | "
                    f"{fmt(r['first_frame_s'], '%.2f')} | {r['ok']}/{r['runs']} |")
-    out += ["", "The tunnels' media counters over the whole lossy part (both clients, both modes), "
-            "as they logged them when stopped:", "", "```"] + [c.split("stopping ", 1)[-1] for c in counters] + ["```"]
+    out += ["", f"Bulk over the same link: a {BULK_BYTES >> 20} MiB download with curl through a "
+            "tcp service, median of 2.", "", "| controller | Mbit/s |", "|---|---|"]
+    for b in bulk:
+        out.append(f"| {b['congestion']} | {fmt(b['mbit_s'], '%.1f')} |")
+    out += ["", "The tunnels' media counters per controller (both clients, both modes), as they "
+            "logged them when stopped (expose first):", "", "```"]
+    for congestion, lines in counters.items():
+        out += [f"{congestion}: " + c.split("stopping ", 1)[-1] for c in lines]
+    out += ["```"]
     with open(os.path.join(ROOT, "docs/bench/rtsp.md"), "w") as f:
         f.write("\n".join(out) + "\n")
     with open(os.path.join(ROOT, "docs/bench/rtsp.json"), "w") as f:
         json.dump({"date": day, "first_frame": first,
                    "lossy": {"delay_ms": DELAY_MS, "loss_pct": LOSS_PCT, "play_s": PLAY_S, "rows": lossy,
-                             "tunnel_counters": counters}}, f, indent=2)
+                             "bulk": bulk, "tunnel_counters": counters}}, f, indent=2)
     print("\n".join(out))
 
 

@@ -22,7 +22,7 @@ use crate::node::Node;
 use crate::rendezvous::server::RendezvousConfig;
 use crate::roles::connect::SessionConfig;
 use crate::roles::expose::{Authorized, ExposeConfig};
-use crate::transport::Tuning;
+use crate::transport::{Congestion, Tuning};
 
 const DEFAULT_LISTEN: &str = "0.0.0.0:4433";
 const DEFAULT_DRAIN: Duration = Duration::from_secs(5);
@@ -70,6 +70,28 @@ struct CommonArgs {
     /// Rules file (see proxy-rules.toml); flags add to and override it.
     #[arg(long, short = 'c', env = "TUNNEL_CONFIG", value_name = "PATH")]
     config: Option<PathBuf>,
+    /// QUIC congestion controller of this side's sending: `bbr` keeps a camera's frames
+    /// from queueing on a lossy path (quinn marks it experimental; docs/rtsp.md).
+    #[arg(long, env = "TUNNEL_CONGESTION", value_enum, default_value_t = CongestionArg::Cubic)]
+    congestion: CongestionArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum CongestionArg {
+    Cubic,
+    Bbr,
+}
+
+impl CommonArgs {
+    fn tuning(&self) -> Tuning {
+        Tuning {
+            congestion: match self.congestion {
+                CongestionArg::Cubic => Congestion::Cubic,
+                CongestionArg::Bbr => Congestion::Bbr,
+            },
+            ..Tuning::default()
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -235,7 +257,7 @@ async fn expose(args: ExposeArgs) -> Result<(), Failure> {
         .or(rules.drain_timeout)
         .map_or(DEFAULT_DRAIN, |d| d.0);
 
-    let node = Node::bind(listen, identity, Tuning::default())
+    let node = Node::bind(listen, identity, args.common.tuning())
         .map_err(|e| anyhow::anyhow!("{e}; choose another port with --listen ADDR"))?;
     let local = node.local_addr().context("reading the bound address")?;
     let services: Vec<_> = config
@@ -368,7 +390,7 @@ async fn connect(args: ConnectArgs) -> Result<(), Failure> {
             })?;
         listeners.push((listener, rule.service.clone()));
     }
-    let node = Node::bind(bind, identity, Tuning::default())
+    let node = Node::bind(bind, identity, args.common.tuning())
         .map_err(|e| anyhow::anyhow!("{e}; choose another address with --bind ADDR"))?;
     info!(peer_id = %node.peer_id(), "this side's peer id (the other side allows it with --allow)");
     if let (Some(server), None) = (&rendezvous, &peer.addr) {
@@ -403,7 +425,7 @@ async fn rendezvous(args: RendezvousArgs) -> Result<(), Failure> {
     let listen = args
         .listen
         .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 3478)));
-    let node = Node::bind(listen, identity, Tuning::default())
+    let node = Node::bind(listen, identity, args.common.tuning())
         .map_err(|e| anyhow::anyhow!("{e}; choose another port with --listen ADDR"))?;
     let config = RendezvousConfig {
         relay: !args.no_relay,

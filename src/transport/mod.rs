@@ -38,6 +38,20 @@ pub struct Tuning {
     pub idle_timeout: Duration,
     /// Requested UDP socket buffer size (the kernel may cap it at net.core.[rw]mem_max).
     pub socket_buffer: usize,
+    /// The congestion controller of every connection this node makes or accepts.
+    pub congestion: Congestion,
+}
+
+/// quinn's congestion controllers that a user may choose (docs/rtsp.md, "Congestion").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Congestion {
+    /// quinn's default. Application-limited senders (a camera) never regrow its window after
+    /// random losses, and it paces at window / RTT: frames queue behind it on lossy paths.
+    #[default]
+    Cubic,
+    /// quinn's BBR (marked experimental by quinn): paces at the measured bandwidth, so a
+    /// camera's frames go out at once after random losses.
+    Bbr,
 }
 
 impl Default for Tuning {
@@ -50,6 +64,7 @@ impl Default for Tuning {
             keep_alive: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
             socket_buffer: 8 << 20,
+            congestion: Congestion::default(),
         }
     }
 }
@@ -73,6 +88,9 @@ impl Tuning {
             .max_idle_timeout(Some(
                 IdleTimeout::try_from(self.idle_timeout).expect("idle timeout fits a varint"),
             ));
+        if self.congestion == Congestion::Bbr {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+        }
         if loopback {
             // On loopback MTU discovery may go up to 64 KB packets: quinn's sender is
             // CPU-bound per packet, so that is most of the throughput there
