@@ -70,16 +70,16 @@ struct CommonArgs {
     /// Rules file (see proxy-rules.toml); flags add to and override it.
     #[arg(long, short = 'c', env = "TUNNEL_CONFIG", value_name = "PATH")]
     config: Option<PathBuf>,
-    /// QUIC congestion controller of this side's sending: `bbr` keeps a camera's frames
-    /// from queueing on a lossy path (quinn marks it experimental; docs/rtsp.md).
-    #[arg(long, env = "TUNNEL_CONGESTION", value_enum, default_value_t = CongestionArg::Cubic)]
+    /// QUIC congestion controller for what this side sends: `bbr` does not take random loss
+    /// for congestion (docs/architecture.md); `cubic` is quinn's own default.
+    #[arg(long, env = "TUNNEL_CONGESTION", value_enum, default_value_t = CongestionArg::Bbr)]
     congestion: CongestionArg,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum CongestionArg {
-    Cubic,
     Bbr,
+    Cubic,
 }
 
 impl CommonArgs {

@@ -200,6 +200,9 @@ fn missing_pieces_say_what_to_add() {
     assert!(err.contains("--rendezvous"), "{err}");
     let (code, err) = run(&["expose", "--bogus-flag"]);
     assert_eq!(code, Some(2), "{err}");
+    let (code, err) = run(&["expose", "--congestion", "reno"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("bbr") && err.contains("cubic"), "names the choices: {err}");
 }
 
 #[test]

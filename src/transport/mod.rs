@@ -42,16 +42,19 @@ pub struct Tuning {
     pub congestion: Congestion,
 }
 
-/// quinn's congestion controllers that a user may choose (docs/rtsp.md, "Congestion").
+/// quinn's congestion controllers that a user may choose (docs/architecture.md, "Congestion
+/// control", has the measurements).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Congestion {
-    /// quinn's default. Application-limited senders (a camera) never regrow its window after
-    /// random losses, and it paces at window / RTT: frames queue behind it on lossy paths.
+    /// quinn's BBR: paces at the measured bandwidth and does not take random loss for
+    /// congestion. Over 20 ms + 1% loss: bulk 99 Mbit/s against Cubic's 2.9, and a camera's
+    /// frames go out at once. quinn marks it experimental.
     #[default]
-    Cubic,
-    /// quinn's BBR (marked experimental by quinn): paces at the measured bandwidth, so a
-    /// camera's frames go out at once after random losses.
     Bbr,
+    /// quinn's default, RFC 9438. Halves (x0.7) at every loss and never regrows while the
+    /// sender is application-limited (a camera), so on a lossy path its window shrinks to a
+    /// few packets and frames queue behind it.
+    Cubic,
 }
 
 impl Default for Tuning {
