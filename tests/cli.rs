@@ -202,7 +202,10 @@ fn missing_pieces_say_what_to_add() {
     assert_eq!(code, Some(2), "{err}");
     let (code, err) = run(&["expose", "--congestion", "reno"]);
     assert_eq!(code, Some(2), "{err}");
-    assert!(err.contains("bbr") && err.contains("cubic"), "names the choices: {err}");
+    assert!(
+        err.contains("bbr") && err.contains("cubic"),
+        "names the choices: {err}"
+    );
 }
 
 #[test]

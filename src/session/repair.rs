@@ -184,10 +184,13 @@ impl Gaps {
     }
 }
 
+/// The first byte of a request (the control message type).
+pub const REQUEST: u8 = 1;
+
 /// A request for resending: `0x01 | ssrc:u32 | seq:u16 ...`.
 pub fn encode_request(ssrc: u32, seqs: &[u16]) -> Vec<u8> {
     let mut out = Vec::with_capacity(5 + 2 * seqs.len());
-    out.push(1);
+    out.push(REQUEST);
     out.extend_from_slice(&ssrc.to_be_bytes());
     for s in seqs {
         out.extend_from_slice(&s.to_be_bytes());
@@ -197,7 +200,7 @@ pub fn encode_request(ssrc: u32, seqs: &[u16]) -> Vec<u8> {
 
 /// The SSRC and sequence numbers of a request; `None` if it is not one.
 pub fn decode_request(buf: &[u8]) -> Option<(u32, impl Iterator<Item = u16> + '_)> {
-    if buf.len() < 5 || buf[0] != 1 || (buf.len() - 5) % 2 != 0 {
+    if buf.len() < 5 || buf[0] != REQUEST || (buf.len() - 5) % 2 != 0 {
         return None;
     }
     let ssrc = u32::from_be_bytes(buf[1..5].try_into().ok()?);

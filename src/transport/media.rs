@@ -5,11 +5,12 @@
 //!   starts with a 4-byte tag: `id << 3 | control << 2 | allocated_by_sender << 1 | rtcp`.
 //!   Each peer thus tells its own ids from the other's on a connection that carries streams
 //!   both ways. A control datagram carries the flow's loss repair (below), not media.
-//! - Loss repair (`session::repair`): the sending peer keeps its last RTP packets; the
-//!   receiving peer, seeing a gap in the sequence numbers, asks for the missing ones at once
-//!   in a control datagram (again after about a round trip, three times at most), and the
-//!   sender resends them as they were. Nothing waits for a resend: the client's jitter buffer
-//!   puts it in its place.
+//! - Loss repair, both in control datagrams: the sending peer follows each video frame (or
+//!   each 8 RTP packets) with an XOR parity, from which the receiving peer rebuilds one lost
+//!   packet at once (`session::fec`); and it keeps its last RTP packets, which the receiving
+//!   peer, seeing a gap in the sequence numbers, asks for at once (again after about a round
+//!   trip, three times at most) and gets resent as they were (`session::repair`). Nothing
+//!   waits for either: the client's jitter buffer puts a mended packet in its place.
 //! - A packet larger than the connection's datagram limit is not dropped: it goes on a
 //!   unidirectional stream of its flow (tag, then `rtcp:u8 | len:u16be | packet` frames),
 //!   opened when the first such packet comes. Order across the two paths is not kept; RTP
@@ -197,8 +198,8 @@ impl MediaMux {
         };
         let body = &d[TAG_LEN..];
         match (tag.control, body.first()) {
-            (true, Some(1)) => self.resend(&sink, body),
-            (true, Some(2)) => self.parity(&sink, body),
+            (true, Some(&repair::REQUEST)) => self.resend(&sink, body),
+            (true, Some(&fec::PARITY)) => self.parity(&sink, body),
             (true, _) => debug!("unknown media control message"),
             (false, _) => self.received(&sink, tag.kind, body),
         }
