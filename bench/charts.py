@@ -115,7 +115,7 @@ if rtsp.exists():
     rows = [r for r in data["lossy"]["rows"] if r.get("longest_freeze_ms") is not None]
     if rows:
         fig, ax = plt.subplots(figsize=(8, 4))
-        labels = [f"{r.get('congestion', '')} {r['client']}\n{r['path'].replace('tunnel, ', '')}" for r in rows]
+        labels = [f"{r.get('congestion', '')}\n{r['client']}\n{r['path'].replace('tunnel, ', '')}" for r in rows]
         ax.bar(labels, [r["longest_freeze_ms"] for r in rows], color="tab:purple")
         ax.tick_params(axis="x", labelsize=7)
         ax.set_ylabel("longest freeze, median of runs (ms)")
