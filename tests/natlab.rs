@@ -433,9 +433,9 @@ fn relay_then_direct(tag: &str, opening: Opening) {
             wait_stderr(&run.connect, |log| log.contains("connected path=relay"))
         }
         // The background punch asks for a second introduction only after the first
-        // dial's handshakes failed.
+        // dial's handshakes gave up (5 s) and the retry interval (10 s) passed.
         Opening::AtTheBackgroundPunch => {
-            wait_stderr(&run.rendezvous, |log| introductions(log) >= 2)
+            wait_stderr_for(&run.rendezvous, 2 * WAIT, |log| introductions(log) >= 2)
         }
     }
     nft("delete table inet fw");
@@ -490,7 +490,11 @@ fn a_relayed_session_moves_to_a_direct_path_once_one_exists() {
 
 /// Waits until `pred` holds for the process's stderr so far.
 fn wait_stderr(proc: &Proc, pred: impl Fn(&str) -> bool) {
-    let deadline = Instant::now() + WAIT;
+    wait_stderr_for(proc, WAIT, pred)
+}
+
+fn wait_stderr_for(proc: &Proc, limit: Duration, pred: impl Fn(&str) -> bool) {
+    let deadline = Instant::now() + limit;
     while !pred(&proc.stderr()) {
         assert!(
             Instant::now() < deadline,
