@@ -145,14 +145,16 @@ pub struct Decoder {
 }
 
 impl Decoder {
-    /// An RTP packet arrived; returns packets rebuilt thanks to it (with kept parities).
-    pub fn arrived(&mut self, packet: Bytes, now: Instant) -> Vec<Bytes> {
+    /// An RTP packet arrived; returns packets rebuilt thanks to it (with kept parities), or
+    /// `None` when it is one of the last packets already here (rebuilt, or resent twice):
+    /// the client need not get it again.
+    pub fn arrived(&mut self, packet: Bytes, now: Instant) -> Option<Vec<Bytes>> {
         let Some((ssrc, seq)) = rtp_id(&packet) else {
-            return Vec::new();
+            return Some(Vec::new());
         };
         self.stream(ssrc);
         if self.has(seq) {
-            return Vec::new();
+            return None;
         }
         self.keep(seq, now, packet);
         self.expire(now);
@@ -170,7 +172,7 @@ impl Decoder {
                 self.parities.push_back((at, parity));
             }
         }
-        out
+        Some(out)
     }
 
     /// A parity arrived; returns the packet it rebuilds, if one of its block is missing.
@@ -297,13 +299,15 @@ mod tests {
         }
         for (i, p) in packets.iter().enumerate() {
             if i != 1 {
-                assert!(d.arrived(p.clone(), t).is_empty());
+                assert_eq!(d.arrived(p.clone(), t), Some(vec![]));
             }
         }
         let parity = Parity::decode(&parity.unwrap().encode()).unwrap();
         assert_eq!(d.parity(parity.clone(), t), Some(packets[1].clone()));
         // Nothing missing any more.
         assert_eq!(d.parity(parity, t), None);
+        // The resent copy that follows is a duplicate: not delivered again.
+        assert_eq!(d.arrived(packets[1].clone(), t), None);
     }
 
     #[test]
@@ -316,7 +320,10 @@ mod tests {
         d.arrived(packets[3].clone(), t);
         assert_eq!(d.parity(parity, t), None);
         // Packet 1 is resent (asked for again): 2 is rebuilt.
-        assert_eq!(d.arrived(packets[1].clone(), t), vec![packets[2].clone()]);
+        assert_eq!(
+            d.arrived(packets[1].clone(), t),
+            Some(vec![packets[2].clone()])
+        );
     }
 
     #[test]
@@ -386,7 +393,7 @@ mod tests {
                     block_lost = true;
                     lost.push(p);
                 } else {
-                    rebuilt.extend(d.arrived(p, t));
+                    rebuilt.extend(d.arrived(p, t).into_iter().flatten());
                 }
                 if let Some(parity) = parity {
                     rebuilt.extend(d.parity(parity, t));

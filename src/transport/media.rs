@@ -207,12 +207,16 @@ impl MediaMux {
 
     /// A media packet from the other peer (datagram or overflow stream): to the near host;
     /// RTP also to loss repair, with any packet its arrival lets the FEC decoder rebuild.
+    /// An RTP packet already delivered (rebuilt, then resent too) is not delivered again.
     fn received(&self, sink: &Sink, kind: Kind, packet: &[u8]) {
-        sink.deliver(kind, packet);
         if kind != 0 {
-            return;
+            return sink.deliver(kind, packet);
         }
-        let rebuilt = lock(&sink.fec_rx).arrived(Bytes::copy_from_slice(packet), Instant::now());
+        let fresh = lock(&sink.fec_rx).arrived(Bytes::copy_from_slice(packet), Instant::now());
+        let Some(rebuilt) = fresh else {
+            return;
+        };
+        sink.deliver(kind, packet);
         self.arrived(sink, packet);
         for p in rebuilt {
             self.rebuilt(sink, &p);
