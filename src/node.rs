@@ -7,7 +7,6 @@
 //! reason, and the node waits for its tasks and for the close to reach the peers.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -175,13 +174,13 @@ impl Node {
             streams = live,
             rtsp_sessions = ctx.stats.rtsp_sessions.get(),
             media_flows = ctx.stats.media_flows.get(),
-            media_datagrams = ctx.stats.media_datagrams.load(Ordering::Relaxed),
-            media_overflow = ctx.stats.media_overflow.load(Ordering::Relaxed),
-            rtp_requested = ctx.stats.rtp_requested.load(Ordering::Relaxed),
-            rtp_resent = ctx.stats.rtp_resent.load(Ordering::Relaxed),
-            rtp_repaired = ctx.stats.rtp_repaired.load(Ordering::Relaxed),
-            rtp_parities = ctx.stats.rtp_parities.load(Ordering::Relaxed),
-            rtp_rebuilt = ctx.stats.rtp_rebuilt.load(Ordering::Relaxed),
+            media_datagrams = ctx.stats.media_datagrams.get(),
+            media_overflow = ctx.stats.media_overflow.get(),
+            rtp_requested = ctx.stats.rtp_requested.get(),
+            rtp_resent = ctx.stats.rtp_resent.get(),
+            rtp_repaired = ctx.stats.rtp_repaired.get(),
+            rtp_parities = ctx.stats.rtp_parities.get(),
+            rtp_rebuilt = ctx.stats.rtp_rebuilt.get(),
             "stopping"
         );
         if live > 0 {

@@ -50,6 +50,20 @@ impl Drop for GaugeGuard {
     }
 }
 
+/// A count that only goes up (events: packets sent, repaired...).
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 /// The counters of one node (one QUIC endpoint), shared by every role it plays.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -66,19 +80,19 @@ pub struct Stats {
     /// Streams ever opened or accepted.
     pub streams_opened: AtomicU64,
     /// Media packets (RTP and RTCP) this node sent as QUIC datagrams.
-    pub media_datagrams: AtomicU64,
+    pub media_datagrams: Counter,
     /// Media packets this node sent on a flow's overflow stream (larger than a datagram).
-    pub media_overflow: AtomicU64,
+    pub media_overflow: Counter,
     /// RTP packets this node asked the other peer to resend (loss repair).
-    pub rtp_requested: AtomicU64,
+    pub rtp_requested: Counter,
     /// RTP packets this node resent when asked.
-    pub rtp_resent: AtomicU64,
+    pub rtp_resent: Counter,
     /// Gaps in received RTP that a later packet filled (a resent, rebuilt or late one).
-    pub rtp_repaired: AtomicU64,
+    pub rtp_repaired: Counter,
     /// Parity packets (FEC) this node sent.
-    pub rtp_parities: AtomicU64,
+    pub rtp_parities: Counter,
     /// Lost RTP packets this node rebuilt from a parity.
-    pub rtp_rebuilt: AtomicU64,
+    pub rtp_rebuilt: Counter,
     /// Peers registered with this node's rendezvous role now.
     pub rendezvous_peers: std::sync::atomic::AtomicUsize,
 }

@@ -145,15 +145,6 @@ fn an_rtsp_camera_plays_through_the_tunnel_with_ffmpeg() {
         "ffmpeg failed:\n{log}\ntunnel:\n{}",
         pair.connect.stderr()
     );
-    let frames = decoded_frames(&log);
+    let frames = ffmpeg_frames(&log);
     assert!(frames >= 25, "decoded {frames} frames:\n{log}");
-}
-
-/// The last `frame=N` ffmpeg reported.
-fn decoded_frames(log: &str) -> u32 {
-    log.rsplit("frame=")
-        .next()
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
 }

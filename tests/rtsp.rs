@@ -260,15 +260,6 @@ fn text(out: &Output) -> String {
     )
 }
 
-/// The last `frame=N` ffmpeg reported.
-fn ffmpeg_frames(log: &str) -> u32 {
-    log.rsplit("frame=")
-        .next()
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
-}
-
 fn assert_ffmpeg_played(lab: &Lab, what: &str, out: &Output) {
     let log = text(out);
     let frames = ffmpeg_frames(&log);

@@ -31,7 +31,7 @@ use crate::session::idle::IdleGrace;
 use crate::session::punch::Path;
 use crate::stats::GaugeGuard;
 use crate::transport::rtsp::{splice_rtsp, Facing, RtspCtx};
-use crate::transport::splice::{cut_short, read_response, splice, Abort, Downstream, Report};
+use crate::transport::splice::{abandoned, read_response, splice, Abort, Downstream, Report};
 
 /// The connecting role's settings for one remote peer.
 #[derive(Debug, Clone)]
@@ -211,37 +211,19 @@ impl Session {
         let limit = self.config.open_timeout;
         // The service's protocol picks the layer: known from an earlier stream, the
         // response is read alongside; else it is read before the client's bytes are.
-        let known = self
-            .protocols
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&service)
-            .copied();
+        let known = self.protocols().get(&service).copied();
         let (protocol, downstream) = match known {
             Some(expect) => (expect, Downstream::AwaitResponse { limit, expect }),
-            None => {
-                let read = tokio::time::timeout(limit, read_response(&mut recv))
-                    .await
-                    .unwrap_or(Err(Abort::ResponseTimeout(limit)));
-                match read {
-                    Ok((protocol, first)) => {
-                        self.protocols
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .insert(service.clone(), protocol);
-                        (protocol, Downstream::Payload(first))
-                    }
-                    Err(abort) => {
-                        cut_short(&abort, &tcp, &mut send, &mut recv);
-                        let report = Report {
-                            up: 0,
-                            down: 0,
-                            abort: Some(abort),
-                        };
-                        return self.log_report(&service, report);
-                    }
+            None => match read_response(&mut recv, limit).await {
+                Ok((protocol, first)) => {
+                    self.protocols().insert(service.clone(), protocol);
+                    (protocol, Downstream::Payload(first))
                 }
-            }
+                Err(abort) => {
+                    let report = abandoned(abort, &tcp, &mut send, &mut recv);
+                    return self.log_report(&service, report);
+                }
+            },
         };
         let cancel = self.node.abort.clone();
         let report = match protocol {
@@ -259,6 +241,11 @@ impl Session {
         self.log_report(&service, report);
     }
 
+    /// Each service's protocol, as the exposing side last answered.
+    fn protocols(&self) -> std::sync::MutexGuard<'_, HashMap<ServiceName, Protocol>> {
+        self.protocols.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn log_report(&self, service: &ServiceName, report: Report) {
         match report.abort {
             None => debug!(up = report.up, down = report.down, "stream closed"),
@@ -266,10 +253,7 @@ impl Session {
                 warn!(
                     "the service's protocol is now {now}; the client was closed and should retry"
                 );
-                self.protocols
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(service.clone(), now);
+                self.protocols().insert(service.clone(), now);
             }
             Some(Abort::Refused { status, message }) => {
                 warn!("the peer refused the stream ({status}): {message}")

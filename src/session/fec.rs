@@ -72,11 +72,6 @@ impl Parity {
             xor: buf[8..].to_vec(),
         })
     }
-
-    /// Bytes on the wire for a block whose longest packet is `longest`.
-    pub fn wire_len(longest: usize) -> usize {
-        8 + 2 + longest
-    }
 }
 
 fn xor_into(acc: &mut Vec<u8>, packet: &[u8]) {

@@ -83,12 +83,9 @@ impl History {
             .map(|(_, _, d)| d.clone())
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.packets.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.packets.is_empty()
     }
 }
 
@@ -179,7 +176,8 @@ impl Gaps {
     }
 
     /// Sequence numbers missing now.
-    pub fn missing(&self) -> usize {
+    #[cfg(test)]
+    fn missing(&self) -> usize {
         self.missing.len()
     }
 }

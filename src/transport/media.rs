@@ -159,7 +159,7 @@ impl MediaMux {
         loop {
             tokio::select! {
                 d = self.conn.read_datagram() => match d {
-                    Ok(d) => self.datagram(&d),
+                    Ok(d) => self.datagram(d),
                     Err(_) => break,
                 },
                 s = self.conn.accept_uni() => match s {
@@ -189,17 +189,17 @@ impl MediaMux {
         );
     }
 
-    fn datagram(&self, d: &[u8]) {
-        let Some(tag) = Tag::decode(d) else {
+    fn datagram(&self, d: Bytes) {
+        let Some(tag) = Tag::decode(&d) else {
             return debug!("datagram shorter than its tag");
         };
         let Some(sink) = self.sink((!tag.allocated_by_sender, tag.id)) else {
             return;
         };
-        let body = &d[TAG_LEN..];
+        let body = d.slice(TAG_LEN..);
         match (tag.control, body.first()) {
-            (true, Some(&repair::REQUEST)) => self.resend(&sink, body),
-            (true, Some(&fec::PARITY)) => self.parity(&sink, body),
+            (true, Some(&repair::REQUEST)) => self.resend(&sink, &body),
+            (true, Some(&fec::PARITY)) => self.parity(&sink, &body),
             (true, _) => debug!("unknown media control message"),
             (false, _) => self.received(&sink, tag.kind, body),
         }
@@ -208,16 +208,17 @@ impl MediaMux {
     /// A media packet from the other peer (datagram or overflow stream): to the near host;
     /// RTP also to loss repair, with any packet its arrival lets the FEC decoder rebuild.
     /// An RTP packet already delivered (rebuilt, then resent too) is not delivered again.
-    fn received(&self, sink: &Sink, kind: Kind, packet: &[u8]) {
+    /// The decoder keeps `packet` itself (a view of the received datagram), not a copy.
+    fn received(&self, sink: &Sink, kind: Kind, packet: Bytes) {
         if kind != 0 {
-            return sink.deliver(kind, packet);
+            return sink.deliver(kind, &packet);
         }
-        let fresh = lock(&sink.fec_rx).arrived(Bytes::copy_from_slice(packet), Instant::now());
+        let fresh = lock(&sink.fec_rx).arrived(packet.clone(), Instant::now());
         let Some(rebuilt) = fresh else {
             return;
         };
-        sink.deliver(kind, packet);
-        self.arrived(sink, packet);
+        sink.deliver(kind, &packet);
+        self.arrived(sink, &packet);
         for p in rebuilt {
             self.rebuilt(sink, &p);
         }
@@ -235,7 +236,7 @@ impl MediaMux {
     }
 
     fn rebuilt(&self, sink: &Sink, packet: &[u8]) {
-        self.stats.rtp_rebuilt.fetch_add(1, Ordering::Relaxed);
+        self.stats.rtp_rebuilt.add(1);
         sink.deliver(0, packet);
         self.arrived(sink, packet);
     }
@@ -249,14 +250,12 @@ impl MediaMux {
         let retry = rtt + rtt / 4 + Duration::from_millis(5);
         let arrival = lock(&sink.gaps).arrived(ssrc, seq, Instant::now(), retry);
         if arrival.filled {
-            self.stats.rtp_repaired.fetch_add(1, Ordering::Relaxed);
+            self.stats.rtp_repaired.add(1);
         }
         if arrival.request.is_empty() {
             return;
         }
-        self.stats
-            .rtp_requested
-            .fetch_add(arrival.request.len() as u64, Ordering::Relaxed);
+        self.stats.rtp_requested.add(arrival.request.len() as u64);
         let tag = Tag {
             control: true,
             ..sink.tag
@@ -279,7 +278,7 @@ impl MediaMux {
         };
         for d in again {
             if self.conn.send_datagram(d).is_ok() {
-                self.stats.rtp_resent.fetch_add(1, Ordering::Relaxed);
+                self.stats.rtp_resent.add(1);
             }
         }
     }
@@ -294,18 +293,18 @@ impl MediaMux {
             return;
         };
         let key = (!tag.allocated_by_sender, tag.id);
-        let mut packet = vec![0u8; MAX_PACKET];
         loop {
             let mut head = [0u8; 3];
             if recv.read_exact(&mut head).await.is_err() {
                 return;
             }
-            let len = u16::from_be_bytes([head[1], head[2]]) as usize;
-            if recv.read_exact(&mut packet[..len]).await.is_err() {
+            // Read straight into the packet's own buffer: the FEC decoder keeps it.
+            let mut packet = vec![0u8; usize::from(u16::from_be_bytes([head[1], head[2]]))];
+            if recv.read_exact(&mut packet).await.is_err() {
                 return;
             }
             match self.sink(key) {
-                Some(sink) => self.received(&sink, usize::from(head[0] & 1), &packet[..len]),
+                Some(sink) => self.received(&sink, usize::from(head[0] & 1), packet.into()),
                 None => {
                     let _ = recv.stop(stream_code::ABORTED);
                     return;
@@ -473,7 +472,7 @@ impl Pump {
             let d = d.freeze();
             match self.conn.send_datagram(d.clone()) {
                 Ok(()) => {
-                    self.stats.media_datagrams.fetch_add(1, Ordering::Relaxed);
+                    self.stats.media_datagrams.add(1);
                     if let (0, Some((ssrc, seq))) = (kind, repair::rtp_id(packet)) {
                         lock(&self.sink.sent).sent(ssrc, seq, Instant::now(), d);
                         self.send_parity(packet);
@@ -499,7 +498,7 @@ impl Pump {
         frame.push(kind as u8);
         frame.extend_from_slice(&(packet.len() as u16).to_be_bytes());
         frame.extend_from_slice(packet);
-        self.stats.media_overflow.fetch_add(1, Ordering::Relaxed);
+        self.stats.media_overflow.add(1);
         if stream.write_chunk(Bytes::from(frame)).await.is_err() {
             // The other peer stopped it (its flow is gone): open another next time.
             self.overflow = None;
@@ -529,7 +528,7 @@ impl Pump {
             d.put_slice(&tag.encode());
             d.put_slice(&wire);
             if self.conn.send_datagram(d.freeze()).is_ok() {
-                self.stats.rtp_parities.fetch_add(1, Ordering::Relaxed);
+                self.stats.rtp_parities.add(1);
             }
         }
     }

@@ -34,7 +34,8 @@ use crate::session::rtsp::Sessions;
 use crate::stats::{GaugeGuard, Stats};
 use crate::transport::media::{MediaFlow, MediaMux, MEDIA_PRIORITY};
 use crate::transport::splice::{
-    cut_short, delivered, first_payload, ignore_not_connected, write_tcp, Abort, Downstream, Report,
+    abandoned, cut_short, delivered, first_payload, ignore_not_connected, write_tcp, Abort,
+    Downstream, Report,
 };
 
 /// The header that carries a flow's channel id from the client-facing peer to the
@@ -84,6 +85,16 @@ enum To {
     Stream,
 }
 
+impl To {
+    /// Where what travels toward `self` came from (and where answers to it go).
+    fn back(self) -> To {
+        match self {
+            To::Socket => To::Stream,
+            To::Stream => To::Socket,
+        }
+    }
+}
+
 /// What to do with one message.
 enum Action {
     /// Forward the bytes as they came.
@@ -119,13 +130,7 @@ pub async fn splice_rtsp(
     let (local_ip, near_ip) = match (tcp.local_addr(), tcp.peer_addr()) {
         (Ok(l), Ok(p)) => (l.ip(), p.ip()),
         (Err(e), _) | (_, Err(e)) => {
-            let abort = Abort::Local(e);
-            cut_short(&abort, &tcp, &mut send, &mut recv);
-            return Report {
-                up: 0,
-                down: 0,
-                abort: Some(abort),
-            };
+            return abandoned(Abort::Local(e), &tcp, &mut send, &mut recv);
         }
     };
     let stats = ctx.stats.clone();
@@ -223,15 +228,16 @@ impl Layer<'_> {
         }
     }
 
-    async fn write(&self, to: To, data: &[u8]) -> Result<(), Abort> {
+    /// Writes whole; toward the stream the bytes are handed to quinn as they are (no copy).
+    async fn write(&self, to: To, data: Bytes) -> Result<(), Abort> {
         match to {
             To::Socket => {
                 let _whole = self.tcp_lock.lock().await;
-                write_tcp(self.tcp, data).await
+                write_tcp(self.tcp, &data).await
             }
             To::Stream => {
                 let mut send = self.send.lock().await;
-                send.write_all(data).await.map_err(Abort::from_write)
+                send.write_chunk(data).await.map_err(Abort::from_write)
             }
         }
     }
@@ -303,8 +309,7 @@ impl Layer<'_> {
                 }
             };
             let action = match item {
-                Item::Data { .. } => Action::Pass,
-                Item::Blank { .. } => Action::Pass,
+                Item::Data { .. } | Item::Blank { .. } => Action::Pass,
                 Item::Message { head, body } => {
                     let at = run;
                     match self.message(to, &buf[at..at + head], &buf[at + head..at + head + body]) {
@@ -321,18 +326,14 @@ impl Layer<'_> {
                 Action::Replace(bytes) => {
                     self.flush(buf, &mut run, to, count).await?;
                     let _ = buf.split_to(item.wire_len());
-                    self.write(to, &bytes).await?;
-                    *count += bytes.len() as u64;
+                    let n = bytes.len() as u64;
+                    self.write(to, bytes.into()).await?;
+                    *count += n;
                 }
                 Action::Reply(bytes) => {
                     self.flush(buf, &mut run, to, count).await?;
                     let _ = buf.split_to(item.wire_len());
-                    let back = if to == To::Socket {
-                        To::Stream
-                    } else {
-                        To::Socket
-                    };
-                    self.write(back, &bytes).await?;
+                    self.write(to.back(), bytes.into()).await?;
                 }
             }
         }
@@ -349,8 +350,9 @@ impl Layer<'_> {
         if *run > 0 {
             let bytes: Bytes = buf.split_to(*run).freeze();
             *run = 0;
-            self.write(to, &bytes).await?;
-            *count += bytes.len() as u64;
+            let n = bytes.len() as u64;
+            self.write(to, bytes).await?;
+            *count += n;
         }
         Ok(())
     }
@@ -358,11 +360,7 @@ impl Layer<'_> {
     /// Bad RTSP: from the client, it is answered `400 Bad Request`; either way the
     /// connection ends.
     async fn malformed(&self, to: To, e: FrameError) -> Abort {
-        let from = if to == To::Stream {
-            To::Socket
-        } else {
-            To::Stream
-        };
+        let from = to.back();
         let who = match (self.ctx.facing, from) {
             (Facing::Client, To::Socket) => "the RTSP client",
             (Facing::Server, To::Socket) => "the RTSP server",
@@ -370,12 +368,8 @@ impl Layer<'_> {
         };
         warn!("closing the RTSP connection: {who} sent malformed RTSP: {e}");
         if self.ctx.facing == Facing::Client && from == To::Socket {
-            let _ = self
-                .write(
-                    To::Socket,
-                    b"RTSP/1.0 400 Bad Request\r\nContent-Length: 0\r\n\r\n",
-                )
-                .await;
+            let bad = Bytes::from_static(b"RTSP/1.0 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
+            let _ = self.write(To::Socket, bad).await;
         }
         Abort::BadPayload(format!("{who} sent malformed RTSP: {e}"))
     }

@@ -164,6 +164,21 @@ pub(crate) fn cut_short(
     }
 }
 
+/// The report of a splice that never started: both ends told ([`cut_short`]), nothing moved.
+pub(crate) fn abandoned(
+    abort: Abort,
+    tcp: &TcpStream,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+) -> Report {
+    cut_short(&abort, tcp, send, recv);
+    Report {
+        up: 0,
+        down: 0,
+        abort: Some(abort),
+    }
+}
+
 /// Waits until the peer acknowledged everything sent on `send`, FIN included.
 pub(crate) async fn delivered(send: &mut SendStream) -> Result<(), Abort> {
     match send.stopped().await {
@@ -280,9 +295,7 @@ pub(crate) async fn first_payload(
     match downstream {
         Downstream::Payload(first) => Ok(first),
         Downstream::AwaitResponse { limit, expect } => {
-            let (protocol, first) = tokio::time::timeout(limit, read_response(recv))
-                .await
-                .map_err(|_| Abort::ResponseTimeout(limit))??;
+            let (protocol, first) = read_response(recv, limit).await?;
             if protocol != expect {
                 return Err(Abort::ProtocolChanged {
                     was: expect,
@@ -294,9 +307,18 @@ pub(crate) async fn first_payload(
     }
 }
 
-/// Reads the response header; returns the service's protocol and the payload bytes read
-/// past the header.
-pub(crate) async fn read_response(recv: &mut RecvStream) -> Result<(Protocol, Bytes), Abort> {
+/// Reads the response header within `limit`; returns the service's protocol and the
+/// payload bytes read past the header.
+pub(crate) async fn read_response(
+    recv: &mut RecvStream,
+    limit: Duration,
+) -> Result<(Protocol, Bytes), Abort> {
+    tokio::time::timeout(limit, read_response_header(recv))
+        .await
+        .map_err(|_| Abort::ResponseTimeout(limit))?
+}
+
+async fn read_response_header(recv: &mut RecvStream) -> Result<(Protocol, Bytes), Abort> {
     let mut buf = BytesMut::new();
     loop {
         let chunk = match recv.read_chunk(MAX_RESPONSE_LEN, true).await {

@@ -244,3 +244,12 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// The last `frame=N` ffmpeg reported in its log.
+pub fn ffmpeg_frames(log: &str) -> u32 {
+    log.rsplit("frame=")
+        .next()
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
