@@ -17,12 +17,12 @@ use crate::config::{
     ConfigError, ConnectRules, Dur, ExposeRules, LocalRule, PeerAddr, RendezvousAddr, RulesFile,
     ServiceRule,
 };
+use crate::connect::SessionConfig;
+use crate::expose::{Authorized, ExposeConfig};
 use crate::identity::{default_identity_path, Identity, PeerId};
+use crate::nat::server::RendezvousConfig;
 use crate::node::Node;
-use crate::rendezvous::server::RendezvousConfig;
-use crate::roles::connect::SessionConfig;
-use crate::roles::expose::{Authorized, ExposeConfig};
-use crate::transport::{Congestion, Tuning};
+use crate::quic::{Congestion, Tuning};
 
 const DEFAULT_LISTEN: &str = "0.0.0.0:4433";
 const DEFAULT_DRAIN: Duration = Duration::from_secs(5);

@@ -11,12 +11,12 @@ use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tunnel::config::PeerAddr;
+use tunnel::connect::{Session, SessionConfig};
+use tunnel::expose::{Authorized, ExposeConfig};
 use tunnel::identity::Identity;
+use tunnel::nat::server::RendezvousConfig;
 use tunnel::node::Node;
-use tunnel::rendezvous::server::RendezvousConfig;
-use tunnel::roles::connect::{Session, SessionConfig};
-use tunnel::roles::expose::{Authorized, ExposeConfig};
-use tunnel::transport::Tuning;
+use tunnel::quic::Tuning;
 
 fn rendezvous_at(addr: SocketAddr) -> Node {
     let node = Node::bind(addr, identity(), Tuning::default()).unwrap();

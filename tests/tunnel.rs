@@ -8,11 +8,11 @@ use std::time::Duration;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tunnel::connect::{ConnectError, Session};
 use tunnel::protocol::close_code;
 use tunnel::protocol::header::{
     decode_response, encode_request, OpenRequest, OpenResponse, Status, VERSION,
 };
-use tunnel::roles::connect::{ConnectError, Session};
 
 /// Opens a raw stream on the session's connection, writes `header`, reads the response.
 async fn raw_open(
@@ -509,7 +509,7 @@ async fn server_that_hangs() -> TestServer {
 /// session is served by a local listener. Returns the nodes and the listeners' addresses.
 async fn two_nodes_exposing_to_each_other(
     echo: std::net::SocketAddr,
-    config: tunnel::roles::connect::SessionConfig,
+    config: tunnel::connect::SessionConfig,
 ) -> (
     tunnel::node::Node,
     tunnel::node::Node,
@@ -517,9 +517,9 @@ async fn two_nodes_exposing_to_each_other(
     std::net::SocketAddr,
 ) {
     use tunnel::config::PeerAddr;
+    use tunnel::expose::{Authorized, ExposeConfig};
     use tunnel::node::Node;
-    use tunnel::roles::expose::{Authorized, ExposeConfig};
-    use tunnel::transport::Tuning;
+    use tunnel::quic::Tuning;
 
     let (ia, ib) = (identity(), identity());
     let a = Node::bind(loopback(), ia.clone(), Tuning::default()).unwrap();
@@ -572,7 +572,7 @@ async fn one_node_both_exposes_and_connects() {
 async fn peers_dialling_each_other_at_once_keep_one_connection() {
     let echo = echo_server().await;
     // Both sessions dial at start, at once.
-    let eager = tunnel::roles::connect::SessionConfig {
+    let eager = tunnel::connect::SessionConfig {
         eager: true,
         ..Default::default()
     };

@@ -11,12 +11,12 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tunnel::config::{PeerAddr, ServiceName, Target};
+use tunnel::connect::{Session, SessionConfig};
+use tunnel::expose::{Authorized, ExposeConfig};
 use tunnel::identity::Identity;
 use tunnel::node::Node;
-use tunnel::roles::connect::{Session, SessionConfig};
-use tunnel::roles::expose::{Authorized, ExposeConfig};
+use tunnel::quic::Tuning;
 use tunnel::stats::Gauge;
-use tunnel::transport::Tuning;
 
 pub const WAIT: Duration = Duration::from_secs(20);
 

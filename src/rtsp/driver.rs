@@ -1,8 +1,8 @@
 //! The RTSP layer of a stream: forwards an RTSP connection between a TCP socket and a QUIC
-//! stream like [`splice`](super::splice) does, but reads it as RTSP (`protocol::rtsp`) so that:
+//! stream like [`splice`](crate::tunnel::splice) does, but reads it as RTSP (`protocol::rtsp`) so that:
 //!
 //! - a SETUP asking for RTP over UDP gets a UDP port pair on both peers, joined by QUIC
-//!   datagrams ([`media`](super::media)); the client keeps its transport. Or, in refuse mode,
+//!   datagrams ([`media`](crate::media)); the client keeps its transport. Or, in refuse mode,
 //!   the client-facing peer answers `461 Unsupported Transport` and the client falls back to
 //!   interleaved TCP at once. Multicast is always answered 461;
 //! - absolute URLs in responses that name another host (the camera's LAN address) are
@@ -25,15 +25,15 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::media::{MediaFlow, MediaMux, MEDIA_PRIORITY};
 use crate::protocol::header::RtspUdp;
 use crate::protocol::rtsp::{
     format_ports, frame, rebase_head, rebase_sdp, reply, url_base, Carriage, FrameError, Head,
     Item, TransportSpec,
 };
-use crate::session::rtsp::Sessions;
+use crate::rtsp::sessions::Sessions;
 use crate::stats::{GaugeGuard, Stats};
-use crate::transport::media::{MediaFlow, MediaMux, MEDIA_PRIORITY};
-use crate::transport::splice::{
+use crate::tunnel::splice::{
     abandoned, cut_short, delivered, first_payload, ignore_not_connected, write_tcp, Abort,
     Downstream, Report,
 };

@@ -1,20 +1,28 @@
-//! The transport layer: one UDP socket and one quinn endpoint per process, serving every role
-//! (it accepts connections for `expose` and dials them for `connect`; the rendezvous and
-//! punch packets will share it too), the TLS pinning, and the TCP <-> QUIC splice.
+//! QUIC: one UDP socket and one quinn endpoint per process, serving every role (it accepts
+//! connections for `expose` and the rendezvous, dials them for `connect`, and sends the punch
+//! and relay-bind packets), the TLS pinning, paths and close reasons.
 
-pub mod media;
-pub mod rtsp;
-pub mod splice;
+pub mod accept;
+pub mod close;
+pub mod path;
 pub mod tls;
 
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{IdleTimeout, VarInt};
 
 use crate::identity::{Identity, PeerId};
+use accept::Serve;
+
+/// An ALPN and the role that serves it.
+type Route = (Vec<u8>, Weak<dyn Serve>);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// Largest UDP payload this endpoint sends or accepts (what MTU discovery may reach).
 const MAX_UDP_PAYLOAD: u16 = 65_527;
@@ -130,7 +138,10 @@ pub struct Transport {
     identity: Arc<Identity>,
     tuning: Arc<Tuning>,
     /// The server configuration for peers on this host (see `Tuning::transport_config`).
-    loopback_server: Arc<std::sync::OnceLock<Arc<quinn::ServerConfig>>>,
+    loopback_server: Arc<Mutex<Option<Arc<quinn::ServerConfig>>>>,
+    /// The role serving each ALPN this endpoint accepts (`accept`). Weak: the node owns its
+    /// roles, and a role holds this transport.
+    routes: Arc<Mutex<Vec<Route>>>,
     /// The same UDP socket (a duplicate descriptor), for the few non-QUIC packets we send:
     /// punches and relay binds. Never read from: every packet received goes to quinn.
     raw: Arc<UdpSocket>,
@@ -172,22 +183,42 @@ impl Transport {
             identity,
             tuning: Arc::new(tuning),
             loopback_server: Arc::default(),
+            routes: Arc::default(),
             raw: Arc::new(raw),
         })
     }
 
-    /// Starts accepting incoming connections that speak one of `alpns`.
-    pub fn enable_server(&self, alpns: &[&[u8]]) -> Result<(), TransportError> {
-        let tls = tls::server_config(&self.identity, alpns)?;
+    /// Accepts connections that negotiate `alpn` and hands them to `role` (through the one
+    /// accept loop, `accept::accept_loop`) while the caller keeps `role`. Each ALPN has one role.
+    pub fn serve(&self, alpn: &[u8], role: &Arc<dyn Serve>) -> Result<(), TransportError> {
+        let mut routes = lock(&self.routes);
+        if routes.iter().any(|(a, _)| a == alpn) {
+            return Err(TransportError::Quic(format!(
+                "{} is already served on this endpoint",
+                String::from_utf8_lossy(alpn)
+            )));
+        }
+        let mut alpns: Vec<&[u8]> = routes.iter().map(|(a, _)| a.as_slice()).collect();
+        alpns.push(alpn);
+        let tls = tls::server_config(&self.identity, &alpns)?;
         let quic =
             QuicServerConfig::try_from(tls).map_err(|e| TransportError::Quic(e.to_string()))?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
         config.transport_config(Arc::new(self.tuning.transport_config(false)));
         let mut loopback = config.clone();
         loopback.transport_config(Arc::new(self.tuning.transport_config(true)));
-        let _ = self.loopback_server.set(Arc::new(loopback));
+        *lock(&self.loopback_server) = Some(Arc::new(loopback));
         self.endpoint.set_server_config(Some(config));
+        routes.push((alpn.to_vec(), Arc::downgrade(role)));
         Ok(())
+    }
+
+    /// The role that serves `alpn`.
+    pub(crate) fn route(&self, alpn: &[u8]) -> Option<Arc<dyn Serve>> {
+        lock(&self.routes)
+            .iter()
+            .find(|(a, _)| a == alpn)
+            .and_then(|(_, r)| r.upgrade())
     }
 
     /// Accepts an incoming connection with the configuration that suits where it comes from.
@@ -195,9 +226,10 @@ impl Transport {
         &self,
         incoming: quinn::Incoming,
     ) -> Result<quinn::Connecting, quinn::ConnectionError> {
-        match self.loopback_server.get() {
+        let loopback = lock(&self.loopback_server).clone();
+        match loopback {
             Some(config) if incoming.remote_address().ip().is_loopback() => {
-                incoming.accept_with(config.clone())
+                incoming.accept_with(config)
             }
             _ => incoming.accept(),
         }
@@ -222,7 +254,7 @@ impl Transport {
         connecting.await.map_err(
             |e| match wrong.lock().unwrap_or_else(|p| p.into_inner()).take() {
                 Some(wrong) => format!("refusing {addr}: {wrong}"),
-                None => crate::roles::describe_close(&e),
+                None => close::describe_close(&e),
             },
         )
     }

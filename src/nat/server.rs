@@ -4,21 +4,24 @@
 //! each other's candidates and a common start time, and allocates relays.
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
 use quinn::Connection;
 use tokio::sync::mpsc;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{info, warn, Instrument};
 
 use crate::identity::PeerId;
-use crate::node::NodeCtx;
+use crate::nat::{read_frame, relay, write_frames};
 use crate::protocol::close_code;
 use crate::protocol::rendezvous::{token_hex, ClientMsg, RelayGrant, ServerMsg, MAX_LOCAL_ADDRS};
-use crate::rendezvous::{read_frame, relay, write_frames};
-use crate::transport::tls;
+use crate::quic::accept::Serve;
+use crate::quic::tls;
+use crate::runtime::NodeCtx;
 
 /// Limits and switches of the rendezvous server.
 #[derive(Debug, Clone)]
@@ -88,6 +91,12 @@ impl State {
     }
 }
 
+impl Serve for Rendezvous {
+    fn serve(self: Arc<Self>, conn: Connection) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        Box::pin(self.serve_peer(conn))
+    }
+}
+
 pub(crate) struct Rendezvous {
     config: RendezvousConfig,
     state: Mutex<State>,
@@ -117,35 +126,7 @@ impl Rendezvous {
             .store(state.peers.len(), std::sync::atomic::Ordering::Relaxed);
     }
 
-    pub(crate) async fn accept_loop(self: Arc<Self>) {
-        let endpoint = self.node.transport.endpoint().clone();
-        loop {
-            let incoming = tokio::select! {
-                i = endpoint.accept() => i,
-                () = self.node.abort.cancelled() => return,
-            };
-            let Some(incoming) = incoming else { return };
-            let span = tracing::info_span!("rz", remote = %incoming.remote_address(), peer = tracing::field::Empty);
-            let this = self.clone();
-            self.node.tasks.spawn(
-                async move {
-                    match incoming.accept() {
-                        Ok(connecting) => {
-                            match tokio::time::timeout(Duration::from_secs(10), connecting).await {
-                                Ok(Ok(conn)) => this.serve(conn).await,
-                                Ok(Err(e)) => debug!("handshake failed: {e}"),
-                                Err(_) => debug!("handshake timed out"),
-                            }
-                        }
-                        Err(e) => debug!("refused: {e}"),
-                    }
-                }
-                .instrument(span),
-            );
-        }
-    }
-
-    async fn serve(self: Arc<Self>, conn: Connection) {
+    async fn serve_peer(self: Arc<Self>, conn: Connection) {
         let Some(peer) = tls::peer_id_of(&conn) else {
             conn.close(close_code::PROTOCOL_ERROR, b"no peer certificate");
             return;
@@ -167,7 +148,7 @@ impl Rendezvous {
             let msg = tokio::select! {
                 m = read_frame::<ClientMsg>(&mut recv, &mut buf) => m,
                 () = self.node.abort.cancelled() => break "shutting down".to_string(),
-                r = conn.closed() => break crate::roles::describe_close(&r),
+                r = conn.closed() => break crate::quic::close::describe_close(&r),
             };
             let msg = match msg {
                 Ok(Some(msg)) => msg,

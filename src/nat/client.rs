@@ -1,26 +1,22 @@
 //! The peer side of the rendezvous: stays registered (reconnecting with backoff when the
 //! rendezvous restarts or the network drops), asks for introductions, and hands the
-//! introductions other peers asked for to the expose role. It also holds the punching and
-//! the direct-or-relay dial, so both roles share one implementation.
+//! introductions other peers asked for to the node (which punches back when it exposes to
+//! the peer). The punching and the direct-or-relay dial are in `nat::dial`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio::task::JoinSet;
-use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::identity::PeerId;
-use crate::node::NodeCtx;
-use crate::protocol::rendezvous::{relay_bind_packet, token_from_hex, ClientMsg, ServerMsg, PUNCH};
-use crate::rendezvous::{read_frame, write_frames};
-use crate::session::backoff::Backoff;
-use crate::session::punch::{Path, PathChoice, PunchSchedule};
-use crate::transport::Transport;
+use crate::nat::{read_frame, write_frames};
+use crate::protocol::rendezvous::{token_from_hex, ClientMsg, ServerMsg};
+use crate::quic::Transport;
+use crate::runtime::NodeCtx;
+use crate::time::backoff::Backoff;
 
 /// An introduction to a peer: where to punch, when, and our end of a relay.
 #[derive(Debug, Clone)]
@@ -132,10 +128,18 @@ impl Actor {
         let conn = tokio::time::timeout(Duration::from_secs(5), connecting)
             .await
             .map_err(|_| "no answer within 5 s".to_string())?
-            .map_err(|e| crate::roles::describe_close(&e))?;
+            .map_err(|e| crate::quic::close::describe_close(&e))?;
         let (send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
         let (tx, rx) = mpsc::channel::<ClientMsg>(64);
-        let _writer = AbortOnDrop(tokio::spawn(write_frames(send, rx)));
+        // The writer is one of the node's tasks, and ends with this registration.
+        let writer_stop = self.node.abort.child_token();
+        let _writer = writer_stop.clone().drop_guard();
+        self.node.tasks.spawn(async move {
+            tokio::select! {
+                () = write_frames(send, rx) => {}
+                () = writer_stop.cancelled() => {}
+            }
+        });
         let local_addrs = local_candidates(transport, addr);
         let send = |msg: ClientMsg| {
             let tx = tx.clone();
@@ -196,17 +200,9 @@ impl Actor {
                         ServerMsg::Error { message } => warn!("the rendezvous refused a request: {message}"),
                     }
                 }
-                r = conn.closed() => return Err(crate::roles::describe_close(&r)),
+                r = conn.closed() => return Err(crate::quic::close::describe_close(&r)),
             }
         }
-    }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
@@ -241,136 +237,4 @@ async fn resolve(server: &str, transport: &Transport) -> Result<SocketAddr, Stri
         .map_err(|e| format!("cannot resolve {server}: {e}"))?
         .find(|a| local.is_ipv6() || a.is_ipv4())
         .ok_or_else(|| format!("{server} has no address this socket ({local}) can reach"))
-}
-
-/// When the handshake attempts to each direct candidate start, after the common start time:
-/// the first just after this side's first punch, the second in case that one was lost.
-const DIRECT_ATTEMPTS: [Duration; 2] = [Duration::from_millis(20), Duration::from_millis(220)];
-
-/// The direct attempts (and the punches) left after the relay won: the first direct
-/// handshake to complete, or the last error once all have failed.
-fn first_direct(
-    mut tasks: JoinSet<Option<(Path, Result<quinn::Connection, String>)>>,
-    mut last_error: String,
-) -> DirectLater {
-    Box::pin(async move {
-        while let Some(joined) = tasks.join_next().await {
-            match joined {
-                Ok(Some((path, Ok(conn)))) => return Ok((conn, path)),
-                Ok(Some((_, Err(e)))) => last_error = e,
-                Ok(None) | Err(_) => {}
-            }
-        }
-        Err(last_error)
-    })
-}
-
-/// Sends the punch packets (and relay binds) of an introduction on its schedule.
-/// Bounded: about 3 s and 30 rounds.
-pub async fn punch(transport: Transport, intro: Arc<Introduction>) {
-    let mut schedule = PunchSchedule::new(std::time::Instant::now() + intro.start_in);
-    while let Some(deadline) = schedule.next_deadline() {
-        tokio::time::sleep_until(Instant::from_std(deadline)).await;
-        let bind = schedule.with_relay_bind();
-        if !schedule.poll(std::time::Instant::now()) {
-            continue;
-        }
-        for c in &intro.candidates {
-            transport.send_raw(*c, PUNCH);
-        }
-        if let (true, Some((relay, token))) = (bind, &intro.relay) {
-            transport.send_raw(*relay, &relay_bind_packet(token));
-        }
-    }
-}
-
-/// Direct handshakes still under way when the relay won; resolves to the first that completes.
-pub type DirectLater = std::pin::Pin<
-    Box<dyn std::future::Future<Output = Result<(quinn::Connection, Path), String>> + Send>,
->;
-
-/// Dials `peer` after an introduction: QUIC handshakes to every candidate at once while the
-/// punches go out, and, if none succeeds by `direct_deadline`, through the relay as well.
-/// The first handshake to complete wins. When that is the relay's, the direct handshakes
-/// and the punches go on (a lost Initial costs a retransmission, about a second): they come
-/// back as [`DirectLater`] so the caller can move to the direct path as soon as it exists.
-///
-/// With `direct` false (diagnosis: `--force-relay`), only the relay is tried.
-pub async fn dial_introduced(
-    transport: Transport,
-    intro: Introduction,
-    direct_deadline: Duration,
-    direct: bool,
-) -> Result<(quinn::Connection, Path, Option<DirectLater>), String> {
-    if !direct && intro.relay.is_none() {
-        return Err("the rendezvous granted no relay (is it running with --no-relay?)".into());
-    }
-    let intro = Arc::new(intro);
-    let mut tasks = JoinSet::new();
-    tasks.spawn({
-        let (t, i) = (transport.clone(), intro.clone());
-        async move {
-            punch(t, i).await;
-            None
-        }
-    });
-    tokio::time::sleep(intro.start_in).await;
-    let attempt = |path: Path| {
-        let transport = transport.clone();
-        let peer = intro.peer;
-        async move {
-            let result = transport.connect(path.addr(), peer).await;
-            Some((path, result))
-        }
-    };
-    if direct {
-        // Staggered handshakes per candidate: an Initial that reaches the peer's NAT before
-        // the peer's punch opened it is lost, and quinn would resend it only after ~300 ms;
-        // a second attempt 200 ms later is cheaper than waiting (the loser is dropped).
-        for delay in DIRECT_ATTEMPTS {
-            for c in &intro.candidates {
-                let a = attempt(Path::Direct(*c));
-                tasks.spawn(async move {
-                    tokio::time::sleep(delay).await;
-                    a.await
-                });
-            }
-        }
-    }
-    let deadline = if direct {
-        direct_deadline
-    } else {
-        Duration::ZERO
-    };
-    let mut choice = PathChoice::new(std::time::Instant::now(), deadline);
-    let mut last_error = String::from("no candidate answered");
-    loop {
-        let relay_at = choice
-            .relay_deadline()
-            .filter(|_| intro.relay.is_some())
-            .map(Instant::from_std);
-        tokio::select! {
-            joined = tasks.join_next() => match joined {
-                Some(Ok(Some((path @ Path::Relay(_), Ok(conn))))) => {
-                    let later = direct.then(|| first_direct(tasks, last_error));
-                    return Ok((conn, path, later));
-                }
-                Some(Ok(Some((path, Ok(conn))))) => return Ok((conn, path, None)),
-                Some(Ok(Some((path, Err(e))))) => {
-                    debug!(path = path.kind(), addr = %path.addr(), "attempt failed: {e}");
-                    last_error = e;
-                }
-                Some(Ok(None)) | Some(Err(_)) => {}
-                None => return Err(last_error),
-            },
-            () = crate::roles::sleep_until_opt(relay_at) => {
-                if choice.start_relay(std::time::Instant::now(), true) {
-                    if let Some((relay, _)) = intro.relay {
-                        debug!(%relay, "no direct path yet: trying the relay too");
-                        tasks.spawn(attempt(Path::Relay(relay)));
-                    }
-                }
-            }
-        }
-    }
 }

@@ -16,38 +16,26 @@ use tokio_util::task::TaskTracker;
 use tracing::info;
 
 use crate::config::{PeerAddr, ServiceName};
+use crate::connect::{Session, SessionConfig};
+use crate::expose::{Authorized, Expose, ExposeConfig};
 use crate::identity::{Identity, PeerId};
+use crate::nat::client::RendezvousClient;
+use crate::nat::dial::punch;
+use crate::nat::server::{Rendezvous, RendezvousConfig};
 use crate::protocol::close_code;
-use crate::rendezvous::client::{punch, RendezvousClient};
-use crate::rendezvous::server::{Rendezvous, RendezvousConfig};
-use crate::roles::connect::{Session, SessionConfig};
-use crate::roles::expose::{Authorized, Expose, ExposeConfig};
-use crate::roles::peers::PeerTable;
+use crate::quic::accept::{accept_loop, Serve};
+use crate::quic::{Transport, TransportError, Tuning};
+use crate::runtime::peers::PeerTable;
+use crate::runtime::{NodeCtx, StreamServer};
 use crate::stats::Stats;
-use crate::transport::{Transport, TransportError, Tuning};
-
-/// What every role's tasks share.
-#[derive(Clone)]
-pub(crate) struct NodeCtx {
-    pub transport: Transport,
-    pub stats: Arc<Stats>,
-    /// Cancelled when the node stops accepting (start of the drain).
-    pub stop: CancellationToken,
-    /// Cancelled when the drain is over: remaining streams are reset.
-    pub abort: CancellationToken,
-    pub tasks: TaskTracker,
-    /// The expose role, when the node exposes (weak: the role's tasks own it): it serves
-    /// streams on connections the node dialled, and says who may be punched toward.
-    pub expose: Arc<OnceLock<std::sync::Weak<Expose>>>,
-    /// Every connection with every peer, either direction.
-    pub peers: Arc<PeerTable>,
-    /// Set when the node registers with a rendezvous.
-    pub rendezvous: Arc<OnceLock<RendezvousClient>>,
-}
 
 /// One endpoint and the roles played on it.
 pub struct Node {
     ctx: NodeCtx,
+    /// Set when the node registers with a rendezvous; sessions dial through it.
+    rendezvous: Arc<OnceLock<RendezvousClient>>,
+    /// The roles that accept connections (the endpoint routes to them by ALPN, weakly).
+    roles: std::sync::Mutex<Vec<Arc<dyn Serve>>>,
 }
 
 impl Node {
@@ -59,18 +47,26 @@ impl Node {
     ) -> Result<Self, TransportError> {
         let me = identity.peer_id();
         let transport = Transport::bind(addr, identity, tuning)?;
-        Ok(Node {
+        let node = Node {
             ctx: NodeCtx {
                 transport,
                 stats: Arc::new(Stats::default()),
                 stop: CancellationToken::new(),
                 abort: CancellationToken::new(),
                 tasks: TaskTracker::new(),
-                expose: Arc::default(),
+                server: Arc::default(),
                 peers: Arc::new(PeerTable::new(me)),
-                rendezvous: Arc::default(),
             },
-        })
+            rendezvous: Arc::default(),
+            roles: Default::default(),
+        };
+        node.ctx.tasks.spawn(accept_loop(
+            node.ctx.transport.clone(),
+            node.ctx.tasks.clone(),
+            node.ctx.stop.clone(),
+            node.ctx.abort.clone(),
+        ));
+        Ok(node)
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -92,11 +88,12 @@ impl Node {
                 "--allow-any: ANY peer that can reach this port may use every exposed service"
             );
         }
-        self.ctx.transport.enable_server(&[crate::protocol::ALPN])?;
         let expose = Expose::new(config, self.ctx.clone());
-        let _ = self.ctx.expose.set(Arc::downgrade(&expose));
-        self.ctx.tasks.spawn(expose.accept_loop());
-        Ok(())
+        let server: Arc<dyn StreamServer> = expose.clone();
+        if self.ctx.server.set(Arc::downgrade(&server)).is_err() {
+            return Err(TransportError::Quic("this node exposes already".into()));
+        }
+        self.accept(crate::protocol::ALPN, expose)
     }
 
     /// Registers with the rendezvous at `server` (HOST:PORT) and stays registered. When this
@@ -104,7 +101,7 @@ impl Node {
     /// they ask for makes this node punch toward them.
     pub fn register(&self, server: String) -> RendezvousClient {
         let (client, mut introductions) = RendezvousClient::start(server, self.ctx.clone());
-        let _ = self.ctx.rendezvous.set(client.clone());
+        let _ = self.rendezvous.set(client.clone());
         let ctx = self.ctx.clone();
         self.ctx.tasks.spawn(async move {
             loop {
@@ -113,8 +110,7 @@ impl Node {
                     () = ctx.abort.cancelled() => return,
                 };
                 let Some(intro) = intro else { return };
-                let expose = ctx.expose.get().and_then(|w| w.upgrade());
-                match expose.map(|e| e.allows(&intro.peer)) {
+                match ctx.server().map(|s| s.allows(&intro.peer)) {
                     Some(true) => {
                         info!(peer = %intro.peer, candidates = ?intro.candidates, relay = intro.relay.is_some(), "introduced: punching");
                         ctx.tasks.spawn(punch(ctx.transport.clone(), Arc::new(intro)));
@@ -129,12 +125,18 @@ impl Node {
 
     /// Serves as a rendezvous (and relay) for other nodes.
     pub fn serve_rendezvous(&self, config: RendezvousConfig) -> Result<(), TransportError> {
-        self.ctx
-            .transport
-            .enable_server(&[crate::protocol::rendezvous::ALPN])?;
         let server = Rendezvous::new(config, self.ctx.clone())
             .map_err(|e| TransportError::Quic(e.to_string()))?;
-        self.ctx.tasks.spawn(server.accept_loop());
+        self.accept(crate::protocol::rendezvous::ALPN, server)
+    }
+
+    /// Keeps `role` and routes the connections that negotiate `alpn` to it.
+    fn accept(&self, alpn: &[u8], role: Arc<dyn Serve>) -> Result<(), TransportError> {
+        self.ctx.transport.serve(alpn, &role)?;
+        self.roles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(role);
         Ok(())
     }
 
@@ -153,7 +155,7 @@ impl Node {
 
     /// A session with a remote peer; it connects on the first client (or now if `eager`).
     pub fn connect(&self, peer: PeerAddr, config: SessionConfig) -> Session {
-        Session::start(peer, config, self.ctx.clone())
+        Session::start(peer, config, self.ctx.clone(), self.rendezvous.clone())
     }
 
     /// Serves a bound local TCP listener through `session` to the remote `service`.

@@ -5,28 +5,32 @@
 //! name, never an address.
 
 use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use quinn::{RecvStream, SendStream, VarInt};
+use quinn::{RecvStream, SendStream};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::config::{ServiceName, Target};
 use crate::identity::PeerId;
-use crate::node::NodeCtx;
+use crate::media::MediaMux;
 use crate::protocol::header::{
     decode_request, encode_response, HeaderError, OpenRequest, OpenResponse, Protocol, Status,
 };
 use crate::protocol::{close_code, stream_code};
-use crate::roles::peers::PeerConn;
-use crate::session::punch::Path;
-use crate::transport::media::MediaMux;
-use crate::transport::rtsp::{splice_rtsp, Facing, RtspCtx};
-use crate::transport::splice::{reset_tcp, splice, Downstream};
-use crate::transport::tls;
+use crate::quic::accept::Serve;
+use crate::quic::path::Path;
+use crate::quic::tls;
+use crate::rtsp::driver::{splice_rtsp, Facing, RtspCtx};
+use crate::runtime::peers::PeerConn;
+use crate::runtime::NodeCtx;
+use crate::runtime::StreamServer;
+use crate::tunnel::splice::{reset_tcp, splice, Downstream};
 
 /// Who may connect.
 #[derive(Debug, Clone)]
@@ -57,8 +61,6 @@ pub struct ExposeConfig {
     pub dial_timeout: Duration,
     /// How long a peer may take to send a stream header.
     pub header_timeout: Duration,
-    /// How long a TLS handshake may take.
-    pub handshake_timeout: Duration,
 }
 
 impl ExposeConfig {
@@ -69,7 +71,6 @@ impl ExposeConfig {
             max_streams: 20_000,
             dial_timeout: Duration::from_secs(10),
             header_timeout: Duration::from_secs(10),
-            handshake_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -78,6 +79,26 @@ pub(crate) struct Expose {
     config: ExposeConfig,
     limit: Arc<Semaphore>,
     node: NodeCtx,
+}
+
+impl Serve for Expose {
+    fn serve(self: Arc<Self>, conn: quinn::Connection) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        Box::pin(self.serve_connection(conn))
+    }
+}
+
+impl StreamServer for Expose {
+    fn allows(&self, peer: &PeerId) -> bool {
+        self.config.authorized.allows(peer)
+    }
+
+    /// Serves the streams `peer` opens on a connection this node dialled (one connection per
+    /// peer pair carries streams both ways).
+    fn serve_dialled(self: Arc<Self>, pc: PeerConn, peer: PeerId) {
+        let span = tracing::info_span!("conn", remote = %pc.conn.remote_address(), peer = %peer);
+        let tasks = self.node.tasks.clone();
+        tasks.spawn(self.serve_streams(pc).instrument(span));
+    }
 }
 
 impl Expose {
@@ -89,43 +110,8 @@ impl Expose {
         })
     }
 
-    /// Whether `peer` may use this node's services.
-    pub(crate) fn allows(&self, peer: &PeerId) -> bool {
-        self.config.authorized.allows(peer)
-    }
-
-    /// Accepts connections until the node aborts (end of drain).
-    pub(crate) async fn accept_loop(self: Arc<Self>) {
-        let endpoint = self.node.transport.endpoint().clone();
-        loop {
-            let incoming = tokio::select! {
-                incoming = endpoint.accept() => incoming,
-                () = self.node.abort.cancelled() => return,
-            };
-            let Some(incoming) = incoming else { return };
-            if self.node.stop.is_cancelled() {
-                incoming.refuse();
-                continue;
-            }
-            let this = self.clone();
-            let span = tracing::info_span!("conn", remote = %incoming.remote_address(), peer = tracing::field::Empty);
-            self.node
-                .tasks
-                .spawn(this.serve_connection(incoming).instrument(span));
-        }
-    }
-
-    async fn serve_connection(self: Arc<Self>, incoming: quinn::Incoming) {
-        let transport = self.node.transport.clone();
-        let conn = match tokio::time::timeout(self.config.handshake_timeout, async {
-            transport.accept(incoming)?.await
-        })
-        .await
-        {
-            Ok(Ok(conn)) => conn,
-            Ok(Err(e)) => return debug!("handshake failed: {e}"),
-            Err(_) => return debug!("handshake timed out"),
-        };
+    /// An accepted connection (the handshake is done): an allowed peer's streams are served.
+    async fn serve_connection(self: Arc<Self>, conn: quinn::Connection) {
         let Some(peer) = tls::peer_id_of(&conn) else {
             conn.close(close_code::PROTOCOL_ERROR, b"no peer certificate");
             return;
@@ -147,25 +133,13 @@ impl Expose {
         self.serve_streams(pc).await;
     }
 
-    /// Serves the streams `peer` opens on a connection this node dialled (one connection per
-    /// peer pair carries streams both ways), if `peer` is allowed here; else it may open none.
-    pub(crate) fn serve_outgoing(self: Arc<Self>, pc: PeerConn, peer: PeerId) {
-        if !self.allows(&peer) {
-            pc.conn.set_max_concurrent_bi_streams(VarInt::from_u32(0));
-            return;
-        }
-        let span = tracing::info_span!("conn", remote = %pc.conn.remote_address(), peer = %peer);
-        let tasks = self.node.tasks.clone();
-        tasks.spawn(self.serve_streams(pc).instrument(span));
-    }
-
     async fn serve_streams(self: Arc<Self>, pc: PeerConn) {
         loop {
             let (send, recv) = tokio::select! {
                 r = pc.conn.accept_bi() => match r {
                     Ok(pair) => pair,
                     Err(e) => {
-                        info!("peer disconnected: {}", crate::roles::describe_close(&e));
+                        info!("peer disconnected: {}", crate::quic::close::describe_close(&e));
                         return;
                     }
                 },
@@ -254,12 +228,19 @@ impl Expose {
             );
             return refuse(&mut send, &mut recv, Status::Busy, &msg).await;
         };
-        let tcp = match tokio::time::timeout(
+        let connect = tokio::time::timeout(
             self.config.dial_timeout,
             TcpStream::connect(target.as_str()),
-        )
-        .await
-        {
+        );
+        let connected = tokio::select! {
+            r = connect => r,
+            () = self.node.abort.cancelled() => {
+                let _ = send.reset(stream_code::SHUTDOWN);
+                let _ = recv.stop(stream_code::SHUTDOWN);
+                return debug!("shut down while connecting to the service");
+            }
+        };
+        let tcp = match connected {
             Ok(Ok(tcp)) => tcp,
             Ok(Err(e)) => {
                 warn!(client, %target, "cannot connect to the service: {e}");

@@ -1,7 +1,6 @@
 //! Hole punching as pure state machines with time as input: when to send punch packets and
 //! relay binds, and which path a session should use.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 /// When punch packets go out after the common start time: every 50 ms for the first second
@@ -50,34 +49,6 @@ impl PunchSchedule {
     /// to the network is repeated within 250 ms).
     pub fn with_relay_bind(&self) -> bool {
         self.sent <= 5
-    }
-}
-
-/// The path a connection takes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Path {
-    /// Straight to the peer at this address (punched, LAN, or dialled by address).
-    Direct(SocketAddr),
-    /// Through the relay port at this address.
-    Relay(SocketAddr),
-}
-
-impl Path {
-    pub fn is_relay(&self) -> bool {
-        matches!(self, Path::Relay(_))
-    }
-
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Path::Direct(_) => "direct",
-            Path::Relay(_) => "relay",
-        }
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        match self {
-            Path::Direct(a) | Path::Relay(a) => *a,
-        }
     }
 }
 

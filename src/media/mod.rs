@@ -22,6 +22,9 @@
 //! - Datagrams go out before stream data in every QUIC packet (quinn writes DATAGRAM frames
 //!   first), and the overflow streams have a raised priority: media goes ahead of bulk.
 
+pub mod fec;
+pub mod repair;
+
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -37,9 +40,8 @@ use tokio_util::task::TaskTracker;
 use tracing::debug;
 
 use crate::protocol::stream_code;
-use crate::session::fec;
-use crate::session::repair::{self, Gaps, History};
 use crate::stats::{GaugeGuard, Stats};
+use repair::{Gaps, History};
 
 /// Bytes of the tag in front of every datagram and at the start of an overflow stream.
 pub const TAG_LEN: usize = 4;

@@ -15,11 +15,11 @@ use tokio::sync::watch;
 use tracing::info;
 
 use crate::identity::PeerId;
-use crate::node::NodeCtx;
+use crate::media::MediaMux;
 use crate::protocol::close_code;
-use crate::session::punch::Path;
+use crate::quic::path::Path;
+use crate::runtime::NodeCtx;
 use crate::stats::Gauge;
-use crate::transport::media::MediaMux;
 
 /// A connection with a peer.
 #[derive(Clone)]

@@ -1,10 +1,4 @@
-//! The roles a node plays on its one endpoint: `expose` (serve allowed peers' streams to the
-//! real servers named in the rules) and `connect` (local listeners whose sockets become
-//! streams to a remote peer). One node may play both.
-
-pub mod connect;
-pub mod expose;
-pub mod peers;
+//! Connection close reasons as sentences for logs.
 
 use crate::protocol::close_code;
 
@@ -25,13 +19,5 @@ pub fn describe_close(e: &quinn::ConnectionError) -> String {
         quinn::ConnectionError::TransportError(t) => format!("transport error: {t}"),
         quinn::ConnectionError::ConnectionClosed(c) => format!("closed by the peer: {c}"),
         other => other.to_string(),
-    }
-}
-
-/// Sleeps until `deadline`, or forever when there is none (for `select!` arms).
-pub(crate) async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }

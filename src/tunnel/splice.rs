@@ -25,7 +25,7 @@ use crate::protocol::header::{
     decode_response, HeaderError, OpenResponse, Protocol, Status, MAX_RESPONSE_LEN,
 };
 use crate::protocol::stream_code;
-use crate::session::priority::BulkDetector;
+use crate::tunnel::priority::BulkDetector;
 
 /// Bytes read from a socket at a time, and the largest chunk read from a stream.
 pub const CHUNK: usize = 256 * 1024;

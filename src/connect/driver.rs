@@ -1,0 +1,319 @@
+//! The session's task: owns the dial, the upgrade attempt and the connection's handles,
+//! reads tokio's clock, and does what [`Machine`] decides. Thin on purpose: every decision
+//! (when to dial, whom to answer, when to close) is the machine's and tested there.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+
+use quinn::Connection;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, error, info, warn};
+
+use super::machine::{Action, Conn, Dialled, Machine, Note, Settings, DIRECT_DEADLINE};
+use super::{ConnectError, Reply, SessionConfig, StreamLease};
+use crate::config::PeerAddr;
+use crate::identity::PeerId;
+use crate::nat::client::RendezvousClient;
+use crate::nat::dial::dial_introduced;
+use crate::protocol::close_code;
+use crate::quic::close::describe_close;
+use crate::quic::path::Path;
+use crate::quic::Transport;
+use crate::runtime::peers::PeerConn;
+use crate::runtime::NodeCtx;
+use crate::stats::GaugeGuard;
+use crate::time::{now, sleep_until_opt};
+
+/// The driver's handle on a connection: the peer table's entry, and, when this session
+/// dialled it, its unit on the node's connection gauge (released with the last clone).
+#[derive(Clone)]
+struct Handle {
+    pc: PeerConn,
+    _dialled: Option<Arc<GaugeGuard>>,
+}
+
+type Boxed<T> = Pin<Box<dyn Future<Output = Result<T, ConnectError>> + Send>>;
+
+/// A dial's connection, and the direct handshakes still under way when the relay won.
+struct Outcome {
+    conn: Connection,
+    path: Path,
+    direct_later: Option<Boxed<(Connection, Path)>>,
+}
+
+pub(super) struct Driver {
+    pub peer: Arc<PeerAddr>,
+    pub config: SessionConfig,
+    pub node: NodeCtx,
+    pub rendezvous: Arc<OnceLock<RendezvousClient>>,
+    pub path: watch::Sender<Option<Path>>,
+}
+
+/// What the loop holds besides the machine.
+struct Io {
+    replies: HashMap<u64, Reply>,
+    dial: Option<Boxed<Outcome>>,
+    upgrade: Option<Boxed<(Connection, Path)>>,
+    ended: mpsc::UnboundedSender<u64>,
+}
+
+impl Driver {
+    pub(super) async fn run(self, mut requests: mpsc::Receiver<Reply>) {
+        let (ended, mut ended_rx) = mpsc::unbounded_channel::<u64>();
+        let mut table = self.node.peers.subscribe();
+        let mut machine = Machine::<Handle>::new(Settings {
+            peer: self.peer.id,
+            by_address: self.peer.addr.is_some(),
+            idle_grace: self.config.idle_grace,
+            connect_timeout: self.config.connect_timeout,
+            eager: self.config.eager,
+            force_relay: self.config.force_relay,
+        });
+        let mut io = Io {
+            replies: HashMap::new(),
+            dial: None,
+            upgrade: None,
+            ended,
+        };
+        let mut next_waiter = 0u64;
+        let stop = self.node.stop.clone();
+        let mut stopping = false;
+        let actions = machine.start(now());
+        self.apply(&mut io, actions);
+        loop {
+            let deadline = machine.poll_timeout();
+            let live = machine.live().map(|c| (c.id, c.handle.pc.conn.clone()));
+            let actions = tokio::select! {
+                request = requests.recv() => {
+                    let Some(reply) = request else { break };
+                    next_waiter += 1;
+                    io.replies.insert(next_waiter, reply);
+                    machine.request(now(), next_waiter, self.preferred())
+                }
+                Some(generation) = ended_rx.recv() => machine.stream_ended(now(), generation),
+                changed = table.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    machine.table_changed(now(), self.preferred())
+                }
+                result = async { io.dial.as_mut().expect("guarded").await }, if io.dial.is_some() => {
+                    io.dial = None;
+                    let result = result.map(|o| {
+                        info!(path = %o.path.kind(), remote = %o.path.addr(), "connected");
+                        let direct_later = o.direct_later.is_some();
+                        if let Some(later) = o.direct_later {
+                            io.upgrade = Some(later);
+                        }
+                        Dialled { conn: self.register(o.conn, o.path), direct_later }
+                    });
+                    if let Err(e) = &result {
+                        warn!("cannot connect to {}: {e}", self.peer);
+                    }
+                    machine.dialled(now(), result)
+                }
+                result = async { io.upgrade.as_mut().expect("guarded").await }, if io.upgrade.is_some() => {
+                    io.upgrade = None;
+                    let result = result.map(|(conn, path)| self.register(conn, path));
+                    machine.upgraded(now(), result)
+                }
+                reason = async { live.as_ref().expect("guarded").1.closed().await }, if live.is_some() => {
+                    match &reason {
+                        quinn::ConnectionError::ApplicationClosed(c) if c.error_code == close_code::NOT_AUTHORISED => {
+                            error!("{}; give the peer's owner this side's id (`tunnel id`) to add with --allow", describe_close(&reason));
+                        }
+                        _ => warn!("connection lost: {}", describe_close(&reason)),
+                    }
+                    machine.closed(now(), live.as_ref().expect("guarded").0)
+                }
+                () = sleep_until_opt(deadline) => {
+                    machine.timeout(now(), |h| h.pc.streams.get() > 0)
+                }
+                () = stop.cancelled(), if !stopping => {
+                    stopping = true;
+                    machine.stop();
+                    Vec::new()
+                }
+                () = self.node.abort.cancelled() => break,
+            };
+            self.apply(&mut io, actions);
+            let path = machine.path();
+            self.path
+                .send_if_modified(|p| std::mem::replace(p, path) != path);
+        }
+        let actions = machine.finish();
+        self.apply(&mut io, actions);
+        self.path.send_replace(None);
+    }
+
+    fn apply(&self, io: &mut Io, actions: Vec<Action<Handle>>) {
+        for action in actions {
+            match action {
+                Action::Dial => io.dial = Some(self.dial(true)),
+                Action::CancelDial => io.dial = None,
+                Action::Upgrade => {
+                    debug!("relayed: trying to punch a direct path");
+                    let dial = self.dial(false);
+                    io.upgrade = Some(Box::pin(
+                        async move { dial.await.map(|o| (o.conn, o.path)) },
+                    ));
+                }
+                Action::CancelUpgrade => io.upgrade = None,
+                Action::Grant {
+                    waiter,
+                    conn,
+                    generation,
+                } => {
+                    if let Some(reply) = io.replies.remove(&waiter) {
+                        let lease = StreamLease {
+                            generation,
+                            ended: io.ended.clone(),
+                            _on_conn: conn.pc.streams.hold(),
+                        };
+                        // A client that gave up drops the lease with the reply.
+                        let _ = reply.send(Ok((conn.pc, lease)));
+                    }
+                }
+                Action::Fail { waiter, error } => {
+                    if let Some(reply) = io.replies.remove(&waiter) {
+                        let _ = reply.send(Err(error));
+                    }
+                }
+                Action::Close { conn, code, reason } => conn.pc.conn.close(code, reason),
+                Action::Note(note) => match note {
+                    Note::Switched(path) => {
+                        info!(path = %path.kind(), remote = %path.addr(), "switching to the preferred connection with this peer")
+                    }
+                    Note::PathChanged { now, was } => {
+                        info!(path = %now.kind(), remote = %now.addr(), was = %was.kind(), "path changed: new streams use the direct path")
+                    }
+                    Note::LastStreamEnded => debug!(
+                        "last stream ended; closing in {:?} unless a client comes",
+                        self.config.idle_grace
+                    ),
+                    Note::IdleClose => info!(
+                        "closing the connection: idle for {:?}",
+                        self.config.idle_grace
+                    ),
+                    Note::StillRelayed(e) => debug!("still no direct path: {e}"),
+                },
+            }
+        }
+    }
+
+    /// The peer table's preferred connection with the peer (e.g. one the peer dialled).
+    fn preferred(&self) -> Option<Conn<Handle>> {
+        let pc = self.node.peers.preferred(&self.peer.id)?;
+        Some(Conn {
+            id: pc.conn.stable_id(),
+            path: pc.path,
+            dialled: false,
+            handle: Handle { pc, _dialled: None },
+        })
+    }
+
+    /// Records a connection this session dialled; it carries the peer's streams too when
+    /// this node exposes to it.
+    fn register(&self, conn: Connection, path: Path) -> Conn<Handle> {
+        let me = self.node.transport.identity().peer_id();
+        let id = conn.stable_id();
+        let pc = self
+            .node
+            .peers
+            .add(&self.node, self.peer.id, conn, me, path);
+        self.node.serve_dialled(&pc, self.peer.id);
+        Conn {
+            id,
+            path,
+            dialled: true,
+            handle: Handle {
+                pc,
+                _dialled: Some(Arc::new(self.node.stats.connection())),
+            },
+        }
+    }
+
+    /// Dials the peer: at its address if it has one, else through the rendezvous (with a
+    /// relay as a fallback when `relay`). Unbounded: the machine's deadline drops it.
+    fn dial(&self, relay: bool) -> Boxed<Outcome> {
+        let node = self.node.clone();
+        let peer = self.peer.clone();
+        let rendezvous = self.rendezvous.get().cloned();
+        let direct = !self.config.force_relay;
+        Box::pin(async move {
+            match &peer.addr {
+                Some(addr) => dial_address(&node.transport, peer.id, addr).await,
+                None => dial_rendezvous(&node.transport, rendezvous, peer.id, relay, direct).await,
+            }
+        })
+    }
+}
+
+async fn dial_rendezvous(
+    transport: &Transport,
+    rendezvous: Option<RendezvousClient>,
+    peer: PeerId,
+    relay: bool,
+    direct: bool,
+) -> Result<Outcome, ConnectError> {
+    let rendezvous = rendezvous.ok_or_else(|| {
+        ConnectError::Failed(
+            "the peer has no address: give PEER_ID@HOST:PORT, or --rendezvous HOST:PORT".into(),
+        )
+    })?;
+    let intro = rendezvous
+        .introduce(peer, relay)
+        .await
+        .ok_or(ConnectError::ShuttingDown)?;
+    let (conn, path, later) = dial_introduced(transport.clone(), intro, DIRECT_DEADLINE, direct)
+        .await
+        .map_err(|e| ConnectError::Failed(e.to_string().into()))?;
+    let direct_later = later.map(|later| -> Boxed<(Connection, Path)> {
+        Box::pin(async move {
+            later
+                .await
+                .map_err(|e| ConnectError::Failed(e.to_string().into()))
+        })
+    });
+    Ok(Outcome {
+        conn,
+        path,
+        direct_later,
+    })
+}
+
+async fn dial_address(
+    transport: &Transport,
+    peer: PeerId,
+    host_port: &str,
+) -> Result<Outcome, ConnectError> {
+    let failed = |msg: String| ConnectError::Failed(msg.into());
+    let local = transport.local_addr().map_err(|e| failed(e.to_string()))?;
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(host_port)
+        .await
+        .map_err(|e| failed(format!("cannot resolve {host_port}: {e}")))?
+        .collect();
+    // An IPv4 socket cannot reach IPv6 addresses; a dual-stack IPv6 socket reaches both.
+    let addr = addrs
+        .iter()
+        .find(|a| local.is_ipv6() || a.is_ipv4())
+        .copied()
+        .ok_or_else(|| {
+            failed(format!(
+                "{host_port} has no address this socket ({local}) can reach"
+            ))
+        })?;
+    debug!(%addr, "dialling");
+    let conn = transport
+        .connect(addr, peer)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    Ok(Outcome {
+        conn,
+        path: Path::Direct(addr),
+        direct_later: None,
+    })
+}

@@ -1,0 +1,282 @@
+//! The connecting role: local TCP listeners whose sockets become streams of one QUIC
+//! connection to the remote peer, made lazily and kept through an idle grace period.
+//!
+//! A [`Session`] is a handle to one task per remote peer ([`driver`]), which owns the
+//! connection; what it does is decided by a pure state machine ([`machine`]): it dials when
+//! the first client arrives (or at start with `eager`), hands the connection to every later
+//! client, counts live streams with an [`idle::IdleGrace`] and closes the connection when the
+//! grace runs out. Dropping every handle ends the task and closes the connection.
+//!
+//! This module holds the handle and the local listeners: each accepted socket becomes a
+//! stream (`tunnel::open` writes the header and picks the layer).
+
+mod driver;
+pub mod idle;
+pub mod machine;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use quinn::Connection;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, error, info, warn, Instrument};
+
+use crate::config::{PeerAddr, ServiceName};
+use crate::identity::PeerId;
+use crate::nat::client::RendezvousClient;
+use crate::protocol::header::{encode_request, OpenRequest, Protocol};
+use crate::quic::close::describe_close;
+use crate::quic::path::Path;
+use crate::rtsp::driver::{splice_rtsp, Facing, RtspCtx};
+use crate::runtime::peers::PeerConn;
+use crate::runtime::NodeCtx;
+use crate::stats::GaugeGuard;
+use crate::tunnel::splice::{abandoned, read_response, splice, Abort, Downstream, Report};
+
+/// The connecting role's settings for one remote peer.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// How long an unused connection stays up after its last stream ends.
+    pub idle_grace: Duration,
+    /// How long a client waits for the connection (the handshake is bounded by it too).
+    pub connect_timeout: Duration,
+    /// How long to wait for the exposing side's answer to a stream header.
+    pub open_timeout: Duration,
+    /// Connect at start and stay connected (reconnect with backoff), ignoring the grace.
+    pub eager: bool,
+    /// Through the rendezvous, use only the relay (diagnosis; never punch).
+    pub force_relay: bool,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            idle_grace: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            open_timeout: Duration::from_secs(20),
+            eager: false,
+            force_relay: false,
+        }
+    }
+}
+
+/// Why a client could not get a connection.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ConnectError {
+    #[error("{0}")]
+    Failed(Arc<str>),
+    #[error(
+        "no connection within {0:?}: is `tunnel expose` running there, and does UDP reach it?"
+    )]
+    Timeout(Duration),
+    #[error("no path to {peer} within {limit:?}: is `tunnel expose` running there with the same --rendezvous?")]
+    NoPath { peer: PeerId, limit: Duration },
+    #[error("shutting down")]
+    ShuttingDown,
+}
+
+type Reply = oneshot::Sender<Result<(PeerConn, StreamLease), ConnectError>>;
+
+/// Holds one stream on a connection's idle count (and on its count of streams in both
+/// directions); dropping it reports the stream's end.
+#[derive(Debug)]
+pub struct StreamLease {
+    generation: u64,
+    ended: mpsc::UnboundedSender<u64>,
+    _on_conn: GaugeGuard,
+}
+
+impl Drop for StreamLease {
+    fn drop(&mut self) {
+        let _ = self.ended.send(self.generation);
+    }
+}
+
+/// A handle to the connection with one remote peer. Cloning is cheap.
+#[derive(Clone)]
+pub struct Session {
+    peer: Arc<PeerAddr>,
+    config: Arc<SessionConfig>,
+    requests: mpsc::Sender<Reply>,
+    node: NodeCtx,
+    path: tokio::sync::watch::Receiver<Option<Path>>,
+    /// Each service's protocol, as the exposing side last answered.
+    protocols: Arc<std::sync::Mutex<HashMap<ServiceName, Protocol>>>,
+}
+
+impl Session {
+    pub(crate) fn start(
+        peer: PeerAddr,
+        config: SessionConfig,
+        node: NodeCtx,
+        rendezvous: Arc<OnceLock<RendezvousClient>>,
+    ) -> Session {
+        let (tx, rx) = mpsc::channel(1024);
+        let (path_tx, path) = tokio::sync::watch::channel(None);
+        let driver = driver::Driver {
+            peer: Arc::new(peer.clone()),
+            config: config.clone(),
+            node: node.clone(),
+            rendezvous,
+            path: path_tx,
+        };
+        let span = tracing::info_span!("session", peer = %peer.id);
+        node.tasks.spawn(driver.run(rx).instrument(span));
+        Session {
+            peer: Arc::new(peer),
+            config: Arc::new(config),
+            requests: tx,
+            node,
+            path,
+            protocols: Arc::default(),
+        }
+    }
+
+    /// The path new streams take now, or `None` when there is no connection.
+    pub fn path(&self) -> Option<Path> {
+        *self.path.borrow()
+    }
+
+    pub fn peer(&self) -> &PeerAddr {
+        &self.peer
+    }
+
+    /// The live connection (dialled now if there is none) and a lease on its idle count.
+    pub async fn acquire(&self) -> Result<(Connection, StreamLease), ConnectError> {
+        let (pc, lease) = self.acquire_peer_conn().await?;
+        Ok((pc.conn, lease))
+    }
+
+    async fn acquire_peer_conn(&self) -> Result<(PeerConn, StreamLease), ConnectError> {
+        let (tx, rx) = oneshot::channel();
+        self.requests
+            .send(tx)
+            .await
+            .map_err(|_| ConnectError::ShuttingDown)?;
+        rx.await.map_err(|_| ConnectError::ShuttingDown)?
+    }
+
+    /// Serves a bound local listener: each accepted socket becomes a stream to `service`.
+    /// Runs until the node stops accepting; the listener is closed when it returns.
+    pub(crate) async fn serve_local(self, listener: TcpListener, service: ServiceName) {
+        static NEXT_LOCAL_ID: AtomicU64 = AtomicU64::new(1);
+        let local = listener
+            .local_addr()
+            .map_or_else(|e| e.to_string(), |a| a.to_string());
+        info!(%local, %service, "listening");
+        loop {
+            let accepted = tokio::select! {
+                r = listener.accept() => r,
+                () = self.node.stop.cancelled() => break,
+            };
+            match accepted {
+                Ok((tcp, client)) => {
+                    let id = NEXT_LOCAL_ID.fetch_add(1, Ordering::Relaxed);
+                    let span = tracing::info_span!("client", local_id = id, %client, %service, stream = tracing::field::Empty);
+                    let this = self.clone();
+                    let service = service.clone();
+                    self.node
+                        .tasks
+                        .spawn(this.serve_client(tcp, client, service).instrument(span));
+                }
+                Err(e) => {
+                    // Typically out of file descriptors: back off rather than spin.
+                    error!(%local, "accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        debug!(%local, "listener closed");
+    }
+
+    async fn serve_client(self, tcp: TcpStream, client: SocketAddr, service: ServiceName) {
+        let _live = self.node.stats.stream();
+        let _ = tcp.set_nodelay(true);
+        // Answered by the session's dial deadline at the latest (`connect_timeout`).
+        let (pc, _lease) = match self.acquire_peer_conn().await {
+            Ok(pair) => pair,
+            Err(e) => return warn!("closing the client: cannot reach peer {}: {e}", self.peer),
+        };
+        // Waits while the peer's limit of concurrent streams is reached: backpressure.
+        let (mut send, mut recv) = match pc.conn.open_bi().await {
+            Ok(pair) => pair,
+            Err(e) => return warn!("closing the client: {}", describe_close(&e)),
+        };
+        tracing::Span::current().record("stream", u64::from(send.id()));
+        let header = encode_request(&OpenRequest {
+            service: service.as_str().to_owned(),
+            client_addr: Some(client.to_string()),
+        })
+        .expect("service names are validated when the rules are read");
+        if let Err(e) = send.write_chunk(Bytes::from(header)).await {
+            return warn!("closing the client: stream failed: {e}");
+        }
+        let limit = self.config.open_timeout;
+        // The service's protocol picks the layer: known from an earlier stream, the
+        // response is read alongside; else it is read before the client's bytes are.
+        let known = self.protocols().get(&service).copied();
+        let (protocol, downstream) = match known {
+            Some(expect) => (expect, Downstream::AwaitResponse { limit, expect }),
+            None => match read_response(&mut recv, limit).await {
+                Ok((protocol, first)) => {
+                    self.protocols().insert(service.clone(), protocol);
+                    (protocol, Downstream::Payload(first))
+                }
+                Err(abort) => {
+                    let report = abandoned(abort, &tcp, &mut send, &mut recv);
+                    return self.log_report(&service, report);
+                }
+            },
+        };
+        let cancel = self.node.abort.clone();
+        let report = match protocol {
+            Protocol::Tcp => splice(tcp, send, recv, downstream, cancel).await,
+            Protocol::Rtsp(udp) => {
+                let ctx = RtspCtx {
+                    facing: Facing::Client,
+                    udp,
+                    mux: pc.media.clone(),
+                    stats: self.node.stats.clone(),
+                };
+                splice_rtsp(tcp, send, recv, downstream, ctx, cancel).await
+            }
+        };
+        self.log_report(&service, report);
+    }
+
+    /// Each service's protocol, as the exposing side last answered.
+    fn protocols(&self) -> std::sync::MutexGuard<'_, HashMap<ServiceName, Protocol>> {
+        self.protocols.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn log_report(&self, service: &ServiceName, report: Report) {
+        match report.abort {
+            None => debug!(up = report.up, down = report.down, "stream closed"),
+            Some(Abort::ProtocolChanged { now, .. }) => {
+                warn!(
+                    "the service's protocol is now {now}; the client was closed and should retry"
+                );
+                self.protocols().insert(service.clone(), now);
+            }
+            Some(Abort::Refused { status, message }) => {
+                warn!("the peer refused the stream ({status}): {message}")
+            }
+            Some(Abort::ConnectionLost(e)) => warn!(
+                up = report.up,
+                down = report.down,
+                "stream aborted: {}",
+                describe_close(&e)
+            ),
+            Some(abort) => info!(
+                up = report.up,
+                down = report.down,
+                "stream aborted: {abort}"
+            ),
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! Punching and the direct-or-relay dial after an introduction, shared by both roles: the
+//! exposing side punches back toward a peer it allows; the connecting side punches and races
+//! QUIC handshakes to every candidate against a late relay one. The schedules are pure
+//! (`nat::punch`); this is their driver.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tracing::debug;
+
+use crate::nat::client::Introduction;
+use crate::nat::punch::{PathChoice, PunchSchedule};
+use crate::protocol::rendezvous::{relay_bind_packet, PUNCH};
+use crate::quic::path::Path;
+use crate::quic::Transport;
+use crate::time::{now, sleep_until_opt};
+
+/// When the handshake attempts to each direct candidate start, after the common start time:
+/// the first just after this side's first punch, the second in case that one was lost.
+const DIRECT_ATTEMPTS: [Duration; 2] = [Duration::from_millis(20), Duration::from_millis(220)];
+
+/// The direct attempts (and the punches) left after the relay won: the first direct
+/// handshake to complete, or the last error once all have failed.
+fn first_direct(
+    mut tasks: JoinSet<Option<(Path, Result<quinn::Connection, String>)>>,
+    mut last_error: String,
+) -> DirectLater {
+    Box::pin(async move {
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok(Some((path, Ok(conn)))) => return Ok((conn, path)),
+                Ok(Some((_, Err(e)))) => last_error = e,
+                Ok(None) | Err(_) => {}
+            }
+        }
+        Err(last_error)
+    })
+}
+
+/// Sends the punch packets (and relay binds) of an introduction on its schedule.
+/// Bounded: about 3 s and 30 rounds.
+pub async fn punch(transport: Transport, intro: Arc<Introduction>) {
+    let mut schedule = PunchSchedule::new(now() + intro.start_in);
+    while let Some(deadline) = schedule.next_deadline() {
+        sleep_until_opt(Some(deadline)).await;
+        let bind = schedule.with_relay_bind();
+        if !schedule.poll(now()) {
+            continue;
+        }
+        for c in &intro.candidates {
+            transport.send_raw(*c, PUNCH);
+        }
+        if let (true, Some((relay, token))) = (bind, &intro.relay) {
+            transport.send_raw(*relay, &relay_bind_packet(token));
+        }
+    }
+}
+
+/// Direct handshakes still under way when the relay won; resolves to the first that completes.
+pub type DirectLater = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<(quinn::Connection, Path), String>> + Send>,
+>;
+
+/// Dials `peer` after an introduction: QUIC handshakes to every candidate at once while the
+/// punches go out, and, if none succeeds by `direct_deadline`, through the relay as well.
+/// The first handshake to complete wins. When that is the relay's, the direct handshakes
+/// and the punches go on (a lost Initial costs a retransmission, about a second): they come
+/// back as [`DirectLater`] so the caller can move to the direct path as soon as it exists.
+///
+/// With `direct` false (diagnosis: `--force-relay`), only the relay is tried.
+pub async fn dial_introduced(
+    transport: Transport,
+    intro: Introduction,
+    direct_deadline: Duration,
+    direct: bool,
+) -> Result<(quinn::Connection, Path, Option<DirectLater>), String> {
+    if !direct && intro.relay.is_none() {
+        return Err("the rendezvous granted no relay (is it running with --no-relay?)".into());
+    }
+    let intro = Arc::new(intro);
+    let mut tasks = JoinSet::new();
+    tasks.spawn({
+        let (t, i) = (transport.clone(), intro.clone());
+        async move {
+            punch(t, i).await;
+            None
+        }
+    });
+    tokio::time::sleep(intro.start_in).await;
+    let attempt = |path: Path| {
+        let transport = transport.clone();
+        let peer = intro.peer;
+        async move {
+            let result = transport.connect(path.addr(), peer).await;
+            Some((path, result))
+        }
+    };
+    if direct {
+        // Staggered handshakes per candidate: an Initial that reaches the peer's NAT before
+        // the peer's punch opened it is lost, and quinn would resend it only after ~300 ms;
+        // a second attempt 200 ms later is cheaper than waiting (the loser is dropped).
+        for delay in DIRECT_ATTEMPTS {
+            for c in &intro.candidates {
+                let a = attempt(Path::Direct(*c));
+                tasks.spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    a.await
+                });
+            }
+        }
+    }
+    let deadline = if direct {
+        direct_deadline
+    } else {
+        Duration::ZERO
+    };
+    let mut choice = PathChoice::new(now(), deadline);
+    let mut last_error = String::from("no candidate answered");
+    loop {
+        let relay_at = choice.relay_deadline().filter(|_| intro.relay.is_some());
+        tokio::select! {
+            joined = tasks.join_next() => match joined {
+                Some(Ok(Some((path @ Path::Relay(_), Ok(conn))))) => {
+                    let later = direct.then(|| first_direct(tasks, last_error));
+                    return Ok((conn, path, later));
+                }
+                Some(Ok(Some((path, Ok(conn))))) => return Ok((conn, path, None)),
+                Some(Ok(Some((path, Err(e))))) => {
+                    debug!(path = path.kind(), addr = %path.addr(), "attempt failed: {e}");
+                    last_error = e;
+                }
+                Some(Ok(None)) | Some(Err(_)) => {}
+                None => return Err(last_error),
+            },
+            () = sleep_until_opt(relay_at) => {
+                if choice.start_relay(now(), true) {
+                    if let Some((relay, _)) = intro.relay {
+                        debug!(%relay, "no direct path yet: trying the relay too");
+                        tasks.spawn(attempt(Path::Relay(relay)));
+                    }
+                }
+            }
+        }
+    }
+}
