@@ -18,61 +18,16 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::repair::rtp_id;
+use crate::protocol::media::{marker, rtp_id, Parity, MAX_BLOCK};
 
-/// Packets per block at most.
-pub const BLOCK: usize = 8;
+/// Packets per block at most (the most a parity may cover on the wire).
+pub const BLOCK: usize = MAX_BLOCK;
 /// Received packets kept for rebuilding (a block's worth several times over).
 const KEPT: usize = 64;
 /// Parities kept that could not be used yet (two packets of their block missing).
 const PARITIES_KEPT: usize = 8;
 /// Nothing older is rebuilt: the client has given up on it.
 const MAX_AGE: Duration = Duration::from_secs(1);
-
-/// Whether an RTP packet ends a video frame (marker bit).
-fn marker(packet: &[u8]) -> bool {
-    packet.get(1).is_some_and(|b| b & 0x80 != 0)
-}
-
-/// The first byte of a parity message (the control message type).
-pub const PARITY: u8 = 2;
-
-/// A parity message: `0x02 | ssrc:u32 | first seq:u16 | count:u8 | xor of len|packet`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Parity {
-    pub ssrc: u32,
-    pub first: u16,
-    pub count: u8,
-    pub xor: Vec<u8>,
-}
-
-impl Parity {
-    pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(8 + self.xor.len());
-        out.push(PARITY);
-        out.extend_from_slice(&self.ssrc.to_be_bytes());
-        out.extend_from_slice(&self.first.to_be_bytes());
-        out.push(self.count);
-        out.extend_from_slice(&self.xor);
-        out
-    }
-
-    pub fn decode(buf: &[u8]) -> Option<Parity> {
-        if buf.len() < 10 || buf[0] != PARITY {
-            return None;
-        }
-        let count = buf[7];
-        if count == 0 || usize::from(count) > BLOCK {
-            return None;
-        }
-        Some(Parity {
-            ssrc: u32::from_be_bytes(buf[1..5].try_into().ok()?),
-            first: u16::from_be_bytes([buf[5], buf[6]]),
-            count,
-            xor: buf[8..].to_vec(),
-        })
-    }
-}
 
 fn xor_into(acc: &mut Vec<u8>, packet: &[u8]) {
     let len = (packet.len() as u16).to_be_bytes();
@@ -257,6 +212,7 @@ enum Rebuilt {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::media::PARITY;
     use proptest::prelude::*;
 
     fn rtp(ssrc: u32, seq: u16, marker: bool, len: usize) -> Bytes {

@@ -2,18 +2,19 @@
 //! one, the RTSP server on the other), joined by QUIC datagrams.
 //!
 //! - A flow is named by a channel id that the client-facing peer allocates; every datagram
-//!   starts with a 4-byte tag: `id << 3 | control << 2 | allocated_by_sender << 1 | rtcp`.
-//!   Each peer thus tells its own ids from the other's on a connection that carries streams
-//!   both ways. A control datagram carries the flow's loss repair (below), not media.
+//!   starts with a tag naming the flow (`protocol::media` has every wire format here). Each
+//!   peer tells its own ids from the other's on a connection that carries streams both ways;
+//!   an id the other peer reuses while its flow is open is refused, not taken over. A control
+//!   datagram carries the flow's loss repair (below), not media.
 //! - Loss repair, both in control datagrams: the sending peer follows each video frame (or
 //!   each 8 RTP packets) with an XOR parity, from which the receiving peer rebuilds one lost
-//!   packet at once (`session::fec`); and it keeps its last RTP packets, which the receiving
+//!   packet at once ([`fec`]); and it keeps its last RTP packets, which the receiving
 //!   peer, seeing a gap in the sequence numbers, asks for at once (again after about a round
-//!   trip, three times at most) and gets resent as they were (`session::repair`). Nothing
+//!   trip, three times at most) and gets resent as they were ([`repair`]). Nothing
 //!   waits for either: the client's jitter buffer puts a mended packet in its place.
 //! - A packet larger than the connection's datagram limit is not dropped: it goes on a
-//!   unidirectional stream of its flow (tag, then `rtcp:u8 | len:u16be | packet` frames),
-//!   opened when the first such packet comes. Order across the two paths is not kept; RTP
+//!   unidirectional stream of its flow (the tag, then length-prefixed frames), opened when
+//!   the first such packet comes. Order across the two paths is not kept; RTP
 //!   receivers reorder by sequence number.
 //! - Only packets from the expected host (the RTSP client's or server's address) enter a
 //!   flow; a flow sends to the ports the SETUP exchange named, or to the first sender's.
@@ -25,6 +26,7 @@
 pub mod fec;
 pub mod repair;
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -39,52 +41,18 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
+use crate::protocol::media::{
+    decode_overflow_head, decode_request, encode_overflow, encode_request, rtp_id, Kind, Parity,
+    Tag, MAX_ID, OVERFLOW_HEAD, PARITY, REQUEST, TAG_LEN,
+};
 use crate::protocol::stream_code;
 use crate::stats::{GaugeGuard, Stats};
 use repair::{Gaps, History};
 
-/// Bytes of the tag in front of every datagram and at the start of an overflow stream.
-pub const TAG_LEN: usize = 4;
-/// Largest channel id (29 bits).
-const MAX_ID: u32 = (1 << 29) - 1;
 /// Send priority of overflow streams (RTSP streams use the same; bulk streams go below 0).
 pub const MEDIA_PRIORITY: i32 = 1;
 /// Largest UDP payload.
 const MAX_PACKET: usize = 65_535;
-
-/// `0` RTP, `1` RTCP: the first and second port of a pair.
-pub type Kind = usize;
-
-/// What a datagram or overflow stream starts with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Tag {
-    pub id: u32,
-    /// The sender of the datagram allocated `id` (it is the client-facing peer).
-    pub allocated_by_sender: bool,
-    /// A loss-repair message about the flow's `kind` packets, not a packet.
-    pub control: bool,
-    pub kind: Kind,
-}
-
-impl Tag {
-    pub fn encode(self) -> [u8; TAG_LEN] {
-        ((self.id & MAX_ID) << 3
-            | u32::from(self.control) << 2
-            | u32::from(self.allocated_by_sender) << 1
-            | (self.kind as u32 & 1))
-            .to_be_bytes()
-    }
-
-    pub fn decode(buf: &[u8]) -> Option<Tag> {
-        let v = u32::from_be_bytes(buf.get(..TAG_LEN)?.try_into().ok()?);
-        Some(Tag {
-            id: v >> 3,
-            control: v & 4 != 0,
-            allocated_by_sender: v & 2 != 0,
-            kind: (v & 1) as Kind,
-        })
-    }
-}
 
 /// A flow's key on one peer: (allocated here, id).
 type Key = (bool, u32);
@@ -129,16 +97,25 @@ pub struct MediaMux {
     next_id: AtomicU32,
     tasks: TaskTracker,
     stats: Arc<Stats>,
+    /// Ends the mux, its overflow readers and every flow's pump (a child of the node's abort).
+    cancel: CancellationToken,
 }
 
 impl MediaMux {
-    pub fn new(conn: Connection, tasks: TaskTracker, stats: Arc<Stats>) -> Arc<MediaMux> {
+    /// The media side of `conn`; its tasks go to `tasks` and end with `cancel`.
+    pub fn new(
+        conn: Connection,
+        tasks: TaskTracker,
+        stats: Arc<Stats>,
+        cancel: CancellationToken,
+    ) -> Arc<MediaMux> {
         Arc::new(MediaMux {
             conn,
             flows: Mutex::default(),
             next_id: AtomicU32::new(1),
             tasks,
             stats,
+            cancel,
         })
     }
 
@@ -156,8 +133,9 @@ impl MediaMux {
     }
 
     /// Routes the other peer's datagrams and overflow streams to their flows, until the
-    /// connection closes or `cancel`.
-    pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
+    /// connection closes or the mux is cancelled.
+    pub async fn run(self: Arc<Self>) {
+        let cancel = self.cancel.clone();
         loop {
             tokio::select! {
                 d = self.conn.read_datagram() => match d {
@@ -200,8 +178,8 @@ impl MediaMux {
         };
         let body = d.slice(TAG_LEN..);
         match (tag.control, body.first()) {
-            (true, Some(&repair::REQUEST)) => self.resend(&sink, &body),
-            (true, Some(&fec::PARITY)) => self.parity(&sink, &body),
+            (true, Some(&REQUEST)) => self.resend(&sink, &body),
+            (true, Some(&PARITY)) => self.parity(&sink, &body),
             (true, _) => debug!("unknown media control message"),
             (false, _) => self.received(&sink, tag.kind, body),
         }
@@ -228,7 +206,7 @@ impl MediaMux {
 
     /// A parity from the other peer: rebuilds the one packet of its block that is missing.
     fn parity(&self, sink: &Sink, body: &[u8]) {
-        let Some(parity) = fec::Parity::decode(body) else {
+        let Some(parity) = Parity::decode(body) else {
             return debug!("malformed parity");
         };
         let rebuilt = lock(&sink.fec_rx).parity(parity, Instant::now());
@@ -245,7 +223,7 @@ impl MediaMux {
 
     /// An RTP packet from the other peer was delivered: ask for what is missing before it.
     fn arrived(&self, sink: &Sink, packet: &[u8]) {
-        let Some((ssrc, seq)) = repair::rtp_id(packet) else {
+        let Some((ssrc, seq)) = rtp_id(packet) else {
             return;
         };
         let rtt = self.conn.rtt();
@@ -263,14 +241,14 @@ impl MediaMux {
             ..sink.tag
         };
         let mut d = BytesMut::from(&tag.encode()[..]);
-        d.put_slice(&repair::encode_request(ssrc, &arrival.request));
+        d.put_slice(&encode_request(ssrc, &arrival.request));
         // Lost or refused: the next packet asks again.
         let _ = self.conn.send_datagram(d.freeze());
     }
 
     /// The other peer asks for RTP packets again.
     fn resend(&self, sink: &Sink, request: &[u8]) {
-        let Some((ssrc, seqs)) = repair::decode_request(request) else {
+        let Some((ssrc, seqs)) = decode_request(request) else {
             return debug!("malformed repair request");
         };
         let now = Instant::now();
@@ -296,17 +274,18 @@ impl MediaMux {
         };
         let key = (!tag.allocated_by_sender, tag.id);
         loop {
-            let mut head = [0u8; 3];
+            let mut head = [0u8; OVERFLOW_HEAD];
             if recv.read_exact(&mut head).await.is_err() {
                 return;
             }
+            let (kind, len) = decode_overflow_head(head);
             // Read straight into the packet's own buffer: the FEC decoder keeps it.
-            let mut packet = vec![0u8; usize::from(u16::from_be_bytes([head[1], head[2]]))];
+            let mut packet = vec![0u8; len];
             if recv.read_exact(&mut packet).await.is_err() {
                 return;
             }
             match self.sink(key) {
-                Some(sink) => self.received(&sink, usize::from(head[0] & 1), packet.into()),
+                Some(sink) => self.received(&sink, kind, packet.into()),
                 None => {
                     let _ = recv.stop(stream_code::ABORTED);
                     return;
@@ -358,8 +337,20 @@ impl MediaFlow {
             fec_rx: Mutex::default(),
         });
         let key = (allocated_here, id);
-        mux.flows().insert(key, sink.clone());
-        let cancel = CancellationToken::new();
+        match mux.flows().entry(key) {
+            // The other peer chose an id its open flow already has: refused, or the older
+            // flow's release would take the newer one's entry with it.
+            Entry::Occupied(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("media channel {id} is already open on this connection"),
+                ))
+            }
+            Entry::Vacant(v) => {
+                v.insert(sink.clone());
+            }
+        }
+        let cancel = mux.cancel.child_token();
         let last_rx = Arc::new(Mutex::new(None));
         let pump = Pump {
             conn: mux.conn.clone(),
@@ -408,7 +399,13 @@ impl MediaFlow {
 
 impl Drop for MediaFlow {
     fn drop(&mut self) {
-        self.mux.flows().remove(&self.key);
+        let mut flows = self.mux.flows();
+        if flows
+            .get(&self.key)
+            .is_some_and(|s| Arc::ptr_eq(s, &self.sink))
+        {
+            flows.remove(&self.key);
+        }
     }
 }
 
@@ -475,7 +472,7 @@ impl Pump {
             match self.conn.send_datagram(d.clone()) {
                 Ok(()) => {
                     self.stats.media_datagrams.add(1);
-                    if let (0, Some((ssrc, seq))) = (kind, repair::rtp_id(packet)) {
+                    if let (0, Some((ssrc, seq))) = (kind, rtp_id(packet)) {
                         lock(&self.sink.sent).sent(ssrc, seq, Instant::now(), d);
                         self.send_parity(packet);
                     }
@@ -496,10 +493,7 @@ impl Pump {
             self.overflow = Some(s);
         }
         let stream = self.overflow.as_mut().expect("opened above");
-        let mut frame = Vec::with_capacity(3 + packet.len());
-        frame.push(kind as u8);
-        frame.extend_from_slice(&(packet.len() as u16).to_be_bytes());
-        frame.extend_from_slice(packet);
+        let frame = encode_overflow(kind, packet);
         self.stats.media_overflow.add(1);
         if stream.write_chunk(Bytes::from(frame)).await.is_err() {
             // The other peer stopped it (its flow is gone): open another next time.
@@ -577,24 +571,6 @@ fn bind_pair(ip: IpAddr) -> io::Result<(UdpSocket, UdpSocket)> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn tags_round_trip() {
-        for (id, by, control, kind) in [
-            (1, true, false, 0),
-            (MAX_ID, false, true, 1),
-            (77, true, true, 0),
-        ] {
-            let tag = Tag {
-                id,
-                allocated_by_sender: by,
-                control,
-                kind,
-            };
-            assert_eq!(Tag::decode(&tag.encode()), Some(tag));
-        }
-        assert_eq!(Tag::decode(&[1, 2, 3]), None);
-    }
-
     #[tokio::test]
     async fn pairs_are_adjacent_and_even_when_possible() {
         let (a, b) = bind_pair("127.0.0.1".parse().unwrap()).unwrap();
@@ -603,5 +579,89 @@ mod tests {
             b.local_addr().unwrap().port(),
         );
         assert_eq!((pa % 2, pb), (0, pa + 1));
+    }
+
+    /// A connection between two endpoints on loopback, as the accepting side sees it.
+    async fn connection() -> (Connection, Connection, impl Sized) {
+        use crate::identity::Identity;
+        use crate::quic::accept::{accept_loop, Serve};
+        use crate::quic::{Transport, Tuning};
+        use std::future::Future;
+        use std::pin::Pin;
+
+        struct Keep(tokio::sync::mpsc::UnboundedSender<Connection>);
+        impl Serve for Keep {
+            fn serve(
+                self: Arc<Self>,
+                conn: Connection,
+            ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+                let _ = self.0.send(conn);
+                Box::pin(async {})
+            }
+        }
+        let lo: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let server_id = Arc::new(Identity::generate().unwrap());
+        let peer = server_id.peer_id();
+        let server = Transport::bind(lo, server_id, Tuning::default()).unwrap();
+        let client = Transport::bind(
+            lo,
+            Arc::new(Identity::generate().unwrap()),
+            Tuning::default(),
+        )
+        .unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let keep: Arc<dyn Serve> = Arc::new(Keep(tx));
+        server.serve(crate::protocol::ALPN, &keep).unwrap();
+        let abort = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        tasks.spawn(accept_loop(
+            server.clone(),
+            tasks.clone(),
+            CancellationToken::new(),
+            abort.clone(),
+        ));
+        let dialled = client
+            .connect(server.local_addr().unwrap(), peer)
+            .await
+            .unwrap();
+        let accepted = rx.recv().await.unwrap();
+        (accepted, dialled, (keep, abort.drop_guard()))
+    }
+
+    #[tokio::test]
+    async fn a_channel_id_the_peer_reuses_is_refused_and_the_open_flow_keeps_its_entry() {
+        let (conn, _other, _keep) = connection().await;
+        let stats = Arc::new(Stats::default());
+        let mux = MediaMux::new(
+            conn,
+            TaskTracker::new(),
+            stats.clone(),
+            CancellationToken::new(),
+        );
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        let open = |id| MediaFlow::open(&mux, id, false, lo, lo, stats.media_flows.hold());
+        let first = open(7).unwrap();
+        let again = open(7);
+        assert_eq!(
+            again.as_ref().err().map(io::Error::kind),
+            Some(io::ErrorKind::AddrInUse),
+            "a second flow under the same id is refused"
+        );
+        drop(again);
+        let routed = mux
+            .sink((false, 7))
+            .expect("the first flow is still routed");
+        assert!(Arc::ptr_eq(&routed, &first.sink));
+        // Once the first flow is gone, the id is free again; an old flow's release never
+        // takes a newer flow's entry.
+        drop(first);
+        assert!(mux.sink((false, 7)).is_none());
+        let newer = open(7).unwrap();
+        let newest_other = open(8).unwrap();
+        drop(newest_other);
+        assert!(mux
+            .sink((false, 7))
+            .is_some_and(|s| Arc::ptr_eq(&s, &newer.sink)));
+        assert_eq!(stats.media_flows.get(), 1);
     }
 }

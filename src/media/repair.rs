@@ -36,16 +36,6 @@ pub const MAX_PER_REQUEST: usize = 64;
 /// Missing packets tracked at most; the oldest are given up first.
 const MAX_MISSING: usize = 256;
 
-/// The SSRC and sequence number of an RTP packet (version 2, full header), else `None`.
-pub fn rtp_id(packet: &[u8]) -> Option<(u32, u16)> {
-    if packet.len() < 12 || packet[0] >> 6 != 2 {
-        return None;
-    }
-    let seq = u16::from_be_bytes([packet[2], packet[3]]);
-    let ssrc = u32::from_be_bytes([packet[8], packet[9], packet[10], packet[11]]);
-    Some((ssrc, seq))
-}
-
 /// The packets a peer sent lately, ready to send again as they were.
 #[derive(Debug, Default)]
 pub struct History {
@@ -182,37 +172,10 @@ impl Gaps {
     }
 }
 
-/// The first byte of a request (the control message type).
-pub const REQUEST: u8 = 1;
-
-/// A request for resending: `0x01 | ssrc:u32 | seq:u16 ...`.
-pub fn encode_request(ssrc: u32, seqs: &[u16]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(5 + 2 * seqs.len());
-    out.push(REQUEST);
-    out.extend_from_slice(&ssrc.to_be_bytes());
-    for s in seqs {
-        out.extend_from_slice(&s.to_be_bytes());
-    }
-    out
-}
-
-/// The SSRC and sequence numbers of a request; `None` if it is not one.
-pub fn decode_request(buf: &[u8]) -> Option<(u32, impl Iterator<Item = u16> + '_)> {
-    if buf.len() < 5 || buf[0] != REQUEST || (buf.len() - 5) % 2 != 0 {
-        return None;
-    }
-    let ssrc = u32::from_be_bytes(buf[1..5].try_into().ok()?);
-    Some((
-        ssrc,
-        buf[5..]
-            .chunks_exact(2)
-            .map(|c| u16::from_be_bytes([c[0], c[1]])),
-    ))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::media::{decode_request, encode_request, rtp_id};
     use proptest::prelude::*;
 
     const RETRY: Duration = Duration::from_millis(30);

@@ -2,6 +2,7 @@
 //! Documented in `docs/protocol.md`; nothing here does I/O.
 
 pub mod header;
+pub mod media;
 pub mod rendezvous;
 pub mod rtsp;
 

@@ -89,7 +89,12 @@ impl PeerTable {
         let pc = {
             let mut inner = self.inner();
             inner.seq += 1;
-            let media = MediaMux::new(conn.clone(), node.tasks.clone(), node.stats.clone());
+            let media = MediaMux::new(
+                conn.clone(),
+                node.tasks.clone(),
+                node.stats.clone(),
+                node.abort.child_token(),
+            );
             let pc = PeerConn {
                 media,
                 conn,
@@ -104,8 +109,7 @@ impl PeerTable {
         self.changed.send_modify(|n| *n += 1);
         let watched = pc.clone();
         let node = node.clone();
-        node.tasks
-            .spawn(pc.media.clone().run(node.abort.child_token()));
+        node.tasks.spawn(pc.media.clone().run());
         node.tasks.clone().spawn(async move {
             node.peers.supervise(peer, watched).await;
         });
