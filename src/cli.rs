@@ -297,15 +297,7 @@ async fn expose(args: ExposeArgs) -> Result<(), Failure> {
     println!("peer id: {}", node.peer_id());
     println!("on the other side, run:\n  {command}");
 
-    wait_for_signal().await;
-    info!("shutting down");
-    tokio::select! {
-        () = node.shutdown(drain) => {}
-        () = wait_for_signal() => {
-            eprintln!("second signal: exiting now");
-            std::process::exit(130);
-        }
-    }
+    node.run_until_signal(drain, ()).await;
     Ok(())
 }
 
@@ -405,16 +397,7 @@ async fn connect(args: ConnectArgs) -> Result<(), Failure> {
         node.serve_local(&session, listener, service);
     }
 
-    wait_for_signal().await;
-    info!("shutting down");
-    drop(session);
-    tokio::select! {
-        () = node.shutdown(drain) => {}
-        () = wait_for_signal() => {
-            eprintln!("second signal: exiting now");
-            std::process::exit(130);
-        }
-    }
+    node.run_until_signal(drain, session).await;
     Ok(())
 }
 
@@ -440,9 +423,7 @@ async fn rendezvous(args: RendezvousArgs) -> Result<(), Failure> {
         "peers use: --rendezvous <this-host's-address>:{}",
         local.port()
     );
-    wait_for_signal().await;
-    info!("shutting down");
-    node.shutdown(drain).await;
+    node.run_until_signal(drain, ()).await;
     Ok(())
 }
 
@@ -491,21 +472,4 @@ fn hostname() -> Option<String> {
     let name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
     let name = name.trim();
     (!name.is_empty()).then(|| name.to_owned())
-}
-
-/// Resolves on SIGINT or SIGTERM.
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!("cannot watch SIGTERM: {e}");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }

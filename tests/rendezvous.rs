@@ -212,3 +212,46 @@ async fn a_rendezvous_restart_leaves_live_streams_alone_and_registration_recover
     drop(session2);
     stop(vec![cli2, cli, exp, rz2]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_node_serves_as_rendezvous_and_exposes_on_one_endpoint() {
+    // Both roles accept on the same UDP port; the accept loop routes by ALPN, so neither
+    // replaces the other's server configuration.
+    let echo = echo_server().await;
+    let client_id = identity();
+    let both = Node::bind(loopback(), identity(), Tuning::default()).unwrap();
+    both.serve_rendezvous(RendezvousConfig::default()).unwrap();
+    let services = [(
+        "echo".parse().unwrap(),
+        echo.addr.to_string().parse().unwrap(),
+    )]
+    .into();
+    both.expose(ExposeConfig::new(
+        services,
+        Authorized::Only([client_id.peer_id()].into()),
+    ))
+    .unwrap();
+    let addr = both.local_addr().unwrap();
+    // A peer reaches its expose role at its address...
+    let cli = Node::bind(loopback(), client_id, Tuning::default()).unwrap();
+    let session = cli.connect(
+        PeerAddr {
+            id: both.peer_id(),
+            addr: Some(addr.to_string()),
+        },
+        SessionConfig::default(),
+    );
+    let listener = tokio::net::TcpListener::bind(loopback()).await.unwrap();
+    let local = listener.local_addr().unwrap();
+    cli.serve_local(&session, listener, "echo".parse().unwrap());
+    echo_round_trip(local, &random_bytes(64 << 10)).await;
+    // ...and another registers with its rendezvous role, on the same port.
+    let other = Node::bind(loopback(), identity(), Tuning::default()).unwrap();
+    let registration = other.register(addr.to_string());
+    let observed = tokio::time::timeout(WAIT, registration.registered()).await;
+    assert_eq!(observed.ok().flatten(), Some(other.local_addr().unwrap()));
+    assert_eq!(both.rendezvous_peers(), 1);
+    echo_round_trip(local, b"still served").await;
+    drop(session);
+    stop(vec![cli, other, both]).await;
+}

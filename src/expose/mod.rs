@@ -21,6 +21,7 @@ use crate::identity::PeerId;
 use crate::media::MediaMux;
 use crate::protocol::header::{
     decode_request, encode_response, HeaderError, OpenRequest, OpenResponse, Protocol, Status,
+    MAX_REQUEST_LEN,
 };
 use crate::protocol::{close_code, stream_code};
 use crate::quic::accept::Serve;
@@ -30,6 +31,7 @@ use crate::rtsp::driver::{splice_rtsp, Facing, RtspCtx};
 use crate::runtime::peers::PeerConn;
 use crate::runtime::NodeCtx;
 use crate::runtime::StreamServer;
+use crate::tunnel::framed::{read_frame, ReadFrameError};
 use crate::tunnel::splice::{reset_tcp, splice, Downstream};
 
 /// Who may connect.
@@ -173,15 +175,13 @@ impl Expose {
         let (req, leftover) =
             match tokio::time::timeout(self.config.header_timeout, read_request(&mut recv)).await {
                 Ok(Ok(parsed)) => parsed,
-                Ok(Err(ReadRequestError::Header(e))) => {
+                Ok(Err(ReadFrameError::Invalid(e))) => {
                     warn!("bad stream header: {e}");
                     refuse(&mut send, &mut recv, Status::BadRequest, &e.to_string()).await;
                     let _ = recv.stop(stream_code::BAD_HEADER);
                     return;
                 }
-                Ok(Err(ReadRequestError::Stream(e))) => {
-                    return debug!("stream ended before its header: {e}")
-                }
+                Ok(Err(e)) => return debug!("stream ended before its header: {e}"),
                 Err(_) => {
                     warn!("no stream header within {:?}", self.config.header_timeout);
                     let _ = send.reset(stream_code::TIMEOUT);
@@ -304,28 +304,13 @@ async fn refuse(send: &mut SendStream, recv: &mut RecvStream, status: Status, me
     let _ = recv.stop(stream_code::REFUSED);
 }
 
-#[derive(Debug)]
-enum ReadRequestError {
-    Header(HeaderError),
-    Stream(String),
-}
-
 /// Reads the request header; returns it and the payload bytes read past it.
-async fn read_request(recv: &mut RecvStream) -> Result<(OpenRequest, Bytes), ReadRequestError> {
+async fn read_request(
+    recv: &mut RecvStream,
+) -> Result<(OpenRequest, Bytes), ReadFrameError<HeaderError>> {
     let mut buf = BytesMut::new();
-    loop {
-        match recv
-            .read_chunk(crate::protocol::header::MAX_REQUEST_LEN, true)
-            .await
-        {
-            Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
-            Ok(None) => return Err(ReadRequestError::Stream("finished".into())),
-            Err(e) => return Err(ReadRequestError::Stream(e.to_string())),
-        }
-        match decode_request(&buf) {
-            Ok(Some((req, used))) => return Ok((req, buf.split_off(used).freeze())),
-            Ok(None) => {}
-            Err(e) => return Err(ReadRequestError::Header(e)),
-        }
+    match read_frame(recv, &mut buf, MAX_REQUEST_LEN, decode_request).await? {
+        Some(req) => Ok((req, buf.freeze())),
+        None => Err(ReadFrameError::Truncated),
     }
 }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::protocol::media::{marker, rtp_id, Parity, MAX_BLOCK};
+use crate::protocol::media::{marker, rtp_id, xor_into, xor_packet, Parity, MAX_BLOCK};
 
 /// Packets per block at most (the most a parity may cover on the wire).
 pub const BLOCK: usize = MAX_BLOCK;
@@ -28,18 +28,6 @@ const KEPT: usize = 64;
 const PARITIES_KEPT: usize = 8;
 /// Nothing older is rebuilt: the client has given up on it.
 const MAX_AGE: Duration = Duration::from_secs(1);
-
-fn xor_into(acc: &mut Vec<u8>, packet: &[u8]) {
-    let len = (packet.len() as u16).to_be_bytes();
-    if acc.len() < 2 + packet.len() {
-        acc.resize(2 + packet.len(), 0);
-    }
-    acc[0] ^= len[0];
-    acc[1] ^= len[1];
-    for (a, b) in acc[2..].iter_mut().zip(packet) {
-        *a ^= b;
-    }
-}
 
 /// The sending peer's side: the parity of the block being sent.
 #[derive(Debug, Default)]
@@ -183,14 +171,10 @@ impl Decoder {
         let Some(seq) = missing else {
             return Rebuilt::Nothing;
         };
-        if acc.len() < 2 {
+        let Some(packet) = xor_packet(&acc) else {
             return Rebuilt::Nothing;
-        }
-        let len = usize::from(u16::from_be_bytes([acc[0], acc[1]]));
-        if len > acc.len() - 2 {
-            return Rebuilt::Nothing;
-        }
-        let packet = Bytes::copy_from_slice(&acc[2..2 + len]);
+        };
+        let packet = Bytes::copy_from_slice(packet);
         // A parity that does not fit what arrived (garbage from the network) rebuilds
         // nothing: the result must be the missing packet.
         if rtp_id(&packet) != Some((parity.ssrc, seq)) {

@@ -164,7 +164,7 @@ impl Actor {
                     send(ClientMsg::Connect { peer, relay }).await?;
                 }
                 msg = read_frame::<ServerMsg>(&mut recv, &mut buf) => {
-                    let msg = msg?.ok_or_else(|| "the rendezvous closed the control stream".to_string())?;
+                    let msg = msg.map_err(|e| e.to_string())?.ok_or_else(|| "the rendezvous closed the control stream".to_string())?;
                     match msg {
                         ServerMsg::Registered { observed } => {
                             backoff.succeeded();

@@ -13,29 +13,15 @@ use bytes::BytesMut;
 use quinn::{RecvStream, SendStream};
 use tokio::sync::mpsc;
 
-use crate::protocol::rendezvous::{decode, encode, MAX_FRAME};
+use crate::protocol::rendezvous::{decode, encode, FrameError, MAX_FRAME};
+use crate::tunnel::framed::{self, ReadFrameError};
 
-/// Reads one frame; `Ok(None)` when the stream finished cleanly between frames.
+/// Reads one rendezvous message; `Ok(None)` when the stream finished cleanly between frames.
 pub(crate) async fn read_frame<T: for<'de> serde::Deserialize<'de>>(
     recv: &mut RecvStream,
     buf: &mut BytesMut,
-) -> Result<Option<T>, String> {
-    loop {
-        match decode::<T>(buf) {
-            Ok(Some((msg, used))) => {
-                let _ = buf.split_to(used);
-                return Ok(Some(msg));
-            }
-            Ok(None) => {}
-            Err(e) => return Err(e.to_string()),
-        }
-        match recv.read_chunk(MAX_FRAME, true).await {
-            Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
-            Ok(None) if buf.is_empty() => return Ok(None),
-            Ok(None) => return Err("stream ended inside a frame".into()),
-            Err(e) => return Err(e.to_string()),
-        }
-    }
+) -> Result<Option<T>, ReadFrameError<FrameError>> {
+    framed::read_frame(recv, buf, MAX_FRAME, decode::<T>).await
 }
 
 /// Writes every message from `rx` as a frame until `rx` closes, then finishes the stream.

@@ -154,6 +154,7 @@ impl Rendezvous {
                 Ok(Some(msg)) => msg,
                 Ok(None) => break "control stream finished".into(),
                 Err(e) => {
+                    let e = e.to_string();
                     conn.close(close_code::PROTOCOL_ERROR, e.as_bytes());
                     break e;
                 }

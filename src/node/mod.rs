@@ -6,6 +6,8 @@
 //! to finish, then `abort` resets what is left, the endpoint closes every connection with a
 //! reason, and the node waits for its tasks and for the close to reach the peers.
 
+mod drain;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;

@@ -11,6 +11,8 @@
 //!   ([`PARITY`]).
 //! - An overflow stream (for packets above the datagram limit) is the tag, then frames of
 //!   `rtcp:u8 | len:u16be | packet`.
+//! - A parity's XOR covers `len:u16be | packet` of each packet of its block, so XORing
+//!   all but one of them out leaves the missing one, length included ([`xor_packet`]).
 //! - The channel id of a flow reaches the server-facing peer in the forwarded SETUP, in the
 //!   header `protocol::rtsp::CHANNEL_HEADER`.
 
@@ -162,10 +164,40 @@ impl Parity {
     }
 }
 
+/// Adds `len(packet) as u16 | packet` into a parity's XOR, zero-padded to the longest.
+pub fn xor_into(acc: &mut Vec<u8>, packet: &[u8]) {
+    let len = (packet.len() as u16).to_be_bytes();
+    if acc.len() < 2 + packet.len() {
+        acc.resize(2 + packet.len(), 0);
+    }
+    acc[0] ^= len[0];
+    acc[1] ^= len[1];
+    for (a, b) in acc[2..].iter_mut().zip(packet) {
+        *a ^= b;
+    }
+}
+
+/// The packet an XOR of exactly one `len | packet` holds, if its length fits.
+pub fn xor_packet(acc: &[u8]) -> Option<&[u8]> {
+    let len = usize::from(u16::from_be_bytes([*acc.first()?, *acc.get(1)?]));
+    acc.get(2..2 + len)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn an_xor_of_one_packet_is_that_packet() {
+        let mut acc = Vec::new();
+        xor_into(&mut acc, b"abc");
+        xor_into(&mut acc, b"longer one");
+        xor_into(&mut acc, b"longer one");
+        assert_eq!(xor_packet(&acc), Some(&b"abc"[..]));
+        assert_eq!(xor_packet(&[0, 9, 1]), None, "a length past the end");
+        assert_eq!(xor_packet(&[0]), None);
+    }
 
     #[test]
     fn short_tags_and_other_messages_are_refused() {

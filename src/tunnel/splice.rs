@@ -25,6 +25,7 @@ use crate::protocol::header::{
     decode_response, HeaderError, OpenResponse, Protocol, Status, MAX_RESPONSE_LEN,
 };
 use crate::protocol::stream_code;
+use crate::tunnel::framed::{read_frame, ReadFrameError};
 use crate::tunnel::priority::BulkDetector;
 
 /// Bytes read from a socket at a time, and the largest chunk read from a stream.
@@ -320,35 +321,27 @@ pub(crate) async fn read_response(
 
 async fn read_response_header(recv: &mut RecvStream) -> Result<(Protocol, Bytes), Abort> {
     let mut buf = BytesMut::new();
-    loop {
-        let chunk = match recv.read_chunk(MAX_RESPONSE_LEN, true).await {
-            Ok(Some(chunk)) => chunk.bytes,
-            Ok(None) => {
-                return Err(Abort::Stream(
-                    "the peer ended the stream before its response header".into(),
-                ))
+    let response = read_frame(recv, &mut buf, MAX_RESPONSE_LEN, decode_response)
+        .await
+        .map_err(|e| match e {
+            ReadFrameError::Invalid(e) => Abort::BadResponse(e),
+            ReadFrameError::Read(e) => Abort::from_read(e),
+            ReadFrameError::Truncated => {
+                Abort::Stream("the peer ended the stream before its response header".into())
             }
-            Err(e) => return Err(Abort::from_read(e)),
-        };
-        buf.extend_from_slice(&chunk);
-        match decode_response(&buf) {
-            Ok(Some((
-                OpenResponse {
-                    status: Status::Ok,
-                    protocol,
-                    ..
-                },
-                used,
-            ))) => return Ok((protocol, buf.split_off(used).freeze())),
-            Ok(Some((
-                OpenResponse {
-                    status, message, ..
-                },
-                _,
-            ))) => return Err(Abort::Refused { status, message }),
-            Ok(None) => {}
-            Err(e) => return Err(Abort::BadResponse(e)),
-        }
+        })?;
+    match response {
+        Some(OpenResponse {
+            status: Status::Ok,
+            protocol,
+            ..
+        }) => Ok((protocol, buf.freeze())),
+        Some(OpenResponse {
+            status, message, ..
+        }) => Err(Abort::Refused { status, message }),
+        None => Err(Abort::Stream(
+            "the peer ended the stream before its response header".into(),
+        )),
     }
 }
 
