@@ -21,6 +21,11 @@ pub const MAX_HEAD: usize = 16 * 1024;
 pub const MAX_BODY: usize = 256 * 1024;
 /// Most headers in one message.
 pub const MAX_HEADERS: usize = 64;
+/// The tunnel's own header, between the two peers only: the client-facing peer adds it to a
+/// SETUP it carries over UDP, with the flow's channel id (decimal) as its value, so that the
+/// server-facing peer tags that flow's datagrams alike (`docs/rtsp.md`). The server-facing
+/// peer removes it before the server sees the SETUP.
+pub const CHANNEL_HEADER: &str = "X-Tunnel-Channel";
 
 /// One unit of an RTSP byte stream, by length; the bytes stay in the caller's buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -12,8 +12,11 @@
 //!   and so do interleaved `$` frames.
 //!
 //! The same code runs on both peers; [`Facing`] says which end of the RTSP conversation the
-//! local socket is. Pure logic lives in `protocol::rtsp` and `session::rtsp`; this module is
-//! the driver. Documented in `docs/rtsp.md`.
+//! local socket is. The decisions above are `rtsp::policy` (pure, time as an input) and the
+//! wire format is `protocol::rtsp`; this module is the I/O around them: it reads the socket
+//! and the stream, frames and parses what it reads, asks the policy, writes what the policy
+//! says, opens media flows for it, runs the session expiry timer, keeps the session gauge,
+//! and logs. Documented in `docs/rtsp.md`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -27,33 +30,18 @@ use tracing::{debug, info, warn};
 
 use crate::media::{MediaFlow, MediaMux, MEDIA_PRIORITY};
 use crate::protocol::header::RtspUdp;
-use crate::protocol::rtsp::{
-    format_ports, frame, rebase_head, rebase_sdp, reply, url_base, Carriage, FrameError, Head,
-    Item, TransportSpec,
-};
-use crate::rtsp::sessions::Sessions;
+use crate::protocol::rtsp::{frame, FrameError, Head, Item, CHANNEL_HEADER};
+use crate::rtsp::policy::{Action, Decision, Facing, FlowHandle, Flows, Note, Policy, Toward};
 use crate::stats::{GaugeGuard, Stats};
 use crate::tunnel::splice::{
     abandoned, cut_short, delivered, first_payload, ignore_not_connected, write_tcp, Abort,
     Downstream, Report,
 };
 
-/// The header that carries a flow's channel id from the client-facing peer to the
-/// server-facing one, inside a forwarded SETUP. Removed before the server sees it.
-const CHANNEL_HEADER: &str = "X-Tunnel-Channel";
 /// How often silent sessions are looked for.
 const EXPIRY_CHECK: Duration = Duration::from_secs(5);
 /// Most bytes read from an input at a time.
 const READ: usize = 64 * 1024;
-
-/// Which end of the RTSP conversation the local socket is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Facing {
-    /// The connecting side: the socket is the RTSP client (ffplay, VLC).
-    Client,
-    /// The exposing side: the socket is the RTSP server (the camera).
-    Server,
-}
 
 /// What the layer needs besides the socket and the stream.
 pub struct RtspCtx {
@@ -63,18 +51,9 @@ pub struct RtspCtx {
     pub stats: Arc<Stats>,
 }
 
-/// A flow and what its SETUP answer needs.
-struct Flow {
-    media: MediaFlow,
-    /// The SETUP's `client_port` value as the client wrote it (restored in the answer).
-    client_port: Option<String>,
-}
-
 struct State {
-    sessions: Sessions<Flow>,
-    /// `rtsp://host:port` as the client wrote it: where rewritten URLs point.
-    base: Option<String>,
-    /// One unit on the node's session gauge per session here.
+    policy: Policy<MediaFlow>,
+    /// One unit on the node's session gauge per session the policy holds.
     live: Vec<GaugeGuard>,
 }
 
@@ -93,16 +72,6 @@ impl To {
             To::Stream => To::Socket,
         }
     }
-}
-
-/// What to do with one message.
-enum Action {
-    /// Forward the bytes as they came.
-    Pass,
-    /// Forward these instead.
-    Replace(Vec<u8>),
-    /// Forward nothing; answer the sender with this.
-    Reply(Vec<u8>),
 }
 
 struct Layer<'a> {
@@ -134,6 +103,7 @@ pub async fn splice_rtsp(
         }
     };
     let stats = ctx.stats.clone();
+    let (facing, udp) = (ctx.facing, ctx.udp);
     let (mut up, mut down) = (0u64, 0u64);
     let result = {
         let layer = Layer {
@@ -144,8 +114,7 @@ pub async fn splice_rtsp(
             tcp_lock: tokio::sync::Mutex::new(()),
             send: tokio::sync::Mutex::new(&mut send),
             state: Mutex::new(State {
-                sessions: Sessions::default(),
-                base: None,
+                policy: Policy::new(facing, udp, near_ip),
                 live: Vec::new(),
             }),
         };
@@ -165,8 +134,8 @@ pub async fn splice_rtsp(
         };
         let st = layer.state.into_inner().unwrap_or_else(|p| p.into_inner());
         debug!(
-            sessions = st.sessions.sessions(),
-            flows = st.sessions.flows(),
+            sessions = st.policy.sessions(),
+            flows = st.policy.flows(),
             "rtsp connection ended: releasing its sessions and media flows"
         );
         r
@@ -198,22 +167,19 @@ impl Layer<'_> {
         loop {
             tick.tick().await;
             let mut st = self.state();
-            let gone = st
-                .sessions
-                .expire(Instant::now(), |f| f.media.last_activity());
-            if !gone.is_empty() {
+            let flows = st.policy.expire(crate::time::now());
+            if flows > 0 {
                 info!(
-                    flows = gone.len(),
+                    flows,
                     "an RTSP session timed out (no request or media from the client): released"
                 );
             }
-            drop(gone);
             self.count_sessions(&mut st);
         }
     }
 
     fn count_sessions(&self, st: &mut State) {
-        let n = st.sessions.sessions();
+        let n = st.policy.sessions();
         st.live.truncate(n);
         while st.live.len() < n {
             st.live.push(self.ctx.stats.rtsp_sessions.hold());
@@ -374,161 +340,62 @@ impl Layer<'_> {
         Abort::BadPayload(format!("{who} sent malformed RTSP: {e}"))
     }
 
-    /// One complete message travelling toward `to`.
+    /// One complete message travelling toward `to`: parsed here, decided by the policy.
     fn message(&self, to: To, raw: &[u8], body: &[u8]) -> Result<Action, FrameError> {
-        let mut head = Head::parse(raw)?;
-        let toward_server = to != self.client_side();
-        if head.method().is_some() {
-            if toward_server {
-                return Ok(self.request(&mut head));
-            }
-            // A request from the server (ANNOUNCE, GET_PARAMETER...): as it is.
-            return Ok(Action::Pass);
-        }
-        if toward_server {
-            // The client answering a server's request.
-            return Ok(Action::Pass);
-        }
-        Ok(self.response(&mut head, body))
-    }
-
-    fn request(&self, head: &mut Head) -> Action {
+        let head = Head::parse(raw)?;
+        let toward = if to == self.client_side() {
+            Toward::Client
+        } else {
+            Toward::Server
+        };
+        let mut flows = MuxFlows {
+            ctx: &self.ctx,
+            local_ip: self.local_ip,
+            near_ip: self.near_ip,
+        };
+        let now = crate::time::now();
         let mut st = self.state();
-        let now = Instant::now();
-        if let Some((session, _)) = head.session() {
-            st.sessions.touch(session, now);
-        }
-        if self.ctx.facing == Facing::Client {
-            if let crate::protocol::rtsp::StartLine::Request { uri, .. } = &head.start {
-                if let Some(base) = url_base(uri) {
-                    st.base = Some(base.to_owned());
-                }
-            }
-        }
-        let method = head.method().unwrap_or_default().to_ascii_uppercase();
-        let action = match method.as_str() {
-            "TEARDOWN" => {
-                if let Some((session, _)) = head.session() {
-                    let gone = st.sessions.teardown(session);
-                    debug!(flows = gone.len(), "TEARDOWN: media flows released");
-                }
-                Action::Pass
-            }
-            "SETUP" => match self.ctx.facing {
-                Facing::Client => self.setup_from_client(&mut st, head),
-                Facing::Server => self.setup_toward_server(&mut st, head),
-            },
-            _ => Action::Pass,
-        };
+        let Decision { action, note } = st.policy.message(toward, head, body, now, &mut flows);
         self.count_sessions(&mut st);
-        action
-    }
-
-    /// The client-facing peer: keep, refuse or carry a UDP SETUP.
-    fn setup_from_client(&self, st: &mut State, head: &mut Head) -> Action {
-        let Some(value) = head.get("Transport") else {
-            return Action::Pass;
-        };
-        let specs = TransportSpec::parse_list(value);
-        let tcp: Vec<TransportSpec> = specs
-            .iter()
-            .filter(|s| s.carriage() == Carriage::Tcp)
-            .cloned()
-            .collect();
-        if tcp.len() == specs.len() {
-            return Action::Pass;
+        drop(st);
+        if let Some(note) = note {
+            self.log(note);
         }
-        let unsupported = |why: &str| {
-            info!("SETUP answered 461 Unsupported Transport: {why}");
-            Action::Reply(reply(head, 461, "Unsupported Transport"))
-        };
-        let udp = specs
-            .iter()
-            .find(|s| s.carriage() == Carriage::UdpUnicast && s.ports("client_port").is_some());
-        let udp = match (self.ctx.udp, udp) {
-            (RtspUdp::Datagram, Some(udp)) => udp.clone(),
-            _ if !tcp.is_empty() => {
-                // Offer the server only the interleaved alternatives.
-                head.set("Transport", TransportSpec::encode_list(&tcp));
-                return Action::Replace(head.encode());
-            }
-            (RtspUdp::Refuse, _) => {
-                return unsupported("UDP is refused for this service (interleaved TCP only)")
-            }
-            (RtspUdp::Datagram, None) => {
-                return unsupported("multicast, or UDP without client_port, is not carried")
-            }
-        };
-        let (rtp, rtcp) = udp.ports("client_port").expect("filtered above");
-        let rtcp = rtcp.unwrap_or(rtp.saturating_add(1));
-        let id = self.ctx.mux.allocate();
-        let media = match self.open_flow(st, head, id, true) {
-            Ok(m) => m,
-            Err(refusal) => return refusal,
-        };
-        media.set_remote(
-            Some(SocketAddr::new(self.near_ip, rtp)),
-            Some(SocketAddr::new(self.near_ip, rtcp)),
-        );
-        let mut udp = udp;
-        // The server must send to the other peer's ports, not somewhere the client named.
-        udp.remove("destination");
-        let mut offer = vec![udp];
-        offer.extend(tcp);
-        head.set("Transport", TransportSpec::encode_list(&offer));
-        head.set(CHANNEL_HEADER, id.to_string());
-        st.sessions.setup_sent(
-            head.cseq(),
-            Flow {
-                media,
-                client_port: None,
-            },
-        );
-        Action::Replace(head.encode())
+        Ok(action)
     }
 
-    /// The server-facing peer: give a carried SETUP this peer's ports toward the server.
-    fn setup_toward_server(&self, st: &mut State, head: &mut Head) -> Action {
-        let Some(channel) = head.remove(CHANNEL_HEADER) else {
-            return Action::Pass;
-        };
-        let Ok(id) = channel.trim().parse::<u32>() else {
-            warn!("SETUP with a malformed {CHANNEL_HEADER}: {channel:?}");
-            return Action::Reply(reply(head, 400, "Bad Request"));
-        };
-        let mut specs = TransportSpec::parse_list(head.get("Transport").unwrap_or_default());
-        let Some(udp) = specs
-            .iter_mut()
-            .find(|s| s.carriage() == Carriage::UdpUnicast)
-        else {
-            return Action::Replace(head.encode());
-        };
-        let media = match self.open_flow(st, head, id, false) {
-            Ok(m) => m,
-            Err(refusal) => return refusal,
-        };
-        let client_port = udp.get("client_port").map(str::to_owned);
-        let (a, b) = media.ports();
-        udp.set("client_port", format_ports(a, b));
-        head.set("Transport", TransportSpec::encode_list(&specs));
-        st.sessions
-            .setup_sent(head.cseq(), Flow { media, client_port });
-        Action::Replace(head.encode())
-    }
-
-    /// A new flow for the SETUP in `head`, or the answer that refuses it (at a limit, or no
-    /// port pair could be bound).
-    fn open_flow(
-        &self,
-        st: &State,
-        head: &Head,
-        id: u32,
-        allocated_here: bool,
-    ) -> Result<MediaFlow, Action> {
-        if let Err(limit) = st.sessions.can_add() {
-            warn!("SETUP refused: {limit}");
-            return Err(Action::Reply(reply(head, 453, "Not Enough Bandwidth")));
+    fn log(&self, note: Note) {
+        match note {
+            Note::TornDown { flows } => debug!(flows, "TEARDOWN: media flows released"),
+            Note::Unsupported(why) => info!("SETUP answered 461 Unsupported Transport: {why}"),
+            Note::BadChannel(channel) => {
+                warn!("SETUP with a malformed {CHANNEL_HEADER}: {channel:?}")
+            }
+            Note::AtLimit(limit) => warn!("SETUP refused: {limit}"),
+            Note::BindFailed(e) => warn!(
+                "SETUP refused: cannot bind a UDP port pair on {}: {e}",
+                self.local_ip
+            ),
         }
+    }
+}
+
+/// The policy's way to media flows: channel ids from the connection's mux, port pairs bound
+/// on the address the socket uses, each flow counted on the node's gauge.
+struct MuxFlows<'a> {
+    ctx: &'a RtspCtx,
+    local_ip: IpAddr,
+    near_ip: IpAddr,
+}
+
+impl Flows for MuxFlows<'_> {
+    type Flow = MediaFlow;
+
+    fn allocate(&mut self) -> u32 {
+        self.ctx.mux.allocate()
+    }
+
+    fn open(&mut self, id: u32, allocated_here: bool) -> std::io::Result<MediaFlow> {
         MediaFlow::open(
             &self.ctx.mux,
             id,
@@ -537,92 +404,19 @@ impl Layer<'_> {
             self.near_ip,
             self.ctx.stats.media_flows.hold(),
         )
-        .map_err(|e| {
-            warn!(
-                "SETUP refused: cannot bind a UDP port pair on {}: {e}",
-                self.local_ip
-            );
-            Action::Reply(reply(head, 500, "Internal Server Error"))
-        })
+    }
+}
+
+impl FlowHandle for MediaFlow {
+    fn ports(&self) -> (u16, u16) {
+        MediaFlow::ports(self)
     }
 
-    /// A response travelling toward the client.
-    fn response(&self, head: &mut Head, body: &[u8]) -> Action {
-        let mut st = self.state();
-        let mut changed = false;
-        let pending = head.cseq().and_then(|c| st.sessions.answered(Some(c)));
-        if let Some(flow) = pending {
-            changed |= self.answer_setup(&mut st, head, flow);
-        }
-        self.count_sessions(&mut st);
-        let mut new_body = None;
-        if self.ctx.facing == Facing::Client {
-            if let Some(base) = st.base.clone() {
-                changed |= rebase_head(head, &base);
-                let sdp = head
-                    .get("Content-Type")
-                    .is_some_and(|t| t.to_ascii_lowercase().starts_with("application/sdp"));
-                if sdp {
-                    new_body = rebase_sdp(body, &base);
-                }
-            }
-        }
-        drop(st);
-        match new_body {
-            Some(body) => {
-                head.set("Content-Length", body.len().to_string());
-                let mut out = head.encode();
-                out.extend_from_slice(&body);
-                Action::Replace(out)
-            }
-            None if changed => {
-                let mut out = head.encode();
-                out.extend_from_slice(body);
-                Action::Replace(out)
-            }
-            None => Action::Pass,
-        }
+    fn set_remote(&self, rtp: Option<SocketAddr>, rtcp: Option<SocketAddr>) {
+        MediaFlow::set_remote(self, rtp, rtcp);
     }
 
-    /// The answer to a carried SETUP: keeps the flow if the server chose UDP, fixes the
-    /// ports the client sees. Whether the head changed.
-    fn answer_setup(&self, st: &mut State, head: &mut Head, flow: Flow) -> bool {
-        let ok = head.status().is_some_and(|s| (200..300).contains(&s));
-        let mut specs = TransportSpec::parse_list(head.get("Transport").unwrap_or_default());
-        let chosen = specs
-            .iter_mut()
-            .find(|s| s.carriage() == Carriage::UdpUnicast);
-        let (Some(spec), true) = (chosen, ok) else {
-            // Refused, or the server chose interleaved: the flow goes.
-            return false;
-        };
-        match self.ctx.facing {
-            Facing::Server => {
-                let server_ip = spec
-                    .get("source")
-                    .and_then(|s| s.parse::<IpAddr>().ok())
-                    .unwrap_or(self.near_ip);
-                if let Some((rtp, rtcp)) = spec.ports("server_port") {
-                    let rtcp = rtcp.unwrap_or(rtp.saturating_add(1));
-                    flow.media.set_remote(
-                        Some(SocketAddr::new(server_ip, rtp)),
-                        Some(SocketAddr::new(server_ip, rtcp)),
-                    );
-                }
-                if let Some(orig) = &flow.client_port {
-                    spec.set("client_port", orig.clone());
-                }
-            }
-            Facing::Client => {
-                let (a, b) = flow.media.ports();
-                spec.set("server_port", format_ports(a, b));
-                spec.remove("source");
-            }
-        }
-        head.set("Transport", TransportSpec::encode_list(&specs));
-        let (session, timeout) = head.session().unwrap_or(("", None));
-        let session = session.to_owned();
-        st.sessions.attach(&session, timeout, flow, Instant::now());
-        true
+    fn last_activity(&self) -> Option<Instant> {
+        MediaFlow::last_activity(self)
     }
 }
