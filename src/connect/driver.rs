@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 
@@ -291,21 +290,10 @@ async fn dial_address(
     host_port: &str,
 ) -> Result<Outcome, ConnectError> {
     let failed = |msg: String| ConnectError::Failed(msg.into());
-    let local = transport.local_addr().map_err(|e| failed(e.to_string()))?;
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(host_port)
+    let addr = transport
+        .resolve(host_port)
         .await
-        .map_err(|e| failed(format!("cannot resolve {host_port}: {e}")))?
-        .collect();
-    // An IPv4 socket cannot reach IPv6 addresses; a dual-stack IPv6 socket reaches both.
-    let addr = addrs
-        .iter()
-        .find(|a| local.is_ipv6() || a.is_ipv4())
-        .copied()
-        .ok_or_else(|| {
-            failed(format!(
-                "{host_port} has no address this socket ({local}) can reach"
-            ))
-        })?;
+        .map_err(|e| failed(e.to_string()))?;
     debug!(%addr, "dialling");
     let conn = transport
         .connect(addr, peer)

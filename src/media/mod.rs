@@ -47,6 +47,7 @@ use crate::protocol::media::{
 };
 use crate::protocol::stream_code;
 use crate::stats::{GaugeGuard, Stats};
+use crate::time::now;
 use repair::{Gaps, History};
 
 /// Send priority of overflow streams (RTSP streams use the same; bulk streams go below 0).
@@ -193,7 +194,7 @@ impl MediaMux {
         if kind != 0 {
             return sink.deliver(kind, &packet);
         }
-        let fresh = lock(&sink.fec_rx).arrived(packet.clone(), Instant::now());
+        let fresh = lock(&sink.fec_rx).arrived(packet.clone(), now());
         let Some(rebuilt) = fresh else {
             return;
         };
@@ -209,7 +210,7 @@ impl MediaMux {
         let Some(parity) = Parity::decode(body) else {
             return debug!("malformed parity");
         };
-        let rebuilt = lock(&sink.fec_rx).parity(parity, Instant::now());
+        let rebuilt = lock(&sink.fec_rx).parity(parity, now());
         if let Some(p) = rebuilt {
             self.rebuilt(sink, &p);
         }
@@ -228,7 +229,7 @@ impl MediaMux {
         };
         let rtt = self.conn.rtt();
         let retry = rtt + rtt / 4 + Duration::from_millis(5);
-        let arrival = lock(&sink.gaps).arrived(ssrc, seq, Instant::now(), retry);
+        let arrival = lock(&sink.gaps).arrived(ssrc, seq, now(), retry);
         if arrival.filled {
             self.stats.rtp_repaired.add(1);
         }
@@ -251,7 +252,7 @@ impl MediaMux {
         let Some((ssrc, seqs)) = decode_request(request) else {
             return debug!("malformed repair request");
         };
-        let now = Instant::now();
+        let now = now();
         let again: Vec<Bytes> = {
             let sent = lock(&sink.sent);
             seqs.filter_map(|seq| sent.resend(ssrc, seq, now)).collect()
@@ -436,7 +437,7 @@ impl Pump {
             if canonical(from.ip()) != canonical(self.near) {
                 continue;
             }
-            *lock(&self.last_rx) = Some(Instant::now());
+            *lock(&self.last_rx) = Some(now());
             {
                 let mut remote = lock(&self.sink.remote);
                 remote[kind].get_or_insert(from);
@@ -473,7 +474,7 @@ impl Pump {
                 Ok(()) => {
                     self.stats.media_datagrams.add(1);
                     if let (0, Some((ssrc, seq))) = (kind, rtp_id(packet)) {
-                        lock(&self.sink.sent).sent(ssrc, seq, Instant::now(), d);
+                        lock(&self.sink.sent).sent(ssrc, seq, now(), d);
                         self.send_parity(packet);
                     }
                     return Ok(());

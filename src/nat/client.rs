@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use anyhow::anyhow;
 use bytes::BytesMut;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn, Instrument};
@@ -14,6 +15,7 @@ use tracing::{debug, info, warn, Instrument};
 use crate::identity::PeerId;
 use crate::nat::{read_frame, write_frames};
 use crate::protocol::rendezvous::{token_from_hex, ClientMsg, ServerMsg};
+use crate::quic::close::describe_close;
 use crate::quic::Transport;
 use crate::runtime::NodeCtx;
 use crate::time::backoff::Backoff;
@@ -119,17 +121,15 @@ impl Actor {
         &mut self,
         cmds: &mut mpsc::Receiver<Cmd>,
         backoff: &mut Backoff,
-    ) -> Result<(), String> {
+    ) -> anyhow::Result<()> {
         let transport = &self.node.transport;
-        let addr = resolve(&self.server, transport).await?;
-        let connecting = transport
-            .connect_rendezvous(addr)
-            .map_err(|e| e.to_string())?;
+        let addr = transport.resolve(&self.server).await?;
+        let connecting = transport.connect_rendezvous(addr)?;
         let conn = tokio::time::timeout(Duration::from_secs(5), connecting)
             .await
-            .map_err(|_| "no answer within 5 s".to_string())?
-            .map_err(|e| crate::quic::close::describe_close(&e))?;
-        let (send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            .map_err(|_| anyhow!("no answer within 5 s"))?
+            .map_err(|e| anyhow!(describe_close(&e)))?;
+        let (send, mut recv) = conn.open_bi().await?;
         let (tx, rx) = mpsc::channel::<ClientMsg>(64);
         // The writer is one of the node's tasks, and ends with this registration.
         let writer_stop = self.node.abort.child_token();
@@ -146,7 +146,7 @@ impl Actor {
             async move {
                 tx.send(msg)
                     .await
-                    .map_err(|_| "control stream closed".to_string())
+                    .map_err(|_| anyhow!("control stream closed"))
             }
         };
         send(ClientMsg::Register { local_addrs }).await?;
@@ -164,7 +164,7 @@ impl Actor {
                     send(ClientMsg::Connect { peer, relay }).await?;
                 }
                 msg = read_frame::<ServerMsg>(&mut recv, &mut buf) => {
-                    let msg = msg.map_err(|e| e.to_string())?.ok_or_else(|| "the rendezvous closed the control stream".to_string())?;
+                    let msg = msg?.ok_or_else(|| anyhow!("the rendezvous closed the control stream"))?;
                     match msg {
                         ServerMsg::Registered { observed } => {
                             backoff.succeeded();
@@ -200,7 +200,7 @@ impl Actor {
                         ServerMsg::Error { message } => warn!("the rendezvous refused a request: {message}"),
                     }
                 }
-                r = conn.closed() => return Err(crate::quic::close::describe_close(&r)),
+                r = conn.closed() => return Err(anyhow!(describe_close(&r))),
             }
         }
     }
@@ -228,13 +228,4 @@ fn local_candidates(transport: &Transport, rendezvous: SocketAddr) -> Vec<Socket
         })
         .map(|local| vec![SocketAddr::new(local.ip(), bound.port())])
         .unwrap_or_default()
-}
-
-async fn resolve(server: &str, transport: &Transport) -> Result<SocketAddr, String> {
-    let local = transport.local_addr().map_err(|e| e.to_string())?;
-    tokio::net::lookup_host(server)
-        .await
-        .map_err(|e| format!("cannot resolve {server}: {e}"))?
-        .find(|a| local.is_ipv6() || a.is_ipv4())
-        .ok_or_else(|| format!("{server} has no address this socket ({local}) can reach"))
 }

@@ -13,7 +13,19 @@ use crate::nat::client::Introduction;
 use crate::nat::punch::{PathChoice, PunchSchedule};
 use crate::protocol::rendezvous::{relay_bind_packet, PUNCH};
 use crate::quic::path::Path;
-use crate::quic::Transport;
+use crate::quic::{DialError, Transport};
+
+/// Why no connection came of an introduction.
+#[derive(Debug, thiserror::Error)]
+pub enum DialFailure {
+    #[error("the rendezvous granted no relay (is it running with --no-relay?)")]
+    NoRelay,
+    #[error("no candidate answered")]
+    NoAnswer,
+    /// The last attempt's error.
+    #[error(transparent)]
+    Attempt(DialError),
+}
 use crate::time::{now, sleep_until_opt};
 
 /// When the handshake attempts to each direct candidate start, after the common start time:
@@ -23,14 +35,14 @@ const DIRECT_ATTEMPTS: [Duration; 2] = [Duration::from_millis(20), Duration::fro
 /// The direct attempts (and the punches) left after the relay won: the first direct
 /// handshake to complete, or the last error once all have failed.
 fn first_direct(
-    mut tasks: JoinSet<Option<(Path, Result<quinn::Connection, String>)>>,
-    mut last_error: String,
+    mut tasks: JoinSet<Option<(Path, Result<quinn::Connection, DialError>)>>,
+    mut last_error: DialFailure,
 ) -> DirectLater {
     Box::pin(async move {
         while let Some(joined) = tasks.join_next().await {
             match joined {
                 Ok(Some((path, Ok(conn)))) => return Ok((conn, path)),
-                Ok(Some((_, Err(e)))) => last_error = e,
+                Ok(Some((_, Err(e)))) => last_error = DialFailure::Attempt(e),
                 Ok(None) | Err(_) => {}
             }
         }
@@ -59,7 +71,7 @@ pub async fn punch(transport: Transport, intro: Arc<Introduction>) {
 
 /// Direct handshakes still under way when the relay won; resolves to the first that completes.
 pub type DirectLater = std::pin::Pin<
-    Box<dyn std::future::Future<Output = Result<(quinn::Connection, Path), String>> + Send>,
+    Box<dyn std::future::Future<Output = Result<(quinn::Connection, Path), DialFailure>> + Send>,
 >;
 
 /// Dials `peer` after an introduction: QUIC handshakes to every candidate at once while the
@@ -74,9 +86,9 @@ pub async fn dial_introduced(
     intro: Introduction,
     direct_deadline: Duration,
     direct: bool,
-) -> Result<(quinn::Connection, Path, Option<DirectLater>), String> {
+) -> Result<(quinn::Connection, Path, Option<DirectLater>), DialFailure> {
     if !direct && intro.relay.is_none() {
-        return Err("the rendezvous granted no relay (is it running with --no-relay?)".into());
+        return Err(DialFailure::NoRelay);
     }
     let intro = Arc::new(intro);
     let mut tasks = JoinSet::new();
@@ -116,7 +128,7 @@ pub async fn dial_introduced(
         Duration::ZERO
     };
     let mut choice = PathChoice::new(now(), deadline);
-    let mut last_error = String::from("no candidate answered");
+    let mut last_error = DialFailure::NoAnswer;
     loop {
         let relay_at = choice.relay_deadline().filter(|_| intro.relay.is_some());
         tokio::select! {
@@ -128,7 +140,7 @@ pub async fn dial_introduced(
                 Some(Ok(Some((path, Ok(conn))))) => return Ok((conn, path, None)),
                 Some(Ok(Some((path, Err(e))))) => {
                     debug!(path = path.kind(), addr = %path.addr(), "attempt failed: {e}");
-                    last_error = e;
+                    last_error = DialFailure::Attempt(e);
                 }
                 Some(Ok(None)) | Some(Err(_)) => {}
                 None => return Err(last_error),

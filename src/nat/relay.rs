@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use crate::protocol::rendezvous::parse_relay_bind;
+use crate::time::now;
 
 /// What to do with a packet that reached side `side` of an allocation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,7 +99,7 @@ pub async fn run(
     idle: Duration,
     cancel: CancellationToken,
 ) -> u64 {
-    let mut latch = Latch::new(tokens, Instant::now());
+    let mut latch = Latch::new(tokens, now());
     let mut bufs = [vec![0u8; 65536], vec![0u8; 65536]];
     let mut forwarded = 0u64;
     let mut check = tokio::time::interval(idle / 4);
@@ -108,7 +109,7 @@ pub async fn run(
             r = sockets[0].recv_from(buf0) => match r { Ok((n, src)) => (0, n, src), Err(_) => continue },
             r = sockets[1].recv_from(buf1) => match r { Ok((n, src)) => (1, n, src), Err(_) => continue },
             _ = check.tick() => {
-                if latch.expired(Instant::now(), idle) {
+                if latch.expired(now(), idle) {
                     debug!(forwarded, "relay allocation expired");
                     return forwarded;
                 }
@@ -116,7 +117,7 @@ pub async fn run(
             }
             () = cancel.cancelled() => return forwarded,
         };
-        match latch.on_packet(side, src, &bufs[side][..len], Instant::now()) {
+        match latch.on_packet(side, src, &bufs[side][..len], now()) {
             Action::Forward { dest } => {
                 forwarded += 1;
                 // UDP: a full socket buffer drops the packet, as the network would.

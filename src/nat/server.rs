@@ -50,6 +50,13 @@ impl Default for RendezvousConfig {
     }
 }
 
+/// Why a registration is refused (sent to the peer as the message of `ServerMsg::Error`).
+#[derive(Debug, Clone, thiserror::Error)]
+enum Refused {
+    #[error("the rendezvous is full ({0} peers registered)")]
+    Full(usize),
+}
+
 struct Entry {
     /// `stable_id` of the connection this registration belongs to.
     conn_id: usize,
@@ -163,8 +170,10 @@ impl Rendezvous {
                 ClientMsg::Register { mut local_addrs } => {
                     local_addrs.truncate(MAX_LOCAL_ADDRS);
                     if let Err(e) = self.register(peer, &conn, &tx, local_addrs) {
-                        let _ = tx.try_send(ServerMsg::Error { message: e.clone() });
-                        break e;
+                        let _ = tx.try_send(ServerMsg::Error {
+                            message: e.to_string(),
+                        });
+                        break e.to_string();
                     }
                     registered = true;
                 }
@@ -193,11 +202,11 @@ impl Rendezvous {
         conn: &Connection,
         tx: &mpsc::Sender<ServerMsg>,
         local_addrs: Vec<SocketAddr>,
-    ) -> Result<(), String> {
+    ) -> Result<(), Refused> {
         let observed = conn.remote_address();
         let mut state = self.state();
         if !state.peers.contains_key(&peer) && state.peers.len() >= self.config.max_peers {
-            return Err("the rendezvous is full".into());
+            return Err(Refused::Full(self.config.max_peers));
         }
         let entry = Entry {
             conn_id: conn.stable_id(),

@@ -131,6 +131,39 @@ pub enum TransportError {
     Quic(String),
 }
 
+/// Why a name gave no address to dial.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error("cannot read this endpoint's address: {0}")]
+    Socket(std::io::Error),
+    #[error("cannot resolve {0}: {1}")]
+    Lookup(String, std::io::Error),
+    #[error("{0} has no address this socket ({1}) can reach")]
+    Unreachable(String, SocketAddr),
+}
+
+/// Why a dial failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    /// Another key answered at `addr` (the pinned id is not the one there).
+    #[error("refusing {addr}: {wrong}")]
+    WrongPeer {
+        addr: SocketAddr,
+        wrong: tls::WrongPeer,
+    },
+    /// The handshake or the connection failed.
+    #[error("{}", close::describe_close(.0))]
+    Connection(quinn::ConnectionError),
+    #[error(transparent)]
+    Setup(#[from] TransportError),
+}
+
+impl From<rustls::Error> for DialError {
+    fn from(e: rustls::Error) -> Self {
+        DialError::Setup(TransportError::Tls(e))
+    }
+}
+
 /// The process's single QUIC endpoint and what it needs to make connections.
 #[derive(Clone)]
 pub struct Transport {
@@ -241,22 +274,33 @@ impl Transport {
         &self,
         addr: SocketAddr,
         expected: PeerId,
-    ) -> Result<quinn::Connection, String> {
+    ) -> Result<quinn::Connection, DialError> {
         let wrong = tls::WrongPeerSlot::default();
         let tls = tls::client_config(
             &self.identity,
             Some(expected),
             wrong.clone(),
             crate::protocol::ALPN,
-        )
-        .map_err(|e| e.to_string())?;
-        let connecting = self.connect_with(tls, addr).map_err(|e| e.to_string())?;
+        )?;
+        let connecting = self.connect_with(tls, addr)?;
         connecting.await.map_err(
             |e| match wrong.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                Some(wrong) => format!("refusing {addr}: {wrong}"),
-                None => close::describe_close(&e),
+                Some(wrong) => DialError::WrongPeer { addr, wrong },
+                None => DialError::Connection(e),
             },
         )
+    }
+
+    /// The first address of `host_port` this endpoint's socket can reach (DNS is asked each
+    /// time: a peer's address may change). An IPv4 socket cannot reach IPv6 addresses; a
+    /// dual-stack IPv6 socket reaches both.
+    pub async fn resolve(&self, host_port: &str) -> Result<SocketAddr, ResolveError> {
+        let local = self.local_addr().map_err(ResolveError::Socket)?;
+        tokio::net::lookup_host(host_port)
+            .await
+            .map_err(|e| ResolveError::Lookup(host_port.to_owned(), e))?
+            .find(|a| local.is_ipv6() || a.is_ipv4())
+            .ok_or_else(|| ResolveError::Unreachable(host_port.to_owned(), local))
     }
 
     /// Starts a connection to a rendezvous server at `addr` (any server key).

@@ -211,7 +211,7 @@ pub fn reset_tcp(tcp: &TcpStream) {
 
 async fn tcp_to_quic(tcp: &TcpStream, send: &mut SendStream, count: &mut u64) -> Result<(), Abort> {
     let mut buf = BytesMut::new();
-    let mut detector = BulkDetector::new(std::time::Instant::now());
+    let mut detector = BulkDetector::new(crate::time::now());
     loop {
         tcp.readable().await.map_err(Abort::Local)?;
         if buf.capacity() < MIN_READ_ROOM {
@@ -225,7 +225,7 @@ async fn tcp_to_quic(tcp: &TcpStream, send: &mut SendStream, count: &mut u64) ->
             }
             Ok(n) => {
                 *count += n as u64;
-                if let Some(priority) = detector.sent(n as u64, std::time::Instant::now()) {
+                if let Some(priority) = detector.sent(n as u64, crate::time::now()) {
                     let _ = send.set_priority(priority);
                 }
                 match send.write_chunk(buf.split().freeze()).await {
