@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use process::{free_port, start_pair, wait_connectable, Proc, TempDir};
+use process::{free_port, start_pair_of, tunnel_bin, wait_connectable, Proc, TempDir};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -132,7 +132,21 @@ fn direct(bulk: SocketAddr, greet: SocketAddr) -> System {
 }
 
 fn tunnel(bulk: SocketAddr, greet: SocketAddr) -> System {
-    let pair = start_pair(
+    tunnel_of(tunnel_bin(), "tunnel", bulk, greet)
+}
+
+/// Another build of the tunnel (`BENCH_BASELINE_BIN`, e.g. the last commit before a refactor),
+/// measured in the same rounds, so a change is judged against its own same-run baseline.
+fn tunnel_baseline(bulk: SocketAddr, greet: SocketAddr) -> Option<System> {
+    let bin = std::env::var("BENCH_BASELINE_BIN").ok()?;
+    let label = std::env::var("BENCH_BASELINE_LABEL").unwrap_or_else(|_| "baseline".into());
+    let bin: &'static str = Box::leak(bin.into_boxed_str());
+    Some(tunnel_of(bin, &format!("tunnel ({label})"), bulk, greet))
+}
+
+fn tunnel_of(bin: &str, name: &str, bulk: SocketAddr, greet: SocketAddr) -> System {
+    let pair = start_pair_of(
+        bin,
         &[("bulk", &bulk.to_string()), ("greet", &greet.to_string())],
         &["--eager"],
     );
@@ -141,7 +155,7 @@ fn tunnel(bulk: SocketAddr, greet: SocketAddr) -> System {
         ("connect".into(), pair.connect.pid()),
     ];
     System {
-        name: "tunnel".into(),
+        name: name.into(),
         bulk: pair.locals[0].parse().unwrap(),
         greet: pair.locals[1].parse().unwrap(),
         pids,
@@ -691,6 +705,10 @@ async fn suite() {
         (
             "tunnel",
             Box::new(move || Some(tunnel(bulk_addr, greet_addr))),
+        ),
+        (
+            "tunnel (baseline)",
+            Box::new(move || tunnel_baseline(bulk_addr, greet_addr)),
         ),
         ("bore 0.6", Box::new(move || bore(bulk_addr, greet_addr))),
         (

@@ -32,12 +32,12 @@ use crate::nat::client::RendezvousClient;
 use crate::protocol::header::{encode_request, OpenRequest, Protocol};
 use crate::quic::close::describe_close;
 use crate::quic::path::Path;
-use crate::rtsp::driver::{splice_rtsp, RtspCtx};
 use crate::rtsp::policy::Facing;
+use crate::runtime::forward::forward;
 use crate::runtime::peers::PeerConn;
 use crate::runtime::NodeCtx;
 use crate::stats::GaugeGuard;
-use crate::tunnel::splice::{abandoned, read_response, splice, Abort, Downstream, Report};
+use crate::tunnel::splice::{abandoned, read_response, Abort, Downstream, Report};
 
 /// The connecting role's settings for one remote peer.
 #[derive(Debug, Clone)]
@@ -234,19 +234,16 @@ impl Session {
                 }
             },
         };
-        let cancel = self.node.abort.clone();
-        let report = match protocol {
-            Protocol::Tcp => splice(tcp, send, recv, downstream, cancel).await,
-            Protocol::Rtsp(udp) => {
-                let ctx = RtspCtx {
-                    facing: Facing::Client,
-                    udp,
-                    mux: pc.media.clone(),
-                    stats: self.node.stats.clone(),
-                };
-                splice_rtsp(tcp, send, recv, downstream, ctx, cancel).await
-            }
-        };
+        let stream = (tcp, send, recv);
+        let report = forward(
+            protocol,
+            Facing::Client,
+            stream,
+            downstream,
+            &pc.media,
+            &self.node,
+        )
+        .await;
         self.log_report(&service, report);
     }
 

@@ -2,7 +2,9 @@
 //! the real server named by the stream header's service, answers with a status, then splices.
 //!
 //! Only the targets in [`ExposeConfig::services`] are ever dialled: the header carries a service
-//! name, never an address.
+//! name, never an address. Whether a stream is served is decided by [`admit`] (pure).
+
+pub mod admit;
 
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
@@ -27,13 +29,13 @@ use crate::protocol::{close_code, stream_code};
 use crate::quic::accept::Serve;
 use crate::quic::path::Path;
 use crate::quic::tls;
-use crate::rtsp::driver::{splice_rtsp, RtspCtx};
 use crate::rtsp::policy::Facing;
+use crate::runtime::forward::forward;
 use crate::runtime::peers::PeerConn;
 use crate::runtime::NodeCtx;
 use crate::runtime::StreamServer;
 use crate::tunnel::framed::{read_frame, ReadFrameError};
-use crate::tunnel::splice::{reset_tcp, splice, Downstream};
+use crate::tunnel::splice::{reset_tcp, Downstream};
 
 /// Who may connect.
 #[derive(Debug, Clone)]
@@ -192,43 +194,29 @@ impl Expose {
             };
         tracing::Span::current().record("service", req.service.as_str());
         let client = req.client_addr.as_deref().unwrap_or("?");
-        let target = self
-            .config
-            .services
-            .iter()
-            .find(|(name, _)| name.as_str() == req.service)
-            .map(|(_, target)| target.clone());
-        let Some(target) = target else {
-            let names: Vec<_> = self.config.services.keys().map(|n| n.as_str()).collect();
-            warn!(client, "unknown service requested");
-            let msg = format!(
-                "no service named {:?} here; exposed: {}",
-                req.service,
-                names.join(", ")
-            );
-            return refuse(&mut send, &mut recv, Status::UnknownService, &msg).await;
+        let permit = self.limit.clone().try_acquire_owned().ok();
+        let node = admit::Node {
+            services: &self.config.services,
+            stopping: self.node.stop.is_cancelled(),
+            slot_free: permit.is_some(),
+            max_streams: self.config.max_streams,
         };
-        if self.node.stop.is_cancelled() {
-            return refuse(
-                &mut send,
-                &mut recv,
-                Status::Busy,
-                "the peer is shutting down",
-            )
-            .await;
-        }
-        let Ok(_permit) = self.limit.clone().try_acquire_owned() else {
-            warn!(
-                client,
-                limit = self.config.max_streams,
-                "at the limit of proxied sockets"
-            );
-            let msg = format!(
-                "the peer is at its limit of {} proxied sockets",
-                self.config.max_streams
-            );
-            return refuse(&mut send, &mut recv, Status::Busy, &msg).await;
+        let target = match admit::admit(&node, &req.service) {
+            Ok(target) => target,
+            Err(refusal) => {
+                match refusal.status {
+                    Status::UnknownService => warn!(client, "unknown service requested"),
+                    Status::Busy if permit.is_none() => warn!(
+                        client,
+                        limit = self.config.max_streams,
+                        "at the limit of proxied sockets"
+                    ),
+                    _ => {}
+                }
+                return refuse(&mut send, &mut recv, refusal.status, &refusal.message).await;
+            }
         };
+        let _permit = permit;
         let connect = tokio::time::timeout(
             self.config.dial_timeout,
             TcpStream::connect(target.as_str()),
@@ -268,19 +256,16 @@ impl Expose {
         }
         debug!(client, %target, "stream open");
         let downstream = Downstream::Payload(leftover);
-        let cancel = self.node.abort.clone();
-        let report = match target.protocol {
-            Protocol::Tcp => splice(tcp, send, recv, downstream, cancel).await,
-            Protocol::Rtsp(udp) => {
-                let ctx = RtspCtx {
-                    facing: Facing::Server,
-                    udp,
-                    mux: media,
-                    stats: self.node.stats.clone(),
-                };
-                splice_rtsp(tcp, send, recv, downstream, ctx, cancel).await
-            }
-        };
+        let stream = (tcp, send, recv);
+        let report = forward(
+            target.protocol,
+            Facing::Server,
+            stream,
+            downstream,
+            &media,
+            &self.node,
+        )
+        .await;
         match report.abort {
             None => debug!(up = report.down, down = report.up, "stream closed"),
             Some(abort) => info!(

@@ -1,6 +1,7 @@
 //! What every role's tasks share: the context (endpoint, gauges, the two shutdown tokens, the
-//! task tracker) and the peer table.
+//! task tracker), the peer table, and the dispatch of an open stream to its protocol's layer.
 
+pub mod forward;
 pub mod peers;
 
 use std::sync::{Arc, OnceLock, Weak};

@@ -167,10 +167,15 @@ pub struct TunnelPair {
 }
 
 pub fn start_pair(services: &[(&str, &str)], extra_connect: &[&str]) -> TunnelPair {
+    start_pair_of(tunnel_bin(), services, extra_connect)
+}
+
+/// [`start_pair`] with another build of the binary (the benchmark's same-run baseline).
+pub fn start_pair_of(bin: &str, services: &[(&str, &str)], extra_connect: &[&str]) -> TunnelPair {
     let dir = TempDir::new("pair");
     let (id_e, id_c) = (dir.path("expose.pem"), dir.path("connect.pem"));
     let connect_id = peer_id(&id_c);
-    let mut cmd = Command::new(tunnel_bin());
+    let mut cmd = Command::new(bin);
     cmd.args([
         "expose",
         "--listen",
@@ -186,7 +191,7 @@ pub fn start_pair(services: &[(&str, &str)], extra_connect: &[&str]) -> TunnelPa
     let expose = Proc::spawn("tunnel expose", &mut cmd);
     let line = expose.line_matching(|l| l.trim_start().starts_with("tunnel connect "));
     let peer = line.split_whitespace().nth(2).unwrap().to_owned();
-    let mut cmd = Command::new(tunnel_bin());
+    let mut cmd = Command::new(bin);
     cmd.args(["connect", &peer, "--identity"]).arg(&id_c);
     for (name, _) in services {
         cmd.arg("--local").arg(format!("127.0.0.1:0={name}"));
