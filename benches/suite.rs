@@ -789,14 +789,31 @@ async fn suite() {
         }
     }
 
-    let media = if only.as_deref().is_none_or(|o| "tunnel".contains(o)) {
-        media_under_load(bulk_addr).await
+    let media_wanted = only.as_deref().is_none_or(|o| "tunnel".contains(o));
+    let media = if media_wanted {
+        media_under_load(bulk_addr, tunnel).await
     } else {
         Value::Null
     };
+    // With a baseline build: the media runs of both builds, alternating, twice each (one run
+    // each is too noisy to tell a regression from the machine).
+    let mut media_runs = Vec::new();
+    if media_wanted && std::env::var_os("BENCH_BASELINE_BIN").is_some() {
+        let baseline = |b, g| tunnel_baseline(b, g).expect("checked above");
+        media_runs.push(json!({"build": "tunnel", "media": media.clone()}));
+        for round in 0..2 {
+            let base = media_under_load(bulk_addr, baseline).await;
+            media_runs.push(json!({"build": "baseline", "media": base}));
+            if round == 0 {
+                let again = media_under_load(bulk_addr, tunnel).await;
+                media_runs.push(json!({"build": "tunnel", "media": again}));
+            }
+        }
+    }
 
     let report = json!({
         "media": media,
+        "media_runs": media_runs,
         "machine": machine(),
         "rounds": rounds,
         "bytes_per_transfer": size,
@@ -899,7 +916,10 @@ async fn paced_download(
 
 /// A real RTSP stream through the tunnel, alone and then sharing the connection with a bulk
 /// download.
-async fn media_under_load(bulk_addr: SocketAddr) -> Value {
+async fn media_under_load(
+    bulk_addr: SocketAddr,
+    make: impl Fn(SocketAddr, SocketAddr) -> System,
+) -> Value {
     if !process::have("ffmpeg") {
         return Value::Null;
     }
@@ -915,7 +935,7 @@ async fn media_under_load(bulk_addr: SocketAddr) -> Value {
         .unwrap()
         .to_owned();
     let cam: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let sys = tunnel(bulk_addr, cam); // its "greet" service is the camera here
+    let sys = make(bulk_addr, cam); // its "greet" service is the camera here
     let url = format!("rtsp://{}/test", sys.greet);
     let frames = 250;
     eprintln!("media: {frames} frames alone");
@@ -984,8 +1004,12 @@ fn machine() -> Value {
     json!({ "cpu": cpu, "cores": cores, "date": String::from_utf8_lossy(&Command::new("date").arg("-u").arg("+%Y-%m-%d %H:%M UTC").output().map(|o| o.stdout).unwrap_or_default()).trim() })
 }
 
+/// Where the report goes: docs/bench, or `BENCH_OUT` (a partial run, e.g. one build against
+/// another, must not overwrite the full report).
 fn out_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/bench")
+    std::env::var_os("BENCH_OUT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/bench"))
 }
 
 fn write_report(report: &Value) {

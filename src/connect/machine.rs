@@ -53,6 +53,9 @@ pub struct Settings {
     pub force_relay: bool,
 }
 
+/// How a dial or an upgrade attempt ended.
+pub type Outcome<T> = Result<T, ConnectError>;
+
 /// A client waiting for the connection, named by the driver.
 pub type WaiterId = u64;
 
@@ -76,7 +79,10 @@ pub struct Dialled<C> {
     pub direct_later: bool,
 }
 
-/// What the driver must do, in order.
+/// What the driver must do after an event, in order.
+pub type Actions<C> = Vec<Action<C>>;
+
+/// One thing the driver must do.
 #[derive(Debug)]
 pub enum Action<C> {
     /// Start a dial (with the relay as a fallback); report it with [`Machine::dialled`].
@@ -162,7 +168,7 @@ impl<C: Clone> Machine<C> {
     }
 
     /// The session starts.
-    pub fn start(&mut self, now: Instant) -> Vec<Action<C>> {
+    pub fn start(&mut self, now: Instant) -> Actions<C> {
         let mut out = Vec::new();
         if self.settings.eager {
             self.dial(now, &mut out);
@@ -177,7 +183,7 @@ impl<C: Clone> Machine<C> {
         now: Instant,
         waiter: WaiterId,
         preferred: Option<Conn<C>>,
-    ) -> Vec<Action<C>> {
+    ) -> Actions<C> {
         let mut out = Vec::new();
         if self.live.is_none() {
             if let Some(conn) = preferred {
@@ -202,7 +208,7 @@ impl<C: Clone> Machine<C> {
     }
 
     /// A stream granted with a lease of `generation` ended.
-    pub fn stream_ended(&mut self, now: Instant, generation: u64) -> Vec<Action<C>> {
+    pub fn stream_ended(&mut self, now: Instant, generation: u64) -> Actions<C> {
         let mut out = Vec::new();
         if let Some(l) = self.live.as_mut().filter(|l| l.generation == generation) {
             l.grace.stream_ended(now);
@@ -214,7 +220,7 @@ impl<C: Clone> Machine<C> {
     }
 
     /// The peer table changed; `preferred` is its preferred connection with the peer now.
-    pub fn table_changed(&mut self, now: Instant, preferred: Option<Conn<C>>) -> Vec<Action<C>> {
+    pub fn table_changed(&mut self, now: Instant, preferred: Option<Conn<C>>) -> Actions<C> {
         let mut out = Vec::new();
         if let (Some(l), Some(p)) = (&self.live, preferred) {
             if l.conn.id != p.id {
@@ -226,11 +232,7 @@ impl<C: Clone> Machine<C> {
     }
 
     /// The dial in flight ended.
-    pub fn dialled(
-        &mut self,
-        now: Instant,
-        result: Result<Dialled<C>, ConnectError>,
-    ) -> Vec<Action<C>> {
+    pub fn dialled(&mut self, now: Instant, result: Outcome<Dialled<C>>) -> Actions<C> {
         let mut out = Vec::new();
         if self.dial_until.take().is_none() {
             // Not ours (cancelled): a connection it made is not wanted.
@@ -260,11 +262,7 @@ impl<C: Clone> Machine<C> {
     }
 
     /// The upgrade attempt in flight (a direct path) ended.
-    pub fn upgraded(
-        &mut self,
-        now: Instant,
-        result: Result<Conn<C>, ConnectError>,
-    ) -> Vec<Action<C>> {
+    pub fn upgraded(&mut self, now: Instant, result: Outcome<Conn<C>>) -> Actions<C> {
         let mut out = Vec::new();
         let ours = self.upgrade_until.take().is_some();
         match (result, self.live.take()) {
@@ -298,7 +296,7 @@ impl<C: Clone> Machine<C> {
     }
 
     /// Connection `id` closed (lost, refused, or closed by either side).
-    pub fn closed(&mut self, now: Instant, id: usize) -> Vec<Action<C>> {
+    pub fn closed(&mut self, now: Instant, id: usize) -> Actions<C> {
         let mut out = Vec::new();
         if self.live.as_ref().is_none_or(|l| l.conn.id != id) {
             return out;
@@ -319,7 +317,7 @@ impl<C: Clone> Machine<C> {
 
     /// Time passed: acts on every deadline at or before `now`. `busy` says whether a
     /// connection still carries streams (the peer's, when it dialled or exposes too).
-    pub fn timeout(&mut self, now: Instant, busy: impl Fn(&C) -> bool) -> Vec<Action<C>> {
+    pub fn timeout(&mut self, now: Instant, busy: impl Fn(&C) -> bool) -> Actions<C> {
         let mut out = Vec::new();
         if self.dial_until.is_some_and(|d| now >= d) {
             self.dial_until = None;
@@ -376,7 +374,7 @@ impl<C: Clone> Machine<C> {
 
     /// The session ends (shutdown, or every handle dropped): a connection it dialled closes,
     /// every waiter is told.
-    pub fn finish(&mut self) -> Vec<Action<C>> {
+    pub fn finish(&mut self) -> Actions<C> {
         let mut out = Vec::new();
         if let Some(l) = self.live.take() {
             if l.conn.dialled {
@@ -437,12 +435,12 @@ impl<C: Clone> Machine<C> {
         }
     }
 
-    fn dial(&mut self, now: Instant, out: &mut Vec<Action<C>>) {
+    fn dial(&mut self, now: Instant, out: &mut Actions<C>) {
         self.dial_until = Some(now + self.settings.connect_timeout);
         out.push(Action::Dial);
     }
 
-    fn dial_failed(&mut self, now: Instant, error: ConnectError, out: &mut Vec<Action<C>>) {
+    fn dial_failed(&mut self, now: Instant, error: ConnectError, out: &mut Actions<C>) {
         for waiter in std::mem::take(&mut self.waiters) {
             out.push(Action::Fail {
                 waiter,
@@ -454,7 +452,7 @@ impl<C: Clone> Machine<C> {
         }
     }
 
-    fn drop_upgrade(&mut self, out: &mut Vec<Action<C>>) {
+    fn drop_upgrade(&mut self, out: &mut Actions<C>) {
         if self.upgrade_until.take().is_some() {
             out.push(Action::CancelUpgrade);
         }

@@ -142,46 +142,71 @@ mod tests {
     fn forwards_only_between_latched_addresses() {
         let t0 = Instant::now();
         let tokens = [[1u8; 16], [2u8; 16]];
+        let bind = |side: usize| relay_bind_packet(&tokens[side]);
+        let quic = b"quic".to_vec();
         let mut l = Latch::new(tokens, t0);
-        // Nothing is forwarded before both sides are bound.
-        assert_eq!(l.on_packet(0, addr(1), b"quic", t0), Action::Drop);
-        assert_eq!(
-            l.on_packet(0, addr(1), &relay_bind_packet(&tokens[0]), t0),
-            Action::Latched
-        );
-        assert_eq!(
-            l.on_packet(0, addr(1), b"quic", t0),
-            Action::Drop,
-            "other side not bound"
-        );
-        // The wrong token does not bind; a side's token is not valid on the other side.
-        assert_eq!(
-            l.on_packet(1, addr(2), &relay_bind_packet(&tokens[0]), t0),
-            Action::Drop
-        );
-        assert_eq!(
-            l.on_packet(1, addr(2), &relay_bind_packet(&tokens[1]), t0),
-            Action::Latched
-        );
-        assert_eq!(
-            l.on_packet(0, addr(1), b"quic", t0),
-            Action::Forward { dest: addr(2) }
-        );
-        assert_eq!(
-            l.on_packet(1, addr(2), b"quic", t0),
-            Action::Forward { dest: addr(1) }
-        );
-        // A stranger on a bound side is dropped.
-        assert_eq!(l.on_packet(0, addr(9), b"quic", t0), Action::Drop);
-        // A rebinding (new NAT mapping) with the token moves the latch.
-        assert_eq!(
-            l.on_packet(0, addr(3), &relay_bind_packet(&tokens[0]), t0),
-            Action::Latched
-        );
-        assert_eq!(
-            l.on_packet(1, addr(2), b"quic", t0),
-            Action::Forward { dest: addr(3) }
-        );
+        // (side the packet reaches, its source, the packet, what the latch does, why)
+        let script = [
+            (
+                0,
+                1,
+                quic.clone(),
+                Action::Drop,
+                "nothing before both sides are bound",
+            ),
+            (0, 1, bind(0), Action::Latched, "side 0 binds"),
+            (0, 1, quic.clone(), Action::Drop, "other side not bound"),
+            (
+                1,
+                2,
+                bind(0),
+                Action::Drop,
+                "a side's token is not valid on the other side",
+            ),
+            (1, 2, bind(1), Action::Latched, "side 1 binds"),
+            (
+                0,
+                1,
+                quic.clone(),
+                Action::Forward { dest: addr(2) },
+                "0 to 1",
+            ),
+            (
+                1,
+                2,
+                quic.clone(),
+                Action::Forward { dest: addr(1) },
+                "1 to 0",
+            ),
+            (
+                0,
+                9,
+                quic.clone(),
+                Action::Drop,
+                "a stranger on a bound side",
+            ),
+            (
+                0,
+                3,
+                bind(0),
+                Action::Latched,
+                "a rebinding with the token moves the latch",
+            ),
+            (
+                1,
+                2,
+                quic.clone(),
+                Action::Forward { dest: addr(3) },
+                "to the new address",
+            ),
+        ];
+        for (side, from, packet, expected, why) in script {
+            assert_eq!(
+                l.on_packet(side, addr(from), &packet, t0),
+                expected,
+                "{why}"
+            );
+        }
     }
 
     #[test]
