@@ -780,7 +780,7 @@ async fn suite() {
     eprintln!("scale: {scale_n} idle streams");
     let mut scale_results = BTreeMap::new();
     for (name, make) in &factories[1..] {
-        if only.as_deref().is_some_and(|o| !name.contains(o)) {
+        if scale_n == 0 || only.as_deref().is_some_and(|o| !name.contains(o)) {
             continue;
         }
         if let Some(sys) = make() {
@@ -795,22 +795,31 @@ async fn suite() {
     } else {
         Value::Null
     };
-    // With a baseline build: the media runs of both builds, alternating, twice each (one run
-    // each is too noisy to tell a regression from the machine).
+    // With a baseline build: media runs of both builds in ABBA order (`BENCH_MEDIA_ROUNDS`
+    // pairs, default 2): one run each is too noisy to tell a regression from the machine, and
+    // a fixed order would hand the later, quieter slot to one build.
     let mut media_runs = Vec::new();
     if media_wanted && std::env::var_os("BENCH_BASELINE_BIN").is_some() {
-        let baseline = |b, g| tunnel_baseline(b, g).expect("checked above");
-        media_runs.push(json!({"build": "tunnel", "media": media.clone()}));
-        for round in 0..2 {
-            let base = media_under_load(bulk_addr, baseline).await;
-            media_runs.push(json!({"build": "baseline", "media": base}));
-            if round == 0 {
-                let again = media_under_load(bulk_addr, tunnel).await;
-                media_runs.push(json!({"build": "tunnel", "media": again}));
+        for round in 0..env_num("BENCH_MEDIA_ROUNDS", 2) {
+            let order = if round % 2 == 0 {
+                ["baseline", "tunnel"]
+            } else {
+                ["tunnel", "baseline"]
+            };
+            for build in order {
+                eprintln!("media round {}: {build}", round + 1);
+                let m = if build == "tunnel" {
+                    media_under_load(bulk_addr, tunnel).await
+                } else {
+                    media_under_load(bulk_addr, |b, g| {
+                        tunnel_baseline(b, g).expect("BENCH_BASELINE_BIN is set")
+                    })
+                    .await
+                };
+                media_runs.push(json!({"build": build, "media": m}));
             }
         }
     }
-
     let report = json!({
         "media": media,
         "media_runs": media_runs,

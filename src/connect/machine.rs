@@ -545,38 +545,34 @@ mod tests {
         actions.iter().filter(|a| matches!(a, Action::Dial)).count()
     }
 
+    /// What the actions of one kind carry, in order.
+    fn pick<T>(actions: &[Action<usize>], f: impl Fn(&Action<usize>) -> Option<T>) -> Vec<T> {
+        actions.iter().filter_map(f).collect()
+    }
+
     fn grants(actions: &[Action<usize>]) -> Vec<(WaiterId, usize, u64)> {
-        actions
-            .iter()
-            .filter_map(|a| match a {
-                Action::Grant {
-                    waiter,
-                    conn,
-                    generation,
-                } => Some((*waiter, *conn, *generation)),
-                _ => None,
-            })
-            .collect()
+        pick(actions, |a| match *a {
+            Action::Grant {
+                waiter,
+                conn,
+                generation,
+            } => Some((waiter, conn, generation)),
+            _ => None,
+        })
     }
 
     fn failures(actions: &[Action<usize>]) -> Vec<(WaiterId, ConnectError)> {
-        actions
-            .iter()
-            .filter_map(|a| match a {
-                Action::Fail { waiter, error } => Some((*waiter, error.clone())),
-                _ => None,
-            })
-            .collect()
+        pick(actions, |a| match a {
+            Action::Fail { waiter, error } => Some((*waiter, error.clone())),
+            _ => None,
+        })
     }
 
     fn closes(actions: &[Action<usize>]) -> Vec<(usize, VarInt)> {
-        actions
-            .iter()
-            .filter_map(|a| match a {
-                Action::Close { conn, code, .. } => Some((*conn, *code)),
-                _ => None,
-            })
-            .collect()
+        pick(actions, |a| match *a {
+            Action::Close { conn, code, .. } => Some((conn, code)),
+            _ => None,
+        })
     }
 
     fn never_busy(_: &usize) -> bool {
