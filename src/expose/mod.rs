@@ -195,13 +195,16 @@ impl Expose {
         tracing::Span::current().record("service", req.service.as_str());
         let client = req.client_addr.as_deref().unwrap_or("?");
         let permit = self.limit.clone().try_acquire_owned().ok();
-        let node = admit::Node {
-            services: &self.config.services,
-            stopping: self.node.stop.is_cancelled(),
-            slot_free: permit.is_some(),
-            max_streams: self.config.max_streams,
-        };
-        let target = match admit::admit(&node, &req.service) {
+        let admitted = admit::admit(
+            &admit::Node {
+                services: &self.config.services,
+                stopping: self.node.stop.is_cancelled(),
+                slot_free: permit.is_some(),
+                max_streams: self.config.max_streams,
+            },
+            &req.service,
+        );
+        let target = match admitted {
             Ok(target) => target,
             Err(refusal) => {
                 match refusal.status {
