@@ -31,5 +31,7 @@ done
 # RTSP: first frame per client and mode (docs/bench/rtsp.md).
 cargo build --release
 python3 bench/rtsp_bench.py target/release/tunnel
+# Every fuzz target, 10 million executions each (docs/protocol.md, "Fuzzing").
+bash fuzz/run.sh 10000000 | tee docs/bench/fuzz.log
 python3 bench/charts.py
 echo "report: docs/bench/report.md"
