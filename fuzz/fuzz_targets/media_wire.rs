@@ -28,7 +28,10 @@ fuzz_target!(|data: &[u8]| {
         assert!(kind <= 1);
         if let Some(packet) = data.get(OVERFLOW_HEAD..OVERFLOW_HEAD + len) {
             let frame = encode_overflow(kind, packet);
-            assert_eq!(decode_overflow_head(frame[..OVERFLOW_HEAD].try_into().unwrap()), (kind, len));
+            assert_eq!(
+                decode_overflow_head(frame[..OVERFLOW_HEAD].try_into().unwrap()),
+                (kind, len)
+            );
             assert_eq!(&frame[OVERFLOW_HEAD..], packet);
         }
     }
