@@ -140,8 +140,7 @@ fn tunnel(bulk: SocketAddr, greet: SocketAddr) -> System {
 fn tunnel_baseline(bulk: SocketAddr, greet: SocketAddr) -> Option<System> {
     let bin = std::env::var("BENCH_BASELINE_BIN").ok()?;
     let label = std::env::var("BENCH_BASELINE_LABEL").unwrap_or_else(|_| "baseline".into());
-    let bin: &'static str = Box::leak(bin.into_boxed_str());
-    Some(tunnel_of(bin, &format!("tunnel ({label})"), bulk, greet))
+    Some(tunnel_of(&bin, &format!("tunnel ({label})"), bulk, greet))
 }
 
 fn tunnel_of(bin: &str, name: &str, bulk: SocketAddr, greet: SocketAddr) -> System {
@@ -697,7 +696,7 @@ async fn suite() {
         .parse()
         .unwrap();
     type Factory = Box<dyn Fn() -> Option<System>>;
-    let factories: Vec<(&str, Factory)> = vec![
+    let mut factories: Vec<(&str, Factory)> = vec![
         (
             "direct TCP",
             Box::new(move || Some(direct(bulk_addr, greet_addr))),
@@ -705,10 +704,6 @@ async fn suite() {
         (
             "tunnel",
             Box::new(move || Some(tunnel(bulk_addr, greet_addr))),
-        ),
-        (
-            "tunnel (baseline)",
-            Box::new(move || tunnel_baseline(bulk_addr, greet_addr)),
         ),
         ("bore 0.6", Box::new(move || bore(bulk_addr, greet_addr))),
         (
@@ -720,6 +715,10 @@ async fn suite() {
             Box::new(move || rathole(bulk_addr, greet_addr, true)),
         ),
     ];
+    if std::env::var_os("BENCH_BASELINE_BIN").is_some() {
+        let baseline: Factory = Box::new(move || tunnel_baseline(bulk_addr, greet_addr));
+        factories.insert(2, ("tunnel (baseline)", baseline));
+    }
     // name -> metric -> values over rounds
     let mut results: BTreeMap<String, BTreeMap<String, Vec<f64>>> = BTreeMap::new();
     let only = std::env::var("BENCH_ONLY").ok();
@@ -785,7 +784,7 @@ async fn suite() {
         }
         if let Some(sys) = make() {
             bulk(sys.bulk, 1 << 20, 1, false).await;
-            scale_results.insert(name.to_string(), scale(&sys, scale_n).await);
+            scale_results.insert(sys.name.clone(), scale(&sys, scale_n).await);
         }
     }
 

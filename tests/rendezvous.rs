@@ -24,17 +24,30 @@ fn rendezvous_at(addr: SocketAddr) -> Node {
     node
 }
 
-/// A node exposing `echo` to `allowed`, registered with the rendezvous at `rz`.
-fn exposer(rz: SocketAddr, echo: SocketAddr, allowed: tunnel::identity::PeerId) -> Node {
-    let node = Node::bind(loopback(), identity(), Tuning::default()).unwrap();
+/// `node` exposes `echo` (as service "echo") to `allowed`.
+fn expose_echo(node: &Node, echo: SocketAddr, allowed: tunnel::identity::PeerId) {
     let services = [("echo".parse().unwrap(), echo.to_string().parse().unwrap())].into();
     node.expose(ExposeConfig::new(
         services,
         Authorized::Only([allowed].into()),
     ))
     .unwrap();
+}
+
+/// A node exposing `echo` to `allowed`, registered with the rendezvous at `rz`.
+fn exposer(rz: SocketAddr, echo: SocketAddr, allowed: tunnel::identity::PeerId) -> Node {
+    let node = Node::bind(loopback(), identity(), Tuning::default()).unwrap();
+    expose_echo(&node, echo, allowed);
     node.register(rz.to_string());
     node
+}
+
+/// A local listener of `node` whose sockets go to the service "echo" through `session`.
+async fn listen_through(node: &Node, session: &Session) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind(loopback()).await.unwrap();
+    let local = listener.local_addr().unwrap();
+    node.serve_local(session, listener, "echo".parse().unwrap());
+    local
 }
 
 /// A node that reaches `peer` (by id only) through the rendezvous at `rz`.
@@ -53,9 +66,7 @@ async fn connector(
         },
         config,
     );
-    let listener = tokio::net::TcpListener::bind(loopback()).await.unwrap();
-    let local = listener.local_addr().unwrap();
-    node.serve_local(&session, listener, "echo".parse().unwrap());
+    let local = listen_through(&node, &session).await;
     (node, session, local)
 }
 
@@ -108,16 +119,7 @@ async fn connect_started_first_waits_for_the_peer_to_come_online() {
     // The client is waiting; now the peer comes online and presence brings them together.
     tokio::task::yield_now().await;
     let exp = Node::bind(loopback(), exp_identity, Tuning::default()).unwrap();
-    let services = [(
-        "echo".parse().unwrap(),
-        echo.addr.to_string().parse().unwrap(),
-    )]
-    .into();
-    exp.expose(ExposeConfig::new(
-        services,
-        Authorized::Only([client_id.peer_id()].into()),
-    ))
-    .unwrap();
+    expose_echo(&exp, echo.addr, client_id.peer_id());
     exp.register(rz_addr.to_string());
     tokio::time::timeout(WAIT, client).await.unwrap().unwrap();
     drop(session);
@@ -221,16 +223,7 @@ async fn one_node_serves_as_rendezvous_and_exposes_on_one_endpoint() {
     let client_id = identity();
     let both = Node::bind(loopback(), identity(), Tuning::default()).unwrap();
     both.serve_rendezvous(RendezvousConfig::default()).unwrap();
-    let services = [(
-        "echo".parse().unwrap(),
-        echo.addr.to_string().parse().unwrap(),
-    )]
-    .into();
-    both.expose(ExposeConfig::new(
-        services,
-        Authorized::Only([client_id.peer_id()].into()),
-    ))
-    .unwrap();
+    expose_echo(&both, echo.addr, client_id.peer_id());
     let addr = both.local_addr().unwrap();
     // A peer reaches its expose role at its address...
     let cli = Node::bind(loopback(), client_id, Tuning::default()).unwrap();
@@ -241,9 +234,7 @@ async fn one_node_serves_as_rendezvous_and_exposes_on_one_endpoint() {
         },
         SessionConfig::default(),
     );
-    let listener = tokio::net::TcpListener::bind(loopback()).await.unwrap();
-    let local = listener.local_addr().unwrap();
-    cli.serve_local(&session, listener, "echo".parse().unwrap());
+    let local = listen_through(&cli, &session).await;
     echo_round_trip(local, &random_bytes(64 << 10)).await;
     // ...and another registers with its rendezvous role, on the same port.
     let other = Node::bind(loopback(), identity(), Tuning::default()).unwrap();

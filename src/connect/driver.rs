@@ -79,7 +79,6 @@ impl Driver {
         };
         let mut next_waiter = 0u64;
         let stop = self.node.stop.clone();
-        let mut stopping = false;
         let actions = machine.start(now());
         self.apply(&mut io, actions);
         loop {
@@ -90,7 +89,9 @@ impl Driver {
                     let Some(reply) = request else { break };
                     next_waiter += 1;
                     io.replies.insert(next_waiter, reply);
-                    machine.request(now(), next_waiter, self.preferred())
+                    // The table is read only when the machine would adopt from it.
+                    let preferred = if machine.live().is_none() { self.preferred() } else { None };
+                    machine.request(now(), next_waiter, preferred)
                 }
                 Some(generation) = ended_rx.recv() => machine.stream_ended(now(), generation),
                 changed = table.changed() => {
@@ -131,8 +132,7 @@ impl Driver {
                 () = sleep_until_opt(deadline) => {
                     machine.timeout(now(), |h| h.pc.streams.get() > 0)
                 }
-                () = stop.cancelled(), if !stopping => {
-                    stopping = true;
+                () = stop.cancelled(), if !machine.stopping() => {
                     machine.stop();
                     Vec::new()
                 }

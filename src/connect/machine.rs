@@ -177,7 +177,8 @@ impl<C: Clone> Machine<C> {
     }
 
     /// A client asks for the connection; `preferred` is the peer table's preferred connection
-    /// with the peer now, used when this session has none.
+    /// with the peer now, used only when this session has none (so a driver may pass `None`
+    /// while [`Machine::live`] is some).
     pub fn request(
         &mut self,
         now: Instant,
@@ -423,6 +424,11 @@ impl<C: Clone> Machine<C> {
         self.live.as_ref().map(|l| &l.conn)
     }
 
+    /// Whether the node stopped accepting ([`Machine::stop`]).
+    pub fn stopping(&self) -> bool {
+        self.stopping
+    }
+
     /// Clients queued for the dial in flight.
     pub fn waiting(&self) -> usize {
         self.waiters.len()
@@ -575,6 +581,15 @@ mod tests {
         })
     }
 
+    /// A session whose first client got `conn` at `t0`.
+    fn connected(settings: Settings, conn: Conn<usize>) -> (Instant, Machine<usize>) {
+        let t0 = Instant::now();
+        let mut m = Machine::new(settings);
+        m.request(t0, 1, None);
+        m.dialled(t0, ok(conn));
+        (t0, m)
+    }
+
     fn never_busy(_: &usize) -> bool {
         false
     }
@@ -668,10 +683,7 @@ mod tests {
 
     #[test]
     fn the_idle_grace_runs_out_exactly_once() {
-        let t0 = Instant::now();
-        let mut m = Machine::<usize>::new(settings(false));
-        m.request(t0, 1, None);
-        m.dialled(t0, ok(direct(1)));
+        let (t0, mut m) = connected(settings(false), direct(1));
         assert_eq!(m.poll_timeout(), None, "a stream is open");
         let t1 = t0 + ms(5000);
         let out = m.stream_ended(t1, 1);
@@ -687,10 +699,7 @@ mod tests {
 
     #[test]
     fn a_client_inside_the_grace_keeps_the_connection() {
-        let t0 = Instant::now();
-        let mut m = Machine::<usize>::new(settings(false));
-        m.request(t0, 1, None);
-        m.dialled(t0, ok(direct(1)));
+        let (t0, mut m) = connected(settings(false), direct(1));
         m.stream_ended(t0 + ms(10), 1);
         let out = m.request(t0 + GRACE - ms(1), 2, None);
         assert_eq!(grants(&out), [(2, 1, 1)]);
@@ -701,10 +710,7 @@ mod tests {
 
     #[test]
     fn a_connection_the_peer_still_uses_gets_another_grace() {
-        let t0 = Instant::now();
-        let mut m = Machine::<usize>::new(settings(false));
-        m.request(t0, 1, None);
-        m.dialled(t0, ok(direct(1)));
+        let (t0, mut m) = connected(settings(false), direct(1));
         m.stream_ended(t0, 1);
         assert!(m.timeout(t0 + GRACE, |_| true).is_empty());
         assert_eq!(m.poll_timeout(), Some(t0 + GRACE * 2));
@@ -745,10 +751,7 @@ mod tests {
 
     #[test]
     fn relayed_without_direct_handshakes_punches_again_every_interval() {
-        let t0 = Instant::now();
-        let mut m = Machine::<usize>::new(settings(false));
-        m.request(t0, 1, None);
-        m.dialled(t0, ok(relayed(1)));
+        let (t0, mut m) = connected(settings(false), relayed(1));
         assert_eq!(m.poll_timeout(), Some(t0 + UPGRADE_EVERY));
         let out = m.timeout(t0 + UPGRADE_EVERY, never_busy);
         assert!(matches!(out[..], [Action::Upgrade]));
@@ -780,10 +783,7 @@ mod tests {
 
     #[test]
     fn a_late_lease_from_an_old_generation_is_ignored() {
-        let t0 = Instant::now();
-        let mut m = Machine::<usize>::new(settings(false));
-        m.request(t0, 1, None);
-        m.dialled(t0, ok(direct(1)));
+        let (t0, mut m) = connected(settings(false), direct(1));
         m.closed(t0 + ms(100), 1);
         assert_eq!(m.path(), None);
         m.request(t0 + ms(200), 2, None);

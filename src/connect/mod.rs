@@ -8,7 +8,7 @@
 //! grace runs out. Dropping every handle ends the task and closes the connection.
 //!
 //! This module holds the handle and the local listeners: each accepted socket becomes a
-//! stream (`tunnel::open` writes the header and picks the layer).
+//! stream; it writes the header, and `runtime::forward` picks the layer the answer names.
 
 mod driver;
 pub mod idle;

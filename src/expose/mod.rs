@@ -12,7 +12,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use quinn::{RecvStream, SendStream};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
@@ -22,8 +22,7 @@ use crate::config::{ServiceName, Target};
 use crate::identity::PeerId;
 use crate::media::MediaMux;
 use crate::protocol::header::{
-    decode_request, encode_response, HeaderError, OpenRequest, OpenResponse, Protocol, Status,
-    MAX_REQUEST_LEN,
+    decode_request, encode_response, OpenResponse, Protocol, Status, MAX_REQUEST_LEN,
 };
 use crate::protocol::{close_code, stream_code};
 use crate::quic::accept::Serve;
@@ -34,7 +33,7 @@ use crate::runtime::forward::forward;
 use crate::runtime::peers::PeerConn;
 use crate::runtime::NodeCtx;
 use crate::runtime::StreamServer;
-use crate::tunnel::framed::{read_frame, ReadFrameError};
+use crate::tunnel::framed::{read_first, ReadFrameError};
 use crate::tunnel::splice::{reset_tcp, Downstream};
 
 /// Who may connect.
@@ -175,23 +174,27 @@ impl Expose {
         media: Arc<MediaMux>,
     ) {
         let _live = self.node.stats.stream();
-        let (req, leftover) =
-            match tokio::time::timeout(self.config.header_timeout, read_request(&mut recv)).await {
-                Ok(Ok(parsed)) => parsed,
-                Ok(Err(ReadFrameError::Invalid(e))) => {
-                    warn!("bad stream header: {e}");
-                    refuse(&mut send, &mut recv, Status::BadRequest, &e.to_string()).await;
-                    let _ = recv.stop(stream_code::BAD_HEADER);
-                    return;
-                }
-                Ok(Err(e)) => return debug!("stream ended before its header: {e}"),
-                Err(_) => {
-                    warn!("no stream header within {:?}", self.config.header_timeout);
-                    let _ = send.reset(stream_code::TIMEOUT);
-                    let _ = recv.stop(stream_code::TIMEOUT);
-                    return;
-                }
-            };
+        let (req, leftover) = match tokio::time::timeout(
+            self.config.header_timeout,
+            read_first(&mut recv, MAX_REQUEST_LEN, decode_request),
+        )
+        .await
+        {
+            Ok(Ok(parsed)) => parsed,
+            Ok(Err(ReadFrameError::Invalid(e))) => {
+                warn!("bad stream header: {e}");
+                refuse(&mut send, &mut recv, Status::BadRequest, &e.to_string()).await;
+                let _ = recv.stop(stream_code::BAD_HEADER);
+                return;
+            }
+            Ok(Err(e)) => return debug!("stream ended before its header: {e}"),
+            Err(_) => {
+                warn!("no stream header within {:?}", self.config.header_timeout);
+                let _ = send.reset(stream_code::TIMEOUT);
+                let _ = recv.stop(stream_code::TIMEOUT);
+                return;
+            }
+        };
         tracing::Span::current().record("service", req.service.as_str());
         let client = req.client_addr.as_deref().unwrap_or("?");
         let permit = self.limit.clone().try_acquire_owned().ok();
@@ -291,15 +294,4 @@ async fn refuse(send: &mut SendStream, recv: &mut RecvStream, status: Status, me
         let _ = send.finish();
     }
     let _ = recv.stop(stream_code::REFUSED);
-}
-
-/// Reads the request header; returns it and the payload bytes read past it.
-async fn read_request(
-    recv: &mut RecvStream,
-) -> Result<(OpenRequest, Bytes), ReadFrameError<HeaderError>> {
-    let mut buf = BytesMut::new();
-    match read_frame(recv, &mut buf, MAX_REQUEST_LEN, decode_request).await? {
-        Some(req) => Ok((req, buf.freeze())),
-        None => Err(ReadFrameError::Truncated),
-    }
 }

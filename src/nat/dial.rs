@@ -14,6 +14,7 @@ use crate::nat::punch::{PathChoice, PunchSchedule};
 use crate::protocol::rendezvous::{relay_bind_packet, PUNCH};
 use crate::quic::path::Path;
 use crate::quic::{DialError, Transport};
+use crate::time::{now, sleep_until_opt};
 
 /// Why no connection came of an introduction.
 #[derive(Debug, thiserror::Error)]
@@ -26,7 +27,6 @@ pub enum DialFailure {
     #[error(transparent)]
     Attempt(DialError),
 }
-use crate::time::{now, sleep_until_opt};
 
 /// When the handshake attempts to each direct candidate start, after the common start time:
 /// the first just after this side's first punch, the second in case that one was lost.

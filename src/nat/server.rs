@@ -170,10 +170,11 @@ impl Rendezvous {
                 ClientMsg::Register { mut local_addrs } => {
                     local_addrs.truncate(MAX_LOCAL_ADDRS);
                     if let Err(e) = self.register(peer, &conn, &tx, local_addrs) {
+                        let message = e.to_string();
                         let _ = tx.try_send(ServerMsg::Error {
-                            message: e.to_string(),
+                            message: message.clone(),
                         });
-                        break e.to_string();
+                        break message;
                     }
                     registered = true;
                 }

@@ -181,8 +181,8 @@ pub struct Transport {
 }
 
 impl Transport {
-    /// Binds the UDP socket at `addr` and starts the endpoint (as a client only; see
-    /// [`Transport::enable_server`]).
+    /// Binds the UDP socket at `addr` and starts the endpoint (as a client only until a role
+    /// is served with [`Transport::serve`]).
     pub fn bind(
         addr: SocketAddr,
         identity: Arc<Identity>,

@@ -34,7 +34,7 @@ pub(crate) struct NodeCtx {
     /// Cancelled when the drain is over: remaining streams are reset.
     pub abort: CancellationToken,
     pub tasks: TaskTracker,
-    /// What serves peers' streams, when the node exposes (weak: the role's tasks own it).
+    /// What serves peers' streams, when the node exposes (weak: the node owns its roles).
     pub server: Arc<OnceLock<Weak<dyn StreamServer>>>,
     /// Every connection with every peer, either direction.
     pub peers: Arc<PeerTable>,

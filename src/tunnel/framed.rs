@@ -3,7 +3,7 @@
 //! (stream header, rendezvous messages); each caps its frame, so this buffers at most one
 //! frame and one chunk. "Need more bytes" (`Ok(None)` from the decoder) is not "invalid".
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use quinn::{ReadError, RecvStream};
 
 /// Why no frame came.
@@ -40,5 +40,20 @@ pub async fn read_frame<T, E>(
             Ok(None) => return Err(ReadFrameError::Truncated),
             Err(e) => return Err(ReadFrameError::Read(e)),
         }
+    }
+}
+
+/// The frame a stream starts with (a stream header), and the bytes read past it (the start
+/// of the payload). A stream that ends before a whole frame is `Truncated`, whether or not
+/// any byte came.
+pub async fn read_first<T, E>(
+    recv: &mut RecvStream,
+    chunk: usize,
+    decode: impl Fn(&[u8]) -> Result<Option<(T, usize)>, E>,
+) -> Result<(T, Bytes), ReadFrameError<E>> {
+    let mut buf = BytesMut::new();
+    match read_frame(recv, &mut buf, chunk, decode).await? {
+        Some(frame) => Ok((frame, buf.freeze())),
+        None => Err(ReadFrameError::Truncated),
     }
 }

@@ -25,7 +25,7 @@ use crate::protocol::header::{
     decode_response, HeaderError, OpenResponse, Protocol, Status, MAX_RESPONSE_LEN,
 };
 use crate::protocol::stream_code;
-use crate::tunnel::framed::{read_frame, ReadFrameError};
+use crate::tunnel::framed::{read_first, ReadFrameError};
 use crate::tunnel::priority::BulkDetector;
 
 /// Bytes read from a socket at a time, and the largest chunk read from a stream.
@@ -320,8 +320,7 @@ pub(crate) async fn read_response(
 }
 
 async fn read_response_header(recv: &mut RecvStream) -> Result<(Protocol, Bytes), Abort> {
-    let mut buf = BytesMut::new();
-    let response = read_frame(recv, &mut buf, MAX_RESPONSE_LEN, decode_response)
+    let (response, first) = read_first(recv, MAX_RESPONSE_LEN, decode_response)
         .await
         .map_err(|e| match e {
             ReadFrameError::Invalid(e) => Abort::BadResponse(e),
@@ -331,17 +330,14 @@ async fn read_response_header(recv: &mut RecvStream) -> Result<(Protocol, Bytes)
             }
         })?;
     match response {
-        Some(OpenResponse {
+        OpenResponse {
             status: Status::Ok,
             protocol,
             ..
-        }) => Ok((protocol, buf.freeze())),
-        Some(OpenResponse {
+        } => Ok((protocol, first)),
+        OpenResponse {
             status, message, ..
-        }) => Err(Abort::Refused { status, message }),
-        None => Err(Abort::Stream(
-            "the peer ended the stream before its response header".into(),
-        )),
+        } => Err(Abort::Refused { status, message }),
     }
 }
 
