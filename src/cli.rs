@@ -14,9 +14,10 @@ use clap::{Args, Parser, Subcommand};
 use tracing::info;
 
 use crate::config::{
-    ConfigError, ConnectRules, Dur, ExposeRules, LocalRule, PeerAddr, RendezvousAddr, RulesFile,
-    ServiceRule,
+    ConfigError, ConnectRules, Dur, ExposeRules, LocalRule, NamedPeer, PeerAddr, PeerName,
+    RendezvousAddr, RulesFile, ServiceName, ServiceRule,
 };
+use crate::connect::router::Router;
 use crate::connect::SessionConfig;
 use crate::expose::{Authorized, ExposeConfig};
 use crate::identity::{default_identity_path, Identity, PeerId};
@@ -126,13 +127,23 @@ struct ConnectArgs {
     #[command(flatten)]
     common: CommonArgs,
     /// The peer, as printed by `tunnel expose`: <peer-id>@<host:port>, or <peer-id> with
-    /// --rendezvous.
+    /// --rendezvous. Its name is `peer`.
     #[arg(value_name = "PEER_ID[@HOST:PORT]")]
     peer: Option<PeerAddr>,
+    /// A named peer, NAME=PEER_ID[@HOST:PORT] (repeat for more); NAME appears in host names
+    /// (`http://SERVICE.NAME.localhost:PORT/`) and in `--local ADDR=SERVICE.NAME`.
+    #[arg(long = "peer", value_name = "NAME=PEER_ID[@HOST:PORT]")]
+    peers: Vec<NamedPeer>,
+    /// Serve every web service of every peer on this address, at
+    /// http://SERVICE.PEER.localhost:PORT/ (and http://SERVICE.localhost:PORT/ while the name
+    /// is unique), with an index at http://localhost:PORT/.
+    #[arg(long, value_name = "ADDR")]
+    http: Option<SocketAddr>,
     /// Find the peer through this rendezvous (hole punching, relay as a fallback).
     #[arg(long, value_name = "HOST:PORT")]
     rendezvous: Option<RendezvousAddr>,
-    /// A local listener, ADDR=SERVICE, e.g. 127.0.0.1:8554=cam (repeat for more).
+    /// A local listener, ADDR=SERVICE, e.g. 127.0.0.1:8554=cam (repeat for more); with
+    /// several peers, ADDR=SERVICE.PEER.
     #[arg(long = "local", value_name = "ADDR=SERVICE")]
     locals: Vec<LocalRule>,
     /// Local UDP address for the QUIC endpoint [default: 0.0.0.0:0].
@@ -359,17 +370,19 @@ async fn connect(args: ConnectArgs) -> Result<(), Failure> {
         .or(rules.drain_timeout)
         .map_or(DEFAULT_DRAIN, |d| d.0);
     let rendezvous = args.rendezvous.clone().or(rules.rendezvous.clone());
-    let (peer, bind, locals, config) = connect_config(&args, file)?;
-    if peer.addr.is_none() && rendezvous.is_none() {
-        return Err(usage(format!(
-            "no address for peer {}: give {}@HOST:PORT, or --rendezvous HOST:PORT",
-            peer.id, peer.id
-        )));
+    let plan = connect_config(&args, file)?;
+    if rendezvous.is_none() {
+        if let Some((name, peer)) = plan.peers.iter().find(|(_, p)| p.addr.is_none()) {
+            return Err(usage(format!(
+                "no address for peer {name} ({}): give {}@HOST:PORT, or --rendezvous HOST:PORT",
+                peer.id, peer.id
+            )));
+        }
     }
 
     // Bind the local ports first: a port in use is the commonest mistake; say so at once.
     let mut listeners = Vec::new();
-    for rule in &locals {
+    for (rule, peer) in &plan.locals {
         let listener = tokio::net::TcpListener::bind(rule.listen)
             .await
             .map_err(|e| {
@@ -380,24 +393,52 @@ async fn connect(args: ConnectArgs) -> Result<(), Failure> {
                 rule.service
             )
             })?;
-        listeners.push((listener, rule.service.clone()));
+        listeners.push((listener, rule.service.clone(), *peer));
     }
-    let node = Node::bind(bind, identity, args.common.tuning())
+    let http = match plan.http {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            anyhow::anyhow!("cannot listen on {addr} for --http: {e}; pick another port")
+        })?),
+        None => None,
+    };
+    let node = Node::bind(plan.bind, identity, args.common.tuning())
         .map_err(|e| anyhow::anyhow!("{e}; choose another address with --bind ADDR"))?;
     info!(peer_id = %node.peer_id(), "this side's peer id (the other side allows it with --allow)");
-    if let (Some(server), None) = (&rendezvous, &peer.addr) {
-        node.register(server.0.clone());
+    if let Some(server) = &rendezvous {
+        if plan.peers.iter().any(|(_, p)| p.addr.is_none()) {
+            node.register(server.0.clone());
+        }
     }
-    let session = node.connect(peer.clone(), config);
-    for (listener, service) in listeners {
+    let sessions: Vec<(String, crate::connect::Session)> = plan
+        .peers
+        .iter()
+        .map(|(name, peer)| {
+            let session = node
+                .connect(peer.clone(), plan.session.clone())
+                .with_name(name.as_str());
+            (name.to_string(), session)
+        })
+        .collect();
+    for (listener, service, peer) in listeners {
         let addr = listener
             .local_addr()
             .context("reading a listener's address")?;
-        println!("{addr} -> {service} on {}", peer.id);
-        node.serve_local(&session, listener, service);
+        let (name, session) = &sessions[peer];
+        println!("{addr} -> {service} on {}", session.peer().id);
+        info!(%addr, %service, peer = %name, "local listener");
+        node.serve_local(session, listener, service);
+    }
+    let router = Arc::new(Router::new(sessions.clone()));
+    if let Some(listener) = http {
+        let addr = listener
+            .local_addr()
+            .context("reading the --http listener's address")?;
+        let port = addr.port();
+        println!("{addr} -> http: index http://localhost:{port}/, services http://SERVICE.PEER.localhost:{port}/");
+        node.serve_http(router.clone(), listener);
     }
 
-    node.run_until_signal(drain, session).await;
+    node.run_until_signal(drain, (sessions, router)).await;
     Ok(())
 }
 
@@ -427,22 +468,52 @@ async fn rendezvous(args: RendezvousArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-type ConnectParts = (PeerAddr, SocketAddr, Vec<LocalRule>, SessionConfig);
+/// What `connect` runs: the named peers, where each local listener goes (by peer index),
+/// the `--http` listener, and the settings every session shares.
+struct ConnectPlan {
+    peers: Vec<(PeerName, PeerAddr)>,
+    bind: SocketAddr,
+    locals: Vec<(LocalRule, usize)>,
+    http: Option<SocketAddr>,
+    session: SessionConfig,
+}
 
-fn connect_config(args: &ConnectArgs, file: ConnectRules) -> Result<ConnectParts, Failure> {
-    let peer = args.peer.clone().or(file.peer).ok_or_else(|| {
-        usage("no peer given: run `tunnel connect PEER_ID@HOST:PORT` (or `PEER_ID --rendezvous HOST:PORT`) as printed by `tunnel expose`, or set peer in [connect]".into())
-    })?;
-    let mut locals = file.local;
-    locals.extend(args.locals.iter().cloned());
-    if locals.is_empty() {
+fn connect_config(args: &ConnectArgs, file: ConnectRules) -> Result<ConnectPlan, Failure> {
+    let mut peers: Vec<(PeerName, PeerAddr)> = Vec::new();
+    let single = args.peer.clone().or(file.peer);
+    let positional = single.is_some();
+    if let Some(peer) = single {
+        peers.push(("peer".parse().expect("a valid name"), peer));
+    }
+    let named = file
+        .peers
+        .into_iter()
+        .chain(args.peers.iter().map(|p| (p.name.clone(), p.peer.clone())));
+    for (name, peer) in named {
+        if let Some((_, other)) = peers.iter().find(|(n, _)| *n == name) {
+            if *other != peer {
+                return Err(usage(format!(
+                    "peer name {name} is given twice (for {other} and {peer}): give each peer its own name"
+                )));
+            }
+            continue;
+        }
+        peers.push((name, peer));
+    }
+    if peers.is_empty() {
+        return Err(usage("no peer given: run `tunnel connect PEER_ID@HOST:PORT` (or `PEER_ID --rendezvous HOST:PORT`) as printed by `tunnel expose`, give --peer NAME=PEER_ID, or set peer/peers in [connect]".into()));
+    }
+    let mut rules = file.local;
+    rules.extend(args.locals.iter().cloned());
+    let http = args.http.or(file.http);
+    if rules.is_empty() && http.is_none() {
         return Err(usage(
-            "no local listener: give --local ADDR=SERVICE, e.g. --local 127.0.0.1:8554=cam".into(),
+            "no local listener: give --local ADDR=SERVICE (e.g. --local 127.0.0.1:8554=cam) or --http ADDR (e.g. --http 127.0.0.1:8080)".into(),
         ));
     }
     let mut seen = BTreeMap::new();
     // (Port 0 asks for any free port: it may appear more than once.)
-    for rule in locals.iter().filter(|r| r.listen.port() != 0) {
+    for rule in rules.iter().filter(|r| r.listen.port() != 0) {
         if let Some(other) = seen.insert(rule.listen, &rule.service) {
             return Err(usage(format!(
                 "{} is given twice (for {other} and {}): each local listener needs its own port",
@@ -450,22 +521,74 @@ fn connect_config(args: &ConnectArgs, file: ConnectRules) -> Result<ConnectParts
             )));
         }
     }
-    let mut config = SessionConfig {
+    if let Some(addr) = http.filter(|a| a.port() != 0) {
+        if let Some(other) = seen.get(&addr) {
+            return Err(usage(format!(
+                "{addr} is given for --http and for {other}: each listener needs its own port"
+            )));
+        }
+    }
+    let mut locals = Vec::new();
+    for rule in rules {
+        let (service, peer) = local_target(&rule.service, &peers, positional)?;
+        locals.push((
+            LocalRule {
+                listen: rule.listen,
+                service,
+            },
+            peer,
+        ));
+    }
+    let mut session = SessionConfig {
         eager: args.eager || file.eager,
         force_relay: args.force_relay,
         ..SessionConfig::default()
     };
     if let Some(d) = args.idle_grace.or(file.idle_grace) {
-        config.idle_grace = d.0;
+        session.idle_grace = d.0;
     }
     if let Some(d) = args.connect_timeout.or(file.connect_timeout) {
-        config.connect_timeout = d.0;
+        session.connect_timeout = d.0;
     }
     let bind = args
         .bind
         .or(file.bind)
         .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
-    Ok((peer, bind, locals, config))
+    Ok(ConnectPlan {
+        peers,
+        bind,
+        locals,
+        http,
+        session,
+    })
+}
+
+/// The service and peer a `--local` rule names: `SERVICE.PEER` when the last label is a
+/// peer's name, else `SERVICE` of the only peer.
+fn local_target(
+    service: &ServiceName,
+    peers: &[(PeerName, PeerAddr)],
+    positional: bool,
+) -> Result<(ServiceName, usize), Failure> {
+    if let Some((name, peer)) = service.as_str().rsplit_once('.') {
+        if let Some(p) = peers.iter().position(|(n, _)| n.as_str() == peer) {
+            let name = name.parse().map_err(usage)?;
+            return Ok((name, p));
+        }
+    }
+    // The single positional peer (named `peer`, listed first) is the short form's.
+    match peers {
+        [_] => Ok((service.clone(), 0)),
+        [(first, _), ..] if positional && first.as_str() == "peer" => Ok((service.clone(), 0)),
+        _ => Err(usage(format!(
+            "--local ...={service}: which peer? write {service}.PEER with one of: {}",
+            peers
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
 }
 
 fn hostname() -> Option<String> {

@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::identity::PeerId;
-use crate::protocol::header::{check_service_name, Protocol, RtspUdp};
+use crate::protocol::header::{check_service_name, HttpService, Protocol, RtspUdp};
 
 /// Problems with the rules file or the flags.
 #[derive(Debug, thiserror::Error)]
@@ -83,12 +83,17 @@ pub struct ExposeRules {
     pub dial_timeout: Option<Dur>,
 }
 
-/// `[connect]`: the remote peer and the local listeners.
+/// `[connect]`: the remote peers and the local listeners.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConnectRules {
-    /// `<peer-id>@<host:port>`.
+    /// `<peer-id>@<host:port>`: one peer, named `peer`.
     pub peer: Option<PeerAddr>,
+    /// Named peers: `home = "<peer-id>"` (with a rendezvous) or `"<peer-id>@<host:port>"`.
+    #[serde(default)]
+    pub peers: BTreeMap<PeerName, PeerAddr>,
+    /// One listener for every web service of every peer, routed by name (`docs/http.md`).
+    pub http: Option<SocketAddr>,
     /// Local UDP address of the QUIC endpoint (default: any address, any port).
     pub bind: Option<SocketAddr>,
     #[serde(default)]
@@ -128,12 +133,43 @@ impl FromStr for ServiceName {
 
 /// A real server: its address `HOST:PORT` (a name or an IP; `[v6]:port`) and what it speaks,
 /// written as the scheme: `HOST:PORT` or `tcp://HOST:PORT` for bytes, `rtsp://HOST:PORT`
-/// for RTSP, `rtsp://HOST:PORT?udp=refuse` to refuse UDP SETUPs (see `docs/rtsp.md`).
-/// In the rules file a table works too: `{ target = "rtsp://HOST:PORT", rtsp_udp = "refuse" }`.
+/// for RTSP, `rtsp://HOST:PORT?udp=refuse` to refuse UDP SETUPs (see `docs/rtsp.md`),
+/// `http://HOST[:PORT]` and `https://HOST[:PORT]` for a web UI (see `docs/http.md`), with
+/// options `?tls_verify=false`, `?pin=sha256:HEX`, `?host_header=NAME`, `?forwarded=true`.
+/// In the rules file a table works too:
+/// `{ target = "https://192.168.1.10", tls_verify = false, host_header = "nas.lan" }`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
     addr: String,
     pub protocol: Protocol,
+    /// How to reach an `http://` or `https://` target's device (`None` for other schemes).
+    pub http: Option<HttpTarget>,
+}
+
+/// The HTTP options of a web UI target.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HttpTarget {
+    /// The device speaks HTTPS: the exposing side holds the TLS session to it.
+    pub tls: bool,
+    /// How the device's certificate is checked (https only).
+    pub verify: DeviceVerify,
+    /// The `Host` the device is sent, instead of the target's own `HOST[:PORT]`.
+    pub host_header: Option<String>,
+    /// Add `X-Forwarded-For/-Proto/-Host` to requests.
+    pub forwarded: bool,
+}
+
+/// How an https device's certificate is checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceVerify {
+    /// Against the system's trusted roots, for the target's host name (the default).
+    #[default]
+    Roots,
+    /// Not at all (`tls_verify = false`): for self-signed devices on a trusted LAN.
+    Off,
+    /// Only this certificate, by the SHA-256 of its DER (`pin = "sha256:..."`, what
+    /// `openssl x509 -noout -fingerprint -sha256` prints); names and dates are not checked.
+    Pin([u8; 32]),
 }
 
 impl Target {
@@ -141,58 +177,215 @@ impl Target {
     pub fn as_str(&self) -> &str {
         &self.addr
     }
+
+    /// The host part of the address (an IPv6 address without its brackets).
+    pub fn host(&self) -> &str {
+        let host = self.addr.rsplit_once(':').map_or(&*self.addr, |(h, _)| h);
+        host.trim_start_matches('[').trim_end_matches(']')
+    }
+
+    /// What the connecting side needs to speak to an HTTP target's device.
+    pub fn http_service(&self) -> Option<HttpService> {
+        let http = self.http.as_ref()?;
+        let default_port = if http.tls { ":443" } else { ":80" };
+        let host = http.host_header.clone().unwrap_or_else(|| {
+            self.addr
+                .strip_suffix(default_port)
+                .unwrap_or(&self.addr)
+                .to_owned()
+        });
+        Some(HttpService {
+            target: self.addr.clone(),
+            host,
+            tls: http.tls,
+            forwarded: http.forwarded,
+        })
+    }
 }
 
 impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.protocol {
-            Protocol::Tcp => f.write_str(&self.addr),
-            Protocol::Rtsp(RtspUdp::Datagram) => write!(f, "rtsp://{}", self.addr),
-            Protocol::Rtsp(RtspUdp::Refuse) => write!(f, "rtsp://{}?udp=refuse", self.addr),
+        match (self.protocol, &self.http) {
+            (Protocol::Tcp, _) => f.write_str(&self.addr),
+            (Protocol::Rtsp(RtspUdp::Datagram), _) => write!(f, "rtsp://{}", self.addr),
+            (Protocol::Rtsp(RtspUdp::Refuse), _) => write!(f, "rtsp://{}?udp=refuse", self.addr),
+            (Protocol::Http, http) => {
+                let http = http.clone().unwrap_or_default();
+                let scheme = if http.tls { "https" } else { "http" };
+                write!(f, "{scheme}://{}", self.addr)?;
+                let mut sep = '?';
+                let mut opt = |f: &mut fmt::Formatter<'_>, text: String| {
+                    let r = write!(f, "{sep}{text}");
+                    sep = '&';
+                    r
+                };
+                match http.verify {
+                    DeviceVerify::Roots => {}
+                    DeviceVerify::Off => opt(f, "tls_verify=false".into())?,
+                    DeviceVerify::Pin(pin) => opt(
+                        f,
+                        format!("pin=sha256:{}", data_encoding::HEXLOWER.encode(&pin)),
+                    )?,
+                }
+                if let Some(host) = &http.host_header {
+                    opt(f, format!("host_header={host}"))?;
+                }
+                if http.forwarded {
+                    opt(f, "forwarded=true".into())?;
+                }
+                Ok(())
+            }
         }
     }
 }
 
+const TARGET_FORMS: &str = "expected HOST:PORT, rtsp://HOST:PORT, http://HOST[:PORT] or \
+                            https://HOST[:PORT], e.g. 127.0.0.1:8080 or rtsp://127.0.0.1:554";
+
 impl FromStr for Target {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let invalid = |why: &str| {
-            format!(
-                "invalid target {s:?}: {why}; expected HOST:PORT or rtsp://HOST:PORT, \
-                 e.g. 127.0.0.1:8080 or rtsp://127.0.0.1:554"
-            )
+        let invalid = |why: &str| format!("invalid target {s:?}: {why}; {TARGET_FORMS}");
+        let (scheme, rest) = match s.split_once("://") {
+            None => ("tcp".to_owned(), s),
+            Some((scheme, rest)) => (scheme.to_ascii_lowercase(), rest),
         };
-        let (protocol, rest) = match s.split_once("://") {
-            None => (Protocol::Tcp, s),
-            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("tcp") => (Protocol::Tcp, rest),
-            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("rtsp") => {
-                (Protocol::Rtsp(RtspUdp::Datagram), rest)
+        let (addr, query) = match rest.split_once('?') {
+            Some((addr, query)) => (addr, Some(query)),
+            None => (rest, None),
+        };
+        let addr = addr.strip_suffix('/').unwrap_or(addr);
+        if addr.contains('/') {
+            return Err(invalid("a path is not part of a target (only HOST:PORT)"));
+        }
+        let default_port = match scheme.as_str() {
+            "http" => Some(80),
+            "https" => Some(443),
+            _ => None,
+        };
+        let addr = match default_port {
+            Some(port)
+                if check_host_port(addr).is_err()
+                    && check_host_port(&format!("{addr}:{port}")).is_ok() =>
+            {
+                format!("{addr}:{port}")
             }
-            Some((scheme, _)) => {
+            _ => addr.to_owned(),
+        };
+        check_host_port(&addr).map_err(invalid)?;
+        let mut target = match scheme.as_str() {
+            "tcp" => Target {
+                addr,
+                protocol: Protocol::Tcp,
+                http: None,
+            },
+            "rtsp" => Target {
+                addr,
+                protocol: Protocol::Rtsp(RtspUdp::Datagram),
+                http: None,
+            },
+            "http" | "https" => Target {
+                addr,
+                protocol: Protocol::Http,
+                http: Some(HttpTarget {
+                    tls: scheme == "https",
+                    ..HttpTarget::default()
+                }),
+            },
+            other => {
                 return Err(invalid(&format!(
-                    "unknown scheme {scheme:?} (this build knows tcp and rtsp)"
+                    "unknown scheme {other:?} (this build knows tcp, rtsp, http and https)"
                 )))
             }
         };
-        let (addr, query) = match rest.split_once('?') {
-            Some((addr, query)) => (addr.trim_end_matches('/'), Some(query)),
-            None => (rest.trim_end_matches('/'), None),
-        };
-        let protocol = match (protocol, query) {
-            (p, None) => p,
-            (Protocol::Rtsp(_), Some(q)) => Protocol::Rtsp(
-                q.strip_prefix("udp=")
-                    .ok_or_else(|| invalid("the only option is ?udp=datagram or ?udp=refuse"))?
-                    .parse()?,
-            ),
-            (Protocol::Tcp, Some(_)) => return Err(invalid("options are for rtsp:// only")),
-        };
-        check_host_port(addr).map_err(invalid)?;
-        Ok(Target {
-            addr: addr.to_owned(),
-            protocol,
-        })
+        for option in query.into_iter().flat_map(|q| q.split('&')) {
+            let (key, value) = option.split_once('=').unwrap_or((option, ""));
+            target.set_option(key, value).map_err(|e| invalid(&e))?;
+        }
+        target.check()
     }
+}
+
+impl Target {
+    /// Sets one option, as named in a URL's query or in the rules file's table form.
+    fn set_option(&mut self, key: &str, value: &str) -> Result<(), String> {
+        let bool_value = || match value {
+            "true" | "1" | "yes" => Ok(true),
+            "false" | "0" | "no" => Ok(false),
+            _ => Err(format!("{key} is true or false, not {value:?}")),
+        };
+        match (key, &mut self.protocol, self.http.as_mut()) {
+            ("udp" | "rtsp_udp", Protocol::Rtsp(mode), _) => *mode = value.parse()?,
+            ("tls_verify", _, Some(http)) => {
+                if matches!(http.verify, DeviceVerify::Pin(_)) {
+                    return Err("give tls_verify or pin, not both".into());
+                }
+                http.verify = if bool_value()? {
+                    DeviceVerify::Roots
+                } else {
+                    DeviceVerify::Off
+                };
+            }
+            ("pin", _, Some(http)) => {
+                if http.verify == DeviceVerify::Off {
+                    return Err("give tls_verify or pin, not both".into());
+                }
+                http.verify = DeviceVerify::Pin(parse_pin(value)?);
+            }
+            ("host_header", _, Some(http)) => {
+                check_host_port(value)
+                    .or_else(|_| check_host_port(&format!("{value}:1")))
+                    .map_err(|why| format!("invalid host_header {value:?}: {why}"))?;
+                http.host_header = Some(value.to_owned());
+            }
+            ("forwarded", _, Some(http)) => http.forwarded = bool_value()?,
+            ("udp" | "rtsp_udp", ..) => {
+                return Err(format!("{key} is for rtsp:// targets only"));
+            }
+            ("tls_verify" | "pin" | "host_header" | "forwarded", ..) => {
+                return Err(format!("{key} is for http:// and https:// targets only"));
+            }
+            _ => {
+                return Err(format!(
+                    "unknown option {key:?} (rtsp:// has udp; http(s):// has tls_verify, pin, \
+                     host_header, forwarded)"
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the options against each other once all are set.
+    fn check(self) -> Result<Self, String> {
+        if let Some(http) = &self.http {
+            if !http.tls && http.verify != DeviceVerify::Roots {
+                return Err(format!(
+                    "invalid target {self}: tls_verify and pin are for https:// targets only"
+                ));
+            }
+        }
+        Ok(self)
+    }
+}
+
+/// `sha256:HEX` (64 hex digits, `:` between bytes allowed, any case).
+fn parse_pin(value: &str) -> Result<[u8; 32], String> {
+    let explain = || {
+        format!(
+            "invalid pin {value:?}: write sha256: and the certificate's 64 hex digits, as \
+             `openssl x509 -noout -fingerprint -sha256` prints them"
+        )
+    };
+    let hex = value
+        .strip_prefix("sha256:")
+        .or_else(|| value.strip_prefix("SHA256:"))
+        .ok_or_else(explain)?
+        .replace(':', "")
+        .to_ascii_lowercase();
+    let bytes = data_encoding::HEXLOWER
+        .decode(hex.as_bytes())
+        .map_err(|_| explain())?;
+    bytes.try_into().map_err(|_| explain())
 }
 
 impl FromStr for RtspUdp {
@@ -216,6 +409,10 @@ impl<'de> Deserialize<'de> for Target {
         struct Table {
             target: String,
             rtsp_udp: Option<String>,
+            tls_verify: Option<bool>,
+            pin: Option<String>,
+            host_header: Option<String>,
+            forwarded: Option<bool>,
         }
         #[derive(Deserialize)]
         #[serde(untagged)]
@@ -224,29 +421,33 @@ impl<'de> Deserialize<'de> for Target {
             Table(Table),
         }
         let form = Form::deserialize(d).map_err(|_| {
-            serde::de::Error::custom(
-                "expected \"HOST:PORT\", \"rtsp://HOST:PORT\" or \
-                 { target = \"rtsp://HOST:PORT\", rtsp_udp = \"datagram\" | \"refuse\" }",
-            )
+            serde::de::Error::custom(format!(
+                "{TARGET_FORMS}; or a table {{ target = \"...\", rtsp_udp = \"refuse\" }} \
+                 (rtsp) or {{ target = \"https://...\", tls_verify = false, pin = \"sha256:...\", \
+                 host_header = \"...\", forwarded = true }} (http, https)"
+            ))
         })?;
-        match form {
-            Form::Text(s) => s.parse().map_err(serde::de::Error::custom),
-            Form::Table(t) => {
-                let mut target: Target = t.target.parse().map_err(serde::de::Error::custom)?;
-                if let Some(mode) = t.rtsp_udp {
-                    let mode: RtspUdp = mode.parse().map_err(serde::de::Error::custom)?;
-                    match target.protocol {
-                        Protocol::Rtsp(_) => target.protocol = Protocol::Rtsp(mode),
-                        Protocol::Tcp => {
-                            return Err(serde::de::Error::custom(
-                                "rtsp_udp is only for rtsp:// targets",
-                            ))
-                        }
-                    }
-                }
-                Ok(target)
+        let table = match form {
+            Form::Text(s) => return s.parse().map_err(serde::de::Error::custom),
+            Form::Table(t) => t,
+        };
+        let mut target: Target = table.target.parse().map_err(serde::de::Error::custom)?;
+        let text = |b: bool| b.to_string();
+        let options = [
+            ("rtsp_udp", table.rtsp_udp),
+            ("tls_verify", table.tls_verify.map(text)),
+            ("pin", table.pin),
+            ("host_header", table.host_header),
+            ("forwarded", table.forwarded.map(text)),
+        ];
+        for (key, value) in options {
+            if let Some(value) = value {
+                target
+                    .set_option(key, &value)
+                    .map_err(serde::de::Error::custom)?;
             }
         }
+        target.check().map_err(serde::de::Error::custom)
     }
 }
 
@@ -311,6 +512,61 @@ impl FromStr for PeerAddr {
     }
 }
 
+/// What the user calls a peer: 1 to 63 of `a-z 0-9 -`, not starting or ending with `-` (a
+/// DNS label: it is part of host names like `nas.home.localhost`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PeerName(String);
+
+impl PeerName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for PeerName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for PeerName {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let valid = (1..=63).contains(&s.len())
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !s.starts_with('-')
+            && !s.ends_with('-');
+        if !valid {
+            return Err(format!(
+                "invalid peer name {s:?}: 1 to 63 of a-z 0-9 - (it becomes part of host names \
+                 like nas.{s}.localhost), e.g. home"
+            ));
+        }
+        Ok(PeerName(s.to_owned()))
+    }
+}
+
+/// `--peer NAME=PEER_ID[@HOST:PORT]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedPeer {
+    pub name: PeerName,
+    pub peer: PeerAddr,
+}
+
+impl FromStr for NamedPeer {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, peer) = s.split_once('=').ok_or_else(|| {
+            format!("invalid peer {s:?}: expected NAME=PEER_ID or NAME=PEER_ID@HOST:PORT, e.g. home=<id printed by tunnel id>")
+        })?;
+        Ok(NamedPeer {
+            name: name.parse()?,
+            peer: peer.parse()?,
+        })
+    }
+}
+
 /// The address of a rendezvous server: `HOST:PORT`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RendezvousAddr(pub String);
@@ -323,7 +579,8 @@ impl FromStr for RendezvousAddr {
     }
 }
 
-/// A local listener: TCP `listen` address → the remote `service`. CLI form `ADDR=SERVICE`.
+/// A local listener: TCP `listen` address → the remote `service`. CLI form `ADDR=SERVICE`;
+/// with several peers `SERVICE.PEER` names the peer.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LocalRule {
@@ -401,7 +658,7 @@ macro_rules! deserialize_via_from_str {
         }
     )*};
 }
-deserialize_via_from_str!(ServiceName, PeerAddr, Dur, RendezvousAddr);
+deserialize_via_from_str!(ServiceName, PeerAddr, PeerName, Dur, RendezvousAddr);
 
 #[cfg(test)]
 mod tests {
@@ -485,6 +742,87 @@ mod tests {
     }
 
     #[test]
+    fn web_targets_take_default_ports_and_their_options() {
+        let plain: Target = "http://192.168.1.10".parse().unwrap();
+        assert_eq!(plain.as_str(), "192.168.1.10:80");
+        assert_eq!(plain.protocol, Protocol::Http);
+        let svc = plain.http_service().unwrap();
+        assert_eq!((svc.host.as_str(), svc.tls), ("192.168.1.10", false));
+        let tls: Target = "https://[fd00::5]/".parse().unwrap();
+        assert_eq!(tls.as_str(), "[fd00::5]:443");
+        assert_eq!(tls.host(), "fd00::5");
+        assert_eq!(tls.http_service().unwrap().host, "[fd00::5]");
+        let odd: Target =
+            "https://cam.lan:8443?tls_verify=false&host_header=cam.lan&forwarded=true"
+                .parse()
+                .unwrap();
+        let http = odd.http.clone().unwrap();
+        assert_eq!(http.verify, DeviceVerify::Off);
+        assert!(http.forwarded);
+        assert_eq!(odd.http_service().unwrap().host, "cam.lan");
+        assert_eq!(
+            odd.to_string().parse::<Target>().unwrap(),
+            odd,
+            "Display round-trips"
+        );
+        let pin = format!("sha256:{}", "AB:".repeat(31) + "AB");
+        let pinned: Target = format!("https://cam.lan?pin={pin}").parse().unwrap();
+        assert_eq!(pinned.http.unwrap().verify, DeviceVerify::Pin([0xab; 32]));
+        for (bad, says) in [
+            ("http://cam.lan?tls_verify=false", "https"),
+            ("https://cam.lan?pin=sha256:abcd", "64 hex"),
+            (
+                &*format!(
+                    "https://cam.lan?pin={}&tls_verify=false",
+                    "sha256:".to_owned() + &"ab".repeat(32)
+                ),
+                "not both",
+            ),
+            ("http://cam.lan/ui", "path"),
+            ("http://cam.lan?udp=refuse", "rtsp"),
+            ("rtsp://cam.lan:554?forwarded=true", "http"),
+            ("http://cam.lan?color=red", "unknown option"),
+        ] {
+            let err = bad.parse::<Target>().unwrap_err();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+        let rules = RulesFile::parse(
+            "[expose.services]\nnas = { target = \"https://10.0.0.2\", tls_verify = false, host_header = \"nas.lan\" }\n",
+        )
+        .unwrap();
+        let nas = &rules.expose.unwrap().services[&"nas".parse::<ServiceName>().unwrap()];
+        assert_eq!(nas.http.as_ref().unwrap().verify, DeviceVerify::Off);
+        let err = RulesFile::parse(
+            "[expose.services]\nnas = { target = \"10.0.0.2:80\", tls_verify = false }\n",
+        )
+        .unwrap_err();
+        assert!(err.contains("line 2") && err.contains("https"), "{err}");
+    }
+
+    #[test]
+    fn peers_are_named_as_host_name_labels() {
+        let id = "a".repeat(32);
+        let p: NamedPeer = format!("home={id}@example.net:4433").parse().unwrap();
+        assert_eq!(p.name.as_str(), "home");
+        assert_eq!(p.peer.addr.as_deref(), Some("example.net:4433"));
+        for bad in ["Home", "-x", "x-", "a.b", ""] {
+            let err = format!("{bad}={id}").parse::<NamedPeer>().unwrap_err();
+            assert!(err.contains("peer name"), "{bad}: {err}");
+        }
+        assert!(id
+            .parse::<NamedPeer>()
+            .unwrap_err()
+            .contains("NAME=PEER_ID"));
+        let rules = RulesFile::parse(&format!(
+            "[connect]\nhttp = \"127.0.0.1:8080\"\n[connect.peers]\nhome = \"{id}\"\nshop = \"{id}@h:1\"\n"
+        ))
+        .unwrap();
+        let connect = rules.connect.unwrap();
+        assert_eq!(connect.peers.len(), 2);
+        assert_eq!(connect.http.unwrap().port(), 8080);
+    }
+
+    #[test]
     fn command_line_forms_parse_and_explain_mistakes() {
         let rule: LocalRule = "127.0.0.1:8554=cam".parse().unwrap();
         assert_eq!(rule.listen.port(), 8554);
@@ -507,8 +845,11 @@ mod tests {
             "tcp://h:1".parse::<Target>().unwrap().protocol,
             Protocol::Tcp
         );
-        let err = "http://h:1".parse::<Target>().unwrap_err();
-        assert!(err.contains("unknown scheme"), "{err}");
+        let err = "ftp://h:1".parse::<Target>().unwrap_err();
+        assert!(
+            err.contains("unknown scheme") && err.contains("https"),
+            "{err}"
+        );
         let err = "rtsp://h:1?udp=maybe".parse::<Target>().unwrap_err();
         assert!(err.contains("refuse"), "{err}");
         let err = "abc@host:1".parse::<PeerAddr>().unwrap_err();

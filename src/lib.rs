@@ -22,6 +22,7 @@ pub mod cli;
 pub mod config;
 pub mod connect;
 pub mod expose;
+pub mod http;
 pub mod identity;
 pub mod media;
 pub mod nat;

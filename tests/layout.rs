@@ -105,7 +105,7 @@ fn the_layers_point_down() {
         &["protocol"],
         &["config", "quic"],
         &["tunnel", "media"],
-        &["rtsp"],
+        &["rtsp", "http"],
         &["runtime"],
         &["nat"],
         &["connect", "expose"],

@@ -40,6 +40,7 @@ fn request(service: &str) -> Vec<u8> {
     encode_request(&OpenRequest {
         service: service.into(),
         client_addr: None,
+        op: Default::default(),
     })
     .unwrap()
 }
@@ -222,10 +223,19 @@ async fn unknown_service_is_refused_with_a_status() {
         resp.message
     );
     // Through a local listener, the client's socket is closed (FIN, not RST) with no data,
-    // even though it sent a request first.
-    let mut tcp = TcpStream::connect(pair.local("nope").await).await.unwrap();
-    tcp.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    // even though it sent something first...
+    let local = pair.local("nope").await;
+    let mut tcp = TcpStream::connect(local).await.unwrap();
+    tcp.write_all(b"hello\r\n").await.unwrap();
     assert_eq!(read_to_end(&mut tcp).await.unwrap(), b"");
+    // ...unless that was an HTTP request: a browser gets a page saying why.
+    let mut tcp = TcpStream::connect(local).await.unwrap();
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let page = String::from_utf8(read_to_end(&mut tcp).await.unwrap()).unwrap();
+    assert!(page.starts_with("HTTP/1.1 502 "), "{page}");
+    assert!(page.contains("no service named"), "{page}");
     pair.shutdown().await;
 }
 

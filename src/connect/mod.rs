@@ -13,6 +13,7 @@
 mod driver;
 pub mod idle;
 pub mod machine;
+pub mod router;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -21,15 +22,19 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use quinn::Connection;
+use quinn::{Connection, RecvStream, SendStream};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn, Instrument};
 
 use crate::config::{PeerAddr, ServiceName};
+use crate::http;
+use crate::http::proxy::{HttpCtx, Key, OpenFailure, Routed, Upstream, Upstreams};
 use crate::identity::PeerId;
 use crate::nat::client::RendezvousClient;
-use crate::protocol::header::{encode_request, OpenRequest, Protocol};
+use crate::protocol::catalog::{self, Catalog};
+use crate::protocol::header::{encode_request, Op, OpenRequest, Protocol, Status};
+use crate::protocol::stream_code;
 use crate::quic::close::describe_close;
 use crate::quic::path::Path;
 use crate::rtsp::policy::Facing;
@@ -102,6 +107,8 @@ impl Drop for StreamLease {
 #[derive(Clone)]
 pub struct Session {
     peer: Arc<PeerAddr>,
+    /// What the user calls the peer (`--peer NAME=ID`), for pages and logs.
+    name: Arc<str>,
     config: Arc<SessionConfig>,
     requests: mpsc::Sender<Reply>,
     node: NodeCtx,
@@ -129,6 +136,7 @@ impl Session {
         let span = tracing::info_span!("session", peer = %peer.id);
         node.tasks.spawn(driver.run(rx).instrument(span));
         Session {
+            name: peer.id.to_string().into(),
             peer: Arc::new(peer),
             config: Arc::new(config),
             requests: tx,
@@ -145,6 +153,47 @@ impl Session {
 
     pub fn peer(&self) -> &PeerAddr {
         &self.peer
+    }
+
+    /// Names the peer (`--peer NAME=ID`) in pages and logs.
+    pub fn with_name(mut self, name: &str) -> Session {
+        self.name = name.into();
+        self
+    }
+
+    /// The services this peer lets us use, asked on a stream of their own.
+    pub(crate) async fn catalog(&self) -> Result<Catalog, String> {
+        let (pc, _lease) = self
+            .acquire_peer_conn()
+            .await
+            .map_err(|e| format!("cannot reach it: {e}"))?;
+        let (mut send, mut recv) = pc.conn.open_bi().await.map_err(|e| describe_close(&e))?;
+        let header = encode_request(&OpenRequest {
+            service: String::new(),
+            client_addr: None,
+            op: Op::Catalog,
+        })
+        .expect("a catalog request always encodes");
+        send.write_chunk(Bytes::from(header))
+            .await
+            .map_err(|e| format!("stream failed: {e}"))?;
+        let _ = send.finish();
+        let (_, first) = read_response(&mut recv, self.config.open_timeout)
+            .await
+            .map_err(|e| match e {
+                Abort::Refused {
+                    status: Status::BadRequest,
+                    ..
+                } => "its version cannot list services (upgrade it)".to_owned(),
+                other => other.to_string(),
+            })?;
+        let rest = recv
+            .read_to_end(catalog::MAX_CATALOG.saturating_sub(first.len()))
+            .await
+            .map_err(|e| format!("reading its catalog: {e}"))?;
+        let mut all = first.to_vec();
+        all.extend_from_slice(&rest);
+        catalog::decode(&all).map_err(|e| e.to_string())
     }
 
     /// The live connection (dialled now if there is none) and a lease on its idle count.
@@ -198,37 +247,42 @@ impl Session {
     async fn serve_client(self, tcp: TcpStream, client: SocketAddr, service: ServiceName) {
         let _live = self.node.stats.stream();
         let _ = tcp.set_nodelay(true);
+        let known = self.protocols().get(&service).copied();
+        if known == Some(Protocol::Http) {
+            // Streams are opened per request by the HTTP layer.
+            return self.serve_http(tcp, client, service, None).await;
+        }
         // Answered by the session's dial deadline at the latest (`connect_timeout`).
-        let (pc, _lease) = match self.acquire_peer_conn().await {
+        let (pc, lease) = match self.acquire_peer_conn().await {
             Ok(pair) => pair,
             Err(e) => return warn!("closing the client: cannot reach peer {}: {e}", self.peer),
         };
-        // Waits while the peer's limit of concurrent streams is reached: backpressure.
-        let (mut send, mut recv) = match pc.conn.open_bi().await {
+        let (mut send, mut recv) = match self.open_bi(&pc, &service, client).await {
             Ok(pair) => pair,
-            Err(e) => return warn!("closing the client: {}", describe_close(&e)),
+            Err(e) => return warn!("closing the client: {e}"),
         };
-        tracing::Span::current().record("stream", u64::from(send.id()));
-        let header = encode_request(&OpenRequest {
-            service: service.as_str().to_owned(),
-            client_addr: Some(client.to_string()),
-        })
-        .expect("service names are validated when the rules are read");
-        if let Err(e) = send.write_chunk(Bytes::from(header)).await {
-            return warn!("closing the client: stream failed: {e}");
-        }
         let limit = self.config.open_timeout;
         // The service's protocol picks the layer: known from an earlier stream, the
         // response is read alongside; else it is read before the client's bytes are.
-        let known = self.protocols().get(&service).copied();
         let (protocol, downstream) = match known {
             Some(expect) => (expect, Downstream::AwaitResponse { limit, expect }),
             None => match read_response(&mut recv, limit).await {
-                Ok((protocol, first)) => {
-                    self.protocols().insert(service.clone(), protocol);
-                    (protocol, Downstream::Payload(first))
+                Ok((response, first)) => {
+                    self.protocols().insert(service.clone(), response.protocol);
+                    if let (Protocol::Http, Some(http)) = (response.protocol, response.http) {
+                        let upstream = Upstream {
+                            send,
+                            recv,
+                            first,
+                            http,
+                            hold: Box::new(lease),
+                        };
+                        return self.serve_http(tcp, client, service, Some(upstream)).await;
+                    }
+                    (response.protocol, Downstream::Payload(first))
                 }
                 Err(abort) => {
+                    answer_http_client(&tcp, &abort).await;
                     let report = abandoned(abort, &tcp, &mut send, &mut recv);
                     return self.log_report(&service, report);
                 }
@@ -244,7 +298,122 @@ impl Session {
             &self.node,
         )
         .await;
+        drop(lease);
         self.log_report(&service, report);
+    }
+
+    /// Opens a stream on `pc` and writes its header for `service`. Waits while the peer's
+    /// limit of concurrent streams is reached: backpressure.
+    async fn open_bi(
+        &self,
+        pc: &PeerConn,
+        service: &ServiceName,
+        client: SocketAddr,
+    ) -> Result<(SendStream, RecvStream), String> {
+        let (mut send, recv) = pc.conn.open_bi().await.map_err(|e| describe_close(&e))?;
+        tracing::Span::current().record("stream", u64::from(send.id()));
+        let header = encode_request(&OpenRequest {
+            service: service.as_str().to_owned(),
+            client_addr: Some(client.to_string()),
+            op: Op::Open,
+        })
+        .expect("service names are validated when the rules are read");
+        send.write_chunk(Bytes::from(header))
+            .await
+            .map_err(|e| format!("stream failed: {e}"))?;
+        Ok((send, recv))
+    }
+
+    /// The HTTP layer for one client of an `http` service on a `--local` port.
+    async fn serve_http(
+        self,
+        tcp: TcpStream,
+        client: SocketAddr,
+        service: ServiceName,
+        first: Option<Upstream>,
+    ) {
+        let key = Key {
+            peer: self.name.to_string(),
+            service: service.as_str().to_owned(),
+        };
+        let ctx = HttpCtx {
+            stop: self.node.stop.clone(),
+            abort: self.node.abort.clone(),
+            tasks: self.node.tasks.clone(),
+        };
+        let first = first.map(|u| (key.clone(), u));
+        let route = Arc::new(OneService { session: self, key });
+        http::proxy::serve(tcp, client, route, first, &ctx).await;
+    }
+
+    /// A stream to an HTTP service, its response header read: what the HTTP layer asks for
+    /// each time a request goes to another service.
+    pub(crate) async fn open_http(
+        &self,
+        service: &str,
+        client: SocketAddr,
+    ) -> Result<Upstream, OpenFailure> {
+        let fail = |status, message: String| OpenFailure { status, message };
+        let name: ServiceName = service.parse().map_err(|e: String| fail(404, e))?;
+        let (pc, lease) = self.acquire_peer_conn().await.map_err(|e| {
+            let status = match e {
+                ConnectError::Timeout(_) | ConnectError::NoPath { .. } => 504,
+                _ => 502,
+            };
+            fail(status, format!("cannot reach peer {}: {e}", self.name))
+        })?;
+        let (mut send, mut recv) = self
+            .open_bi(&pc, &name, client)
+            .await
+            .map_err(|e| fail(502, format!("peer {}: {e}", self.name)))?;
+        let (response, first) = match read_response(&mut recv, self.config.open_timeout).await {
+            Ok(pair) => pair,
+            Err(abort) => {
+                let _ = send.reset(abort.code());
+                let _ = recv.stop(abort.code());
+                let status = match &abort {
+                    Abort::Refused {
+                        status: Status::UnknownService,
+                        ..
+                    } => 404,
+                    Abort::Refused {
+                        status: Status::Busy,
+                        ..
+                    } => 503,
+                    _ => 502,
+                };
+                let why = match abort {
+                    Abort::Refused { message, .. } => message,
+                    other => other.to_string(),
+                };
+                return Err(fail(
+                    status,
+                    format!("service {service} of peer {}: {why}", self.name),
+                ));
+            }
+        };
+        self.protocols().insert(name, response.protocol);
+        match (response.protocol, response.http) {
+            (Protocol::Http, Some(http)) => Ok(Upstream {
+                send,
+                recv,
+                first,
+                http,
+                hold: Box::new(lease),
+            }),
+            (other, _) => {
+                let _ = send.reset(stream_code::REFUSED);
+                let _ = recv.stop(stream_code::REFUSED);
+                Err(fail(
+                    502,
+                    format!(
+                        "service {service} of peer {} speaks {other}, not http: declare it as \
+                         http://HOST:PORT on the exposing side, or reach it with --local",
+                        self.name
+                    ),
+                ))
+            }
+        }
     }
 
     /// Each service's protocol, as the exposing side last answered.
@@ -277,4 +446,85 @@ impl Session {
             ),
         }
     }
+}
+
+/// The route of a `--local` port of an HTTP service: every request goes to it.
+struct OneService {
+    session: Session,
+    key: Key,
+}
+
+impl Upstreams for OneService {
+    async fn route(&self, _host: Option<&str>) -> Routed {
+        Routed::To(self.key.clone())
+    }
+
+    async fn open(&self, key: &Key, client: SocketAddr) -> Result<Upstream, OpenFailure> {
+        self.session.open_http(&key.service, client).await
+    }
+}
+
+/// Serves `--http`: each accepted client gets the HTTP layer, routed by `router`. Runs until
+/// the node stops accepting.
+pub(crate) async fn serve_router(
+    router: Arc<router::Router>,
+    listener: TcpListener,
+    node: NodeCtx,
+) {
+    let local = listener
+        .local_addr()
+        .map_or_else(|e| e.to_string(), |a| a.to_string());
+    info!(%local, "listening for web services");
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            () = node.stop.cancelled() => break,
+        };
+        match accepted {
+            Ok((tcp, client)) => {
+                let _ = tcp.set_nodelay(true);
+                let router = router.clone();
+                let ctx = HttpCtx {
+                    stop: node.stop.clone(),
+                    abort: node.abort.clone(),
+                    tasks: node.tasks.clone(),
+                };
+                let live = node.stats.stream();
+                let span = tracing::info_span!("http", %client);
+                node.tasks.spawn(
+                    async move {
+                        http::proxy::serve(tcp, client, router, None, &ctx).await;
+                        drop(live);
+                    }
+                    .instrument(span),
+                );
+            }
+            Err(e) => {
+                error!(%local, "accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    debug!(%local, "listener closed");
+}
+
+/// When a refused or failed open leaves a client whose first bytes are an HTTP request (a
+/// browser on the `--local` port of a service whose protocol is not known yet), answers it
+/// with an error page saying why, instead of a bare close.
+async fn answer_http_client(tcp: &TcpStream, abort: &Abort) {
+    let mut buf = vec![0u8; 8192];
+    let peeked = tokio::time::timeout(Duration::from_millis(200), tcp.peek(&mut buf)).await;
+    let Ok(Ok(n)) = peeked else { return };
+    if !matches!(crate::protocol::http::parse_request(&buf[..n]), Ok(Some(_))) {
+        return;
+    }
+    let (status, why) = match abort {
+        Abort::Refused {
+            status: Status::Busy,
+            message,
+        } => (503, message.clone()),
+        Abort::Refused { message, .. } => (502, message.clone()),
+        other => (502, other.to_string()),
+    };
+    let _ = crate::tunnel::splice::write_tcp(tcp, &http::pages::error(status, &why)).await;
 }

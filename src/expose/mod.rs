@@ -6,7 +6,7 @@
 
 pub mod admit;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -19,10 +19,12 @@ use tokio::sync::Semaphore;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::config::{ServiceName, Target};
+use crate::http::device::{self, DeviceTlsError};
 use crate::identity::PeerId;
 use crate::media::MediaMux;
+use crate::protocol::catalog::{self, Catalog, Entry};
 use crate::protocol::header::{
-    decode_request, encode_response, OpenResponse, Protocol, Status, MAX_REQUEST_LEN,
+    decode_request, encode_response, Op, OpenResponse, Protocol, Status, MAX_REQUEST_LEN,
 };
 use crate::protocol::{close_code, stream_code};
 use crate::quic::accept::Serve;
@@ -34,7 +36,7 @@ use crate::runtime::peers::PeerConn;
 use crate::runtime::NodeCtx;
 use crate::runtime::StreamServer;
 use crate::tunnel::framed::{read_first, ReadFrameError};
-use crate::tunnel::splice::{reset_tcp, Downstream};
+use crate::tunnel::splice::{reset_tcp, splice_io, Downstream};
 
 /// Who may connect.
 #[derive(Debug, Clone)]
@@ -83,6 +85,14 @@ pub(crate) struct Expose {
     config: ExposeConfig,
     limit: Arc<Semaphore>,
     node: NodeCtx,
+    /// The TLS settings of each `https://` service, made once at start.
+    device_tls: HashMap<String, Arc<rustls::ClientConfig>>,
+}
+
+/// The real server's end of a stream: a socket, or a TLS session over one.
+enum DeviceIo {
+    Tcp(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
 impl Serve for Expose {
@@ -106,12 +116,23 @@ impl StreamServer for Expose {
 }
 
 impl Expose {
-    pub(crate) fn new(config: ExposeConfig, node: NodeCtx) -> Arc<Self> {
-        Arc::new(Expose {
+    /// Fails when an `https://` service's certificate check cannot be set up (no system roots).
+    pub(crate) fn new(config: ExposeConfig, node: NodeCtx) -> Result<Arc<Self>, DeviceTlsError> {
+        let mut device_tls = HashMap::new();
+        for (name, target) in &config.services {
+            if let Some(http) = target.http.as_ref().filter(|h| h.tls) {
+                device_tls.insert(
+                    name.as_str().to_owned(),
+                    device::client_config(http.verify)?,
+                );
+            }
+        }
+        Ok(Arc::new(Expose {
             limit: Arc::new(Semaphore::new(config.max_streams)),
             config,
             node,
-        })
+            device_tls,
+        }))
     }
 
     /// An accepted connection (the handshake is done): an allowed peer's streams are served.
@@ -195,6 +216,9 @@ impl Expose {
                 return;
             }
         };
+        if req.op == Op::Catalog {
+            return self.answer_catalog(&mut send, &mut recv).await;
+        }
         tracing::Span::current().record("service", req.service.as_str());
         let client = req.client_addr.as_deref().unwrap_or("?");
         let permit = self.limit.clone().try_acquire_owned().ok();
@@ -249,29 +273,61 @@ impl Expose {
             }
         };
         let _ = tcp.set_nodelay(true);
+        let io = match self.device_tls.get(req.service.as_str()) {
+            None => DeviceIo::Tcp(tcp),
+            Some(tls) => {
+                let handshake =
+                    device::connect(tcp, target.host(), tls.clone(), self.config.dial_timeout);
+                let done = tokio::select! {
+                    r = handshake => r,
+                    () = self.node.abort.cancelled() => {
+                        let _ = send.reset(stream_code::SHUTDOWN);
+                        let _ = recv.stop(stream_code::SHUTDOWN);
+                        return debug!("shut down during the TLS handshake with the service");
+                    }
+                };
+                match done {
+                    Ok(tls) => DeviceIo::Tls(Box::new(tls)),
+                    Err(e) => {
+                        warn!(client, %target, "no TLS session with the service: {e}");
+                        let msg = format!("the service {:?}: {e}", req.service);
+                        return refuse(&mut send, &mut recv, Status::TargetRefused, &msg).await;
+                    }
+                }
+            }
+        };
         let ok = encode_response(&OpenResponse {
             status: Status::Ok,
             message: String::new(),
             protocol: target.protocol,
+            http: target.http_service(),
         });
         if let Err(e) = send.write_chunk(Bytes::from(ok)).await {
             // The client is gone already: the real server sees an abort, as it would have.
-            reset_tcp(&tcp);
+            if let DeviceIo::Tcp(tcp) = &io {
+                reset_tcp(tcp);
+            }
             let _ = recv.stop(stream_code::ABORTED);
             return debug!("peer went away before the response: {e}");
         }
         debug!(client, %target, "stream open");
         let downstream = Downstream::Payload(leftover);
-        let stream = (tcp, send, recv);
-        let report = forward(
-            target.protocol,
-            Facing::Server,
-            stream,
-            downstream,
-            &media,
-            &self.node,
-        )
-        .await;
+        let report = match io {
+            DeviceIo::Tcp(tcp) => {
+                forward(
+                    target.protocol,
+                    Facing::Server,
+                    (tcp, send, recv),
+                    downstream,
+                    &media,
+                    &self.node,
+                )
+                .await
+            }
+            DeviceIo::Tls(tls) => {
+                splice_io(tls, send, recv, downstream, self.node.abort.clone()).await
+            }
+        };
         match report.abort {
             None => debug!(up = report.down, down = report.up, "stream closed"),
             Some(abort) => info!(
@@ -281,6 +337,34 @@ impl Expose {
             ),
         }
     }
+
+    /// Answers a catalog request: the services this peer may use, then the end of the stream.
+    async fn answer_catalog(&self, send: &mut SendStream, recv: &mut RecvStream) {
+        let catalog = Catalog {
+            services: self
+                .config
+                .services
+                .iter()
+                .map(|(name, target)| Entry {
+                    name: name.as_str().to_owned(),
+                    protocol: target.protocol.into(),
+                })
+                .collect(),
+        };
+        let ok = encode_response(&OpenResponse {
+            status: Status::Ok,
+            message: String::new(),
+            protocol: Protocol::Tcp,
+            http: None,
+        });
+        let mut wire = ok;
+        wire.extend_from_slice(&catalog::encode(&catalog));
+        let _ = recv.stop(stream_code::REFUSED);
+        if send.write_chunk(Bytes::from(wire)).await.is_ok() {
+            let _ = send.finish();
+        }
+        debug!(services = catalog.services.len(), "catalog sent");
+    }
 }
 
 /// Answers a refusal and ends the stream: the status, a FIN, and no more reading.
@@ -289,6 +373,7 @@ async fn refuse(send: &mut SendStream, recv: &mut RecvStream, status: Status, me
         status,
         message: message.to_owned(),
         protocol: Protocol::Tcp,
+        http: None,
     });
     if send.write_chunk(Bytes::from(resp)).await.is_ok() {
         let _ = send.finish();

@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 use tracing::info;
 
 use crate::config::{PeerAddr, ServiceName};
+use crate::connect::router::Router;
 use crate::connect::{Session, SessionConfig};
 use crate::expose::{Authorized, Expose, ExposeConfig};
 use crate::identity::{Identity, PeerId};
@@ -90,7 +91,8 @@ impl Node {
                 "--allow-any: ANY peer that can reach this port may use every exposed service"
             );
         }
-        let expose = Expose::new(config, self.ctx.clone());
+        let expose = Expose::new(config, self.ctx.clone())
+            .map_err(|e| TransportError::Quic(e.to_string()))?;
         let server: Arc<dyn StreamServer> = expose.clone();
         if self.ctx.server.set(Arc::downgrade(&server)).is_err() {
             return Err(TransportError::Quic("this node exposes already".into()));
@@ -165,6 +167,15 @@ impl Node {
         self.ctx
             .tasks
             .spawn(session.clone().serve_local(listener, service));
+    }
+
+    /// Serves `--http`: every web service of the router's peers on one listener.
+    pub fn serve_http(&self, router: Arc<Router>, listener: TcpListener) {
+        self.ctx.tasks.spawn(crate::connect::serve_router(
+            router,
+            listener,
+            self.ctx.clone(),
+        ));
     }
 
     /// Drains and stops: stop accepting, let live streams finish for up to `drain`, reset the

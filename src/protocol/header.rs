@@ -28,8 +28,13 @@ pub const MAX_RESPONSE_LEN: usize = 2 + 2 + MAX_MESSAGE_LEN + 2 + MAX_EXT_LEN;
 
 /// Request extension: the local client's socket address, as text, for the exposing side's logs.
 const EXT_CLIENT_ADDR: u8 = 1;
+/// Request extension: what the request asks for, `op:u8` ([`Op`]); absent means [`Op::Open`].
+const EXT_OP: u8 = 2;
 /// Response extension: the service's protocol, `kind:u8 | rtsp_udp:u8` (see [`Protocol`]).
 const EXT_PROTOCOL: u8 = 1;
+/// Response extension of an HTTP service ([`HttpService`]):
+/// `flags:u8 | target_len:u8 | target | host_len:u8 | host`, flags bit 0 = TLS, bit 1 = forwarded.
+const EXT_HTTP: u8 = 2;
 
 /// What a service speaks, declared on the exposing side and learned by the connecting side
 /// from the response: it picks the layer between the socket and the stream.
@@ -40,6 +45,9 @@ pub enum Protocol {
     Tcp,
     /// RTSP 1.0 (`docs/rtsp.md`): UDP SETUPs are carried as QUIC datagrams or refused.
     Rtsp(RtspUdp),
+    /// HTTP/1.1 (`docs/http.md`): the connecting side reads every request and response head
+    /// and rewrites names; the response's [`HttpService`] says how.
+    Http,
 }
 
 /// What the RTSP layer does with a SETUP that asks for RTP over UDP.
@@ -58,6 +66,7 @@ impl Protocol {
             Protocol::Tcp => [0, 0],
             Protocol::Rtsp(RtspUdp::Datagram) => [1, 0],
             Protocol::Rtsp(RtspUdp::Refuse) => [1, 1],
+            Protocol::Http => [2, 0],
         }
     }
 
@@ -66,6 +75,7 @@ impl Protocol {
         match value {
             [1, 1, ..] => Protocol::Rtsp(RtspUdp::Refuse),
             [1, ..] => Protocol::Rtsp(RtspUdp::Datagram),
+            [2, ..] => Protocol::Http,
             _ => Protocol::Tcp,
         }
     }
@@ -77,8 +87,81 @@ impl fmt::Display for Protocol {
             Protocol::Tcp => f.write_str("tcp"),
             Protocol::Rtsp(RtspUdp::Datagram) => f.write_str("rtsp (udp as datagrams)"),
             Protocol::Rtsp(RtspUdp::Refuse) => f.write_str("rtsp (udp refused)"),
+            Protocol::Http => f.write_str("http"),
         }
     }
+}
+
+/// How the connecting side speaks to an HTTP service's device, sent with every open of one.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HttpService {
+    /// The device's authority as the exposing side's rules name it (`192.168.1.10:80`):
+    /// responses that point the browser there are rewritten to the local name.
+    pub target: String,
+    /// The `Host` the device is sent (the target's, or the rules' `host_header`).
+    pub host: String,
+    /// The device speaks HTTPS (the exposing side holds the TLS session).
+    pub tls: bool,
+    /// Add `X-Forwarded-For/-Proto/-Host` to requests.
+    pub forwarded: bool,
+}
+
+/// Longest [`HttpService`] name field.
+pub const MAX_HTTP_NAME: usize = 255;
+
+impl HttpService {
+    fn encode(&self) -> Vec<u8> {
+        let flags = u8::from(self.tls) | u8::from(self.forwarded) << 1;
+        let target = clip(&self.target, MAX_HTTP_NAME);
+        let host = clip(&self.host, MAX_HTTP_NAME);
+        let mut out = vec![flags, target.len() as u8];
+        out.extend_from_slice(target.as_bytes());
+        out.push(host.len() as u8);
+        out.extend_from_slice(host.as_bytes());
+        out
+    }
+
+    fn decode(value: &[u8]) -> Result<HttpService, HeaderError> {
+        let mut cur = Cursor { buf: value, pos: 0 };
+        let text = |cur: &mut Cursor<'_>| {
+            let len = cur.u8().ok_or(HeaderError::MalformedExtensions)?;
+            let bytes = cur
+                .bytes(len as usize)
+                .ok_or(HeaderError::MalformedExtensions)?;
+            std::str::from_utf8(bytes)
+                .map(str::to_owned)
+                .map_err(|_| HeaderError::NotUtf8)
+        };
+        let flags = cur.u8().ok_or(HeaderError::MalformedExtensions)?;
+        let target = text(&mut cur)?;
+        let host = text(&mut cur)?;
+        Ok(HttpService {
+            target,
+            host,
+            tls: flags & 1 != 0,
+            forwarded: flags & 2 != 0,
+        })
+    }
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
+fn clip(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// What a request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Op {
+    /// A stream to the service: payload follows the response.
+    #[default]
+    Open,
+    /// The list of services this peer may use (`protocol::catalog`), then the end of the
+    /// stream. The service name is empty.
+    Catalog,
 }
 
 /// What the opener of a stream asks for.
@@ -88,6 +171,7 @@ pub struct OpenRequest {
     pub service: String,
     /// The address of the client socket on the connecting side, for logs only.
     pub client_addr: Option<String>,
+    pub op: Op,
 }
 
 /// How the exposing side answers an [`OpenRequest`].
@@ -157,6 +241,8 @@ pub struct OpenResponse {
     pub message: String,
     /// The service's protocol (meaningful when `status` is `Ok`).
     pub protocol: Protocol,
+    /// How to speak to the device of an HTTP service (with `Protocol::Http`).
+    pub http: Option<HttpService>,
 }
 
 /// Why bytes are not a valid header. These never become valid with more bytes.
@@ -273,19 +359,25 @@ pub fn decode_request(buf: &[u8]) -> Result<Option<(OpenRequest, usize)>, Header
     }
     let name = need!(cur.bytes(name_len));
     let service = std::str::from_utf8(name).map_err(|_| HeaderError::InvalidService)?;
-    check_service_name(service)?;
     let ext = need!(read_ext(&mut cur)?);
     let mut client_addr = None;
+    let mut op = Op::Open;
     for (kind, value) in parse_extensions(ext)? {
-        if kind == EXT_CLIENT_ADDR {
-            let text = std::str::from_utf8(value).map_err(|_| HeaderError::NotUtf8)?;
-            client_addr = Some(text.to_owned());
+        match kind {
+            EXT_CLIENT_ADDR => {
+                let text = std::str::from_utf8(value).map_err(|_| HeaderError::NotUtf8)?;
+                client_addr = Some(text.to_owned());
+            }
+            EXT_OP => op = Op::decode(value)?,
+            _ => {}
         }
     }
+    check_name_for(op, service)?;
     Ok(Some((
         OpenRequest {
             service: service.to_owned(),
             client_addr,
+            op,
         },
         cur.pos,
     )))
@@ -293,10 +385,13 @@ pub fn decode_request(buf: &[u8]) -> Result<Option<(OpenRequest, usize)>, Header
 
 /// Encodes a request. Fails if a field is over its limit, so nothing sent is undecodable.
 pub fn encode_request(req: &OpenRequest) -> Result<Vec<u8>, HeaderError> {
-    check_service_name(&req.service)?;
+    check_name_for(req.op, &req.service)?;
     let mut ext = Vec::new();
     if let Some(addr) = &req.client_addr {
         push_ext(&mut ext, EXT_CLIENT_ADDR, addr.as_bytes());
+    }
+    if req.op != Op::Open {
+        push_ext(&mut ext, EXT_OP, &[req.op.code()]);
     }
     if ext.len() > MAX_EXT_LEN {
         return Err(HeaderError::ExtensionsTooLong(ext.len()));
@@ -308,6 +403,33 @@ pub fn encode_request(req: &OpenRequest) -> Result<Vec<u8>, HeaderError> {
     out.extend_from_slice(&(ext.len() as u16).to_be_bytes());
     out.extend_from_slice(&ext);
     Ok(out)
+}
+
+/// An open names a valid service; a catalog request names none.
+fn check_name_for(op: Op, service: &str) -> Result<(), HeaderError> {
+    match op {
+        Op::Open => check_service_name(service),
+        Op::Catalog if service.is_empty() => Ok(()),
+        Op::Catalog => Err(HeaderError::MalformedExtensions),
+    }
+}
+
+impl Op {
+    fn code(self) -> u8 {
+        match self {
+            Op::Open => 0,
+            Op::Catalog => 1,
+        }
+    }
+
+    /// An operation this build does not know is refused, not guessed at.
+    fn decode(value: &[u8]) -> Result<Op, HeaderError> {
+        match value {
+            [0] => Ok(Op::Open),
+            [1] => Ok(Op::Catalog),
+            _ => Err(HeaderError::MalformedExtensions),
+        }
+    }
 }
 
 fn push_ext(ext: &mut Vec<u8>, kind: u8, value: &[u8]) {
@@ -331,9 +453,12 @@ pub fn decode_response(buf: &[u8]) -> Result<Option<(OpenResponse, usize)>, Head
         .to_owned();
     let ext = need!(read_ext(&mut cur)?);
     let mut protocol = Protocol::Tcp;
+    let mut http = None;
     for (kind, value) in parse_extensions(ext)? {
-        if kind == EXT_PROTOCOL {
-            protocol = Protocol::decode(value);
+        match kind {
+            EXT_PROTOCOL => protocol = Protocol::decode(value),
+            EXT_HTTP => http = Some(HttpService::decode(value)?),
+            _ => {}
         }
     }
     Ok(Some((
@@ -341,6 +466,7 @@ pub fn decode_response(buf: &[u8]) -> Result<Option<(OpenResponse, usize)>, Head
             status,
             message,
             protocol,
+            http,
         },
         cur.pos,
     )))
@@ -348,11 +474,7 @@ pub fn decode_response(buf: &[u8]) -> Result<Option<(OpenResponse, usize)>, Head
 
 /// Encodes a response. A message over the limit is cut at a character boundary.
 pub fn encode_response(resp: &OpenResponse) -> Vec<u8> {
-    let mut end = resp.message.len().min(MAX_MESSAGE_LEN);
-    while !resp.message.is_char_boundary(end) {
-        end -= 1;
-    }
-    let message = &resp.message.as_bytes()[..end];
+    let message = clip(&resp.message, MAX_MESSAGE_LEN).as_bytes();
     let mut out = Vec::with_capacity(6 + message.len());
     out.push(VERSION);
     out.push(resp.status.code());
@@ -361,6 +483,9 @@ pub fn encode_response(resp: &OpenResponse) -> Vec<u8> {
     let mut ext = Vec::new();
     if resp.protocol != Protocol::Tcp {
         push_ext(&mut ext, EXT_PROTOCOL, &resp.protocol.encode());
+    }
+    if let Some(http) = &resp.http {
+        push_ext(&mut ext, EXT_HTTP, &http.encode());
     }
     out.extend_from_slice(&(ext.len() as u16).to_be_bytes());
     out.extend_from_slice(&ext);
@@ -381,7 +506,7 @@ mod tests {
         fn request_round_trips(service in service_name(),
                                client_addr in proptest::option::of(".{0,60}"),
                                payload in proptest::collection::vec(any::<u8>(), 0..64)) {
-            let req = OpenRequest { service, client_addr };
+            let req = OpenRequest { service, client_addr, op: Op::Open };
             let mut bytes = encode_request(&req).unwrap();
             let header_len = bytes.len();
             bytes.extend_from_slice(&payload);
@@ -395,9 +520,11 @@ mod tests {
         }
 
         #[test]
-        fn response_round_trips(code in any::<u8>(), message in ".{0,100}", proto in 0u8..3) {
-            let protocol = [Protocol::Tcp, Protocol::Rtsp(RtspUdp::Datagram), Protocol::Rtsp(RtspUdp::Refuse)][proto as usize];
-            let resp = OpenResponse { status: Status::from_code(code), message, protocol };
+        fn response_round_trips(code in any::<u8>(), message in ".{0,100}", proto in 0u8..4,
+                                http in proptest::option::of((".{0,80}", ".{0,80}", any::<bool>(), any::<bool>()))) {
+            let protocol = [Protocol::Tcp, Protocol::Rtsp(RtspUdp::Datagram), Protocol::Rtsp(RtspUdp::Refuse), Protocol::Http][proto as usize];
+            let http = http.map(|(target, host, tls, forwarded)| HttpService { target, host, tls, forwarded });
+            let resp = OpenResponse { status: Status::from_code(code), message, protocol, http };
             let bytes = encode_response(&resp);
             let (decoded, used) = decode_response(&bytes).unwrap().unwrap();
             prop_assert_eq!(used, bytes.len());
@@ -452,6 +579,7 @@ mod tests {
         let long = OpenRequest {
             service: "x".repeat(65),
             client_addr: None,
+            op: Op::Open,
         };
         assert_eq!(encode_request(&long), Err(HeaderError::ServiceTooLong(65)));
     }
@@ -472,11 +600,55 @@ mod tests {
     }
 
     #[test]
+    fn a_catalog_request_names_no_service_and_an_open_one_must() {
+        let catalog = OpenRequest {
+            service: String::new(),
+            client_addr: None,
+            op: Op::Catalog,
+        };
+        let wire = encode_request(&catalog).unwrap();
+        assert_eq!(decode_request(&wire).unwrap().unwrap().0, catalog);
+        let named = OpenRequest {
+            service: "cam".into(),
+            ..catalog.clone()
+        };
+        assert!(encode_request(&named).is_err());
+        // An unknown operation is refused, not taken for an open.
+        let mut bad = vec![VERSION, 0, 0, 4, EXT_OP, 0, 1, 9];
+        assert_eq!(decode_request(&bad), Err(HeaderError::MalformedExtensions));
+        bad[7] = 0;
+        assert_eq!(decode_request(&bad), Err(HeaderError::EmptyService));
+    }
+
+    #[test]
+    fn http_names_longer_than_the_field_are_clipped() {
+        let http = HttpService {
+            target: "t".repeat(300),
+            host: "é".repeat(200),
+            tls: true,
+            forwarded: false,
+        };
+        let resp = OpenResponse {
+            status: Status::Ok,
+            message: String::new(),
+            protocol: Protocol::Http,
+            http: Some(http),
+        };
+        let wire = encode_response(&resp);
+        assert!(wire.len() <= MAX_RESPONSE_LEN);
+        let got = decode_response(&wire).unwrap().unwrap().0.http.unwrap();
+        assert_eq!(got.target.len(), MAX_HTTP_NAME);
+        assert_eq!(got.host, "é".repeat(127));
+        assert!(got.tls && !got.forwarded);
+    }
+
+    #[test]
     fn long_messages_are_cut_on_a_char_boundary() {
         let resp = OpenResponse {
             status: Status::TargetRefused,
             message: "é".repeat(400),
             protocol: Protocol::Tcp,
+            http: None,
         };
         let (decoded, _) = decode_response(&encode_response(&resp)).unwrap().unwrap();
         assert_eq!(decoded.message, "é".repeat(256));

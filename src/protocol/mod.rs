@@ -1,7 +1,9 @@
 //! The wire protocol, as pure data: ALPN, the stream header codec and the QUIC error codes.
 //! Documented in `docs/protocol.md`; nothing here does I/O.
 
+pub mod catalog;
 pub mod header;
+pub mod http;
 pub mod media;
 pub mod rendezvous;
 pub mod rtsp;

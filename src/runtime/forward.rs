@@ -35,7 +35,8 @@ pub(crate) fn forward(
 ) -> impl Future<Output = Report> {
     let cancel = node.abort.clone();
     match protocol {
-        Protocol::Tcp => Either::Left(splice(tcp, send, recv, downstream, cancel)),
+        // HTTP is read on the connecting side only (`http::proxy`); toward the device it is bytes.
+        Protocol::Tcp | Protocol::Http => Either::Left(splice(tcp, send, recv, downstream, cancel)),
         Protocol::Rtsp(udp) => {
             let ctx = RtspCtx {
                 facing,

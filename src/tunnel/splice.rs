@@ -144,6 +144,87 @@ pub async fn splice(
     Report { up, down, abort }
 }
 
+/// [`splice`] over any byte stream (the TLS session to an https device): the same FIN and
+/// abort rules, with `shutdown` (TLS close_notify, then FIN) for a FIN; an abort drops the
+/// stream. Copies through one read buffer per direction.
+pub async fn splice_io<S>(
+    io: S,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    downstream: Downstream,
+    cancel: CancellationToken,
+) -> Report
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut up, mut down) = (0u64, 0u64);
+    let (mut reader, mut writer) = tokio::io::split(io);
+    let result = {
+        let both = async {
+            let io_to_quic = async {
+                let mut buf = BytesMut::new();
+                loop {
+                    if buf.capacity() < MIN_READ_ROOM {
+                        buf = BytesMut::with_capacity(CHUNK);
+                    }
+                    match reader.read_buf(&mut buf).await {
+                        Ok(0) => {
+                            let _ = send.finish();
+                            return Ok(());
+                        }
+                        Ok(n) => {
+                            up += n as u64;
+                            send.write_chunk(buf.split().freeze())
+                                .await
+                                .map_err(Abort::from_write)?;
+                        }
+                        Err(e) => return Err(Abort::Local(e)),
+                    }
+                }
+            };
+            let quic_to_io = async {
+                let first = first_payload(&mut recv, downstream).await?;
+                writer.write_all(&first).await.map_err(Abort::Local)?;
+                down += first.len() as u64;
+                loop {
+                    match recv.read_chunk(CHUNK, true).await {
+                        Ok(Some(chunk)) => {
+                            writer.write_all(&chunk.bytes).await.map_err(Abort::Local)?;
+                            down += chunk.bytes.len() as u64;
+                        }
+                        Ok(None) => {
+                            writer
+                                .shutdown()
+                                .await
+                                .or_else(ignore_not_connected)
+                                .map_err(Abort::Local)?;
+                            return Ok(());
+                        }
+                        Err(e) => return Err(Abort::from_read(e)),
+                    }
+                }
+            };
+            tokio::try_join!(io_to_quic, quic_to_io)?;
+            delivered(&mut send).await
+        };
+        tokio::select! {
+            biased;
+            r = both => r,
+            () = cancel.cancelled() => Err(Abort::Shutdown),
+        }
+    };
+    if let Err(abort) = &result {
+        let _ = send.reset(abort.code());
+        let _ = recv.stop(abort.code());
+    }
+    Report {
+        up,
+        down,
+        abort: result.err(),
+    }
+}
+
 /// Tells both ends that a splice was cut short: resets and stops the QUIC stream; aborts the
 /// socket with an RST, or closes it plainly (FIN) when it already got its answer (a refusal,
 /// or an RTSP `400 Bad Request`).
@@ -296,7 +377,8 @@ pub(crate) async fn first_payload(
     match downstream {
         Downstream::Payload(first) => Ok(first),
         Downstream::AwaitResponse { limit, expect } => {
-            let (protocol, first) = read_response(recv, limit).await?;
+            let (response, first) = read_response(recv, limit).await?;
+            let protocol = response.protocol;
             if protocol != expect {
                 return Err(Abort::ProtocolChanged {
                     was: expect,
@@ -308,18 +390,18 @@ pub(crate) async fn first_payload(
     }
 }
 
-/// Reads the response header within `limit`; returns the service's protocol and the
+/// Reads the response header within `limit`; returns it (its status is `Ok`) and the
 /// payload bytes read past the header.
 pub(crate) async fn read_response(
     recv: &mut RecvStream,
     limit: Duration,
-) -> Result<(Protocol, Bytes), Abort> {
+) -> Result<(OpenResponse, Bytes), Abort> {
     tokio::time::timeout(limit, read_response_header(recv))
         .await
         .map_err(|_| Abort::ResponseTimeout(limit))?
 }
 
-async fn read_response_header(recv: &mut RecvStream) -> Result<(Protocol, Bytes), Abort> {
+async fn read_response_header(recv: &mut RecvStream) -> Result<(OpenResponse, Bytes), Abort> {
     let (response, first) = read_first(recv, MAX_RESPONSE_LEN, decode_response)
         .await
         .map_err(|e| match e {
@@ -330,11 +412,9 @@ async fn read_response_header(recv: &mut RecvStream) -> Result<(Protocol, Bytes)
             }
         })?;
     match response {
-        OpenResponse {
-            status: Status::Ok,
-            protocol,
-            ..
-        } => Ok((protocol, first)),
+        ok @ OpenResponse {
+            status: Status::Ok, ..
+        } => Ok((ok, first)),
         OpenResponse {
             status, message, ..
         } => Err(Abort::Refused { status, message }),

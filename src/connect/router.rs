@@ -1,0 +1,214 @@
+//! `--http ADDR`: one local port for every web service of every named peer, routed by the
+//! request's `Host` (`http::route`), with an index page at `http://localhost:PORT/`.
+//!
+//! Each peer keeps its own [`Session`] (its own connection, dialled on first use, and its own
+//! idle grace); what services a peer has is learned from its catalog, fetched when a name
+//! needs it and kept for [`CATALOG_TTL`].
+
+use std::fmt::Write;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use super::Session;
+use crate::http::pages::{self, escape};
+use crate::http::proxy::{Key, OpenFailure, Routed, Upstream, Upstreams};
+use crate::http::route::{parse_host, resolve, Host, Resolution};
+use crate::protocol::catalog::{Catalog, Kind};
+
+/// How long a fetched catalog is trusted.
+pub const CATALOG_TTL: Duration = Duration::from_secs(5);
+/// How long the index waits for a peer's catalog before calling the peer offline.
+const INDEX_WAIT: Duration = Duration::from_secs(3);
+
+/// A peer's catalog as last fetched, and when; `Err` says why it could not be asked.
+type Fetched = Option<(Instant, Result<Catalog, String>)>;
+
+/// The named peers of one `connect` process.
+pub struct Router {
+    peers: Vec<(String, Session)>,
+    catalogs: Mutex<Vec<Fetched>>,
+    /// Where `--rtsp` listens, for the index's links.
+    pub rtsp: Option<SocketAddr>,
+}
+
+impl Router {
+    pub fn new(peers: Vec<(String, Session)>) -> Router {
+        let n = peers.len();
+        Router {
+            peers,
+            catalogs: Mutex::new(vec![None; n]),
+            rtsp: None,
+        }
+    }
+
+    fn catalogs(&self) -> std::sync::MutexGuard<'_, Vec<Fetched>> {
+        self.catalogs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The catalogs known and fresh now.
+    fn fresh(&self) -> Vec<Option<Result<Catalog, String>>> {
+        let now = Instant::now();
+        self.catalogs()
+            .iter()
+            .map(|c| match c {
+                Some((at, c)) if now.duration_since(*at) < CATALOG_TTL => Some(c.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Fetches the catalogs of `which` peers at once, each within `limit`.
+    async fn fetch(&self, which: &[usize], limit: Duration) {
+        let mut asks = tokio::task::JoinSet::new();
+        for &p in which {
+            let session = self.peers[p].1.clone();
+            asks.spawn(async move {
+                let got = match tokio::time::timeout(limit, session.catalog()).await {
+                    Ok(got) => got,
+                    Err(_) => Err(format!("no answer within {limit:?}")),
+                };
+                (p, got)
+            });
+        }
+        while let Some(Ok((p, got))) = asks.join_next().await {
+            self.catalogs()[p] = Some((Instant::now(), got));
+        }
+    }
+
+    /// Resolves `name`, fetching what it needs (once).
+    async fn resolve(&self, name: &str) -> Resolution {
+        let names: Vec<&str> = self.peers.iter().map(|(n, _)| n.as_str()).collect();
+        for _ in 0..2 {
+            let known = self.fresh();
+            let view: Vec<_> = known
+                .iter()
+                .map(|c| c.as_ref().map(|r| r.as_ref().map_err(String::as_str)))
+                .collect();
+            match resolve(name, &names, &view) {
+                Resolution::Need(which) => {
+                    let limit = self.peers[which[0]].1.config.connect_timeout;
+                    self.fetch(&which, limit).await;
+                }
+                other => return other,
+            }
+        }
+        Resolution::NotFound(format!("no answer from the peers about {name:?}"))
+    }
+
+    /// The index: every peer, whether it answers, and its services as links.
+    async fn index(&self, port: Option<u16>, status: u16, note: Option<&str>) -> Vec<u8> {
+        let stale: Vec<usize> = self
+            .fresh()
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.is_none())
+            .map(|(p, _)| p)
+            .collect();
+        if !stale.is_empty() {
+            self.fetch(&stale, INDEX_WAIT).await;
+        }
+        let known = self.fresh();
+        let port = port.map_or_else(String::new, |p| format!(":{p}"));
+        let mut html = String::new();
+        if let Some(note) = note {
+            let _ = writeln!(html, "<p id=\"message\">{}</p>", escape(note));
+        }
+        html.push_str("<table id=\"peers\"><tr><th>peer</th><th>id</th><th>state</th><th>services</th></tr>\n");
+        for ((name, session), catalog) in self.peers.iter().zip(&known) {
+            let (state, class, services) = match catalog {
+                Some(Ok(catalog)) => ("online", "on", self.links(name, catalog, &port)),
+                Some(Err(why)) => ("offline", "off", escape(why)),
+                None => ("unknown", "off", String::new()),
+            };
+            let _ = writeln!(
+                html,
+                "<tr class=\"peer\" data-peer=\"{n}\"><td>{n}</td><td><code>{id}</code></td><td class=\"{class}\">{state}</td><td>{services}</td></tr>",
+                n = escape(name),
+                id = session.peer().id,
+            );
+        }
+        html.push_str("</table>\n");
+        pages::response(status, &pages::html("tunnel", &html), false)
+    }
+
+    fn links(&self, peer: &str, catalog: &Catalog, port: &str) -> String {
+        let mut out = Vec::new();
+        for entry in &catalog.services {
+            let name = escape(&entry.name);
+            let lower = escape(&entry.name.to_ascii_lowercase());
+            let peer = escape(peer);
+            out.push(match entry.protocol {
+                Kind::Http => format!(
+                    "<a class=\"service\" href=\"http://{lower}.{peer}.localhost{port}/\">{name}</a>"
+                ),
+                Kind::Rtsp => match self.rtsp {
+                    Some(addr) => format!("<span class=\"service\">{name}: <code>rtsp://{addr}/{name}.{peer}/</code></span>"),
+                    None => format!("<span class=\"service\">{name} (rtsp: --rtsp ADDR)</span>"),
+                },
+                Kind::Tcp | Kind::Other => {
+                    format!("<span class=\"service\">{name} (bytes: --local ADDR={name}.{peer})</span>")
+                }
+            });
+        }
+        if out.is_empty() {
+            return "no services".into();
+        }
+        out.join("<br>")
+    }
+}
+
+/// The port of a `Host` value, for links back to this listener.
+fn port_of(host: Option<&str>) -> Option<u16> {
+    let host = host?;
+    let (_, port) = host.rsplit_once(':')?;
+    port.parse().ok()
+}
+
+impl Upstreams for Router {
+    async fn route(&self, host: Option<&str>) -> Routed {
+        let port = port_of(host);
+        match parse_host(host) {
+            Host::Index => Routed::Page(self.index(port, 200, None).await),
+            Host::Foreign(name) => Routed::Page(pages::error(
+                421,
+                &format!("{name:?} is not a name of this port"),
+            )),
+            Host::Named(name) => match self.resolve(&name).await {
+                Resolution::To { peer, service } => Routed::To(Key {
+                    peer: self.peers[peer].0.clone(),
+                    service,
+                }),
+                Resolution::NotFound(why) => Routed::Page(self.index(port, 404, Some(&why)).await),
+                Resolution::Ambiguous(full) => {
+                    let why = format!(
+                        "several peers have a web service named {name:?}: use {}",
+                        full.iter()
+                            .map(|f| format!("{f}.localhost"))
+                            .collect::<Vec<_>>()
+                            .join(" or ")
+                    );
+                    Routed::Page(self.index(port, 404, Some(&why)).await)
+                }
+                Resolution::Need(_) => Routed::Page(pages::error(503, "the peers did not answer")),
+            },
+        }
+    }
+
+    async fn open(&self, key: &Key, client: SocketAddr) -> Result<Upstream, OpenFailure> {
+        let Some((_, session)) = self.peers.iter().find(|(n, _)| *n == key.peer) else {
+            return Err(OpenFailure {
+                status: 404,
+                message: format!("no peer named {}", key.peer),
+            });
+        };
+        let opened = session.open_http(&key.service, client).await;
+        if opened.is_err() {
+            // What the peer has may have changed: ask again next time.
+            if let Some(p) = self.peers.iter().position(|(n, _)| *n == key.peer) {
+                self.catalogs()[p] = None;
+            }
+        }
+        opened
+    }
+}

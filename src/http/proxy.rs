@@ -1,0 +1,748 @@
+//! The HTTP layer of one client connection on the connecting side: reads every request head,
+//! routes it (a keep-alive connection may ask for different services in turn), opens or
+//! reuses a stream to the service's device, rewrites names both ways (`rewrite`), and streams
+//! bodies without buffering them (`protocol::http::BodyTracker` finds where each ends).
+//!
+//! Two halves run at once, so uploads and `Expect: 100-continue` flow while responses do:
+//! - requests (client → stream) reads heads, routes, writes heads and bodies; it tells the
+//!   other half, in order, what to expect: a switch to another stream, a response to a
+//!   request (its method), a page of our own (an error, the index);
+//! - responses (stream → client) follows those orders one by one, so the client gets its
+//!   answers in request order whatever stream they come from.
+//!
+//! After a `101 Switching Protocols` (WebSocket) both directions become raw bytes with
+//! half-close intact. The client connection ends when the device's connection does (its
+//! close is mirrored: the browser retries on a fresh one, as it would with the device itself).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use quinn::{RecvStream, SendStream};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use super::rewrite::{rewrite_request, rewrite_response, Names};
+use super::{pages, route};
+use crate::protocol::header::HttpService;
+use crate::protocol::http::{
+    is_upgrade, keeps_alive_request, keeps_alive_response, parse_request, parse_response,
+    request_body, response_body, BodyKind, BodyTracker, HeadError, RequestHead,
+};
+use crate::protocol::stream_code;
+use crate::tunnel::splice::{ignore_not_connected, reset_tcp, write_tcp, Abort, CHUNK};
+
+/// How long a request head may take from its first byte to its last.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a retired stream may take to end after its last response.
+const RETIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Which service of which peer a request is for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Key {
+    /// The peer's name, as the user gave it.
+    pub peer: String,
+    pub service: String,
+}
+
+/// Where a request goes.
+pub enum Routed {
+    To(Key),
+    /// Answer with this page ourselves (the index, or a 404 listing what exists).
+    Page(Vec<u8>),
+}
+
+/// An open stream to a device, its response header read.
+pub struct Upstream {
+    pub send: SendStream,
+    pub recv: RecvStream,
+    /// Payload read past the response header.
+    pub first: Bytes,
+    pub http: HttpService,
+    /// Held while the stream lives (the connection's idle count).
+    pub hold: Box<dyn Send + Sync>,
+}
+
+/// Why a stream could not be opened: the status and text of the page the browser gets.
+#[derive(Debug, Clone)]
+pub struct OpenFailure {
+    pub status: u16,
+    pub message: String,
+}
+
+/// What the layer needs from the connecting role: routes and streams.
+pub trait Upstreams: Send + Sync + 'static {
+    /// Where a request with this `Host` (if any) goes.
+    fn route(&self, host: Option<&str>) -> impl std::future::Future<Output = Routed> + Send;
+    /// Opens a stream to `key`'s service and reads its response header.
+    fn open(
+        &self,
+        key: &Key,
+        client: SocketAddr,
+    ) -> impl std::future::Future<Output = Result<Upstream, OpenFailure>> + Send;
+}
+
+/// What the layer shares with its node.
+pub struct HttpCtx {
+    /// Ends idle keep-alive connections (the node is stopping).
+    pub stop: CancellationToken,
+    /// Aborts everything (the drain deadline passed).
+    pub abort: CancellationToken,
+    /// Where retired streams finish.
+    pub tasks: TaskTracker,
+}
+
+/// Orders from the request half to the response half, carried out in order.
+enum Order {
+    /// Later responses come from this stream; retire the previous one (and FIN its send).
+    Switch {
+        recv: RecvStream,
+        first: Bytes,
+        hold: Box<dyn Send + Sync>,
+        key: Key,
+        names: Names,
+        retired: Option<SendStream>,
+    },
+    /// A response to this request comes next.
+    Respond(Pending),
+    /// Write this page; close the connection after it if `close`.
+    Page { page: Vec<u8>, close: bool },
+    /// The client sent its last request: FIN this send, and the client once answered.
+    End(Option<SendStream>),
+}
+
+struct Pending {
+    method: String,
+    path: String,
+    /// The request asked for an upgrade: tells the request half whether it got one.
+    upgrade: Option<oneshot::Sender<bool>>,
+    started: Instant,
+    /// The request's body ended the connection's requests (no keep-alive).
+    last: bool,
+}
+
+/// Serves one client connection until it ends; `first` is a stream already open for its key.
+pub async fn serve<U: Upstreams>(
+    tcp: TcpStream,
+    client: SocketAddr,
+    upstreams: Arc<U>,
+    first: Option<(Key, Upstream)>,
+    ctx: &HttpCtx,
+) {
+    let local = tcp
+        .local_addr()
+        .map_or_else(|_| "localhost".to_owned(), |a| a.to_string());
+    let (orders, inbox) = mpsc::unbounded_channel();
+    // Ends the request half at its next head: the node stops, or the connection closes.
+    let closing = ctx.stop.child_token();
+    let requests = Requests {
+        tcp: &tcp,
+        client,
+        local,
+        upstreams: &*upstreams,
+        orders,
+        stop: &closing,
+    };
+    let responses = Responses {
+        tcp: &tcp,
+        tasks: &ctx.tasks,
+        current: None,
+        closing: &closing,
+    };
+    let result = tokio::select! {
+        biased;
+        () = ctx.abort.cancelled() => Err(Abort::Shutdown),
+        r = responses.run(inbox) => r,
+        r = async { requests.run(first).await?; std::future::pending().await } => r,
+    };
+    match result {
+        Ok(()) => debug!("http connection closed"),
+        Err(Abort::Local(e)) => {
+            debug!("http client went away: {e}");
+            reset_tcp(&tcp);
+        }
+        Err(e) => {
+            info!("http connection aborted: {e}");
+            reset_tcp(&tcp);
+        }
+    }
+}
+
+/// A send stream that is reset if dropped while still held (an abort).
+struct Sending(Option<SendStream>);
+
+impl Sending {
+    fn take(&mut self) -> Option<SendStream> {
+        self.0.take()
+    }
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        if let Some(send) = &mut self.0 {
+            let _ = send.reset(stream_code::ABORTED);
+        }
+    }
+}
+
+/// What reading a request head gave.
+enum Head {
+    Request(RequestHead),
+    /// The client ended (or the node stops) between requests.
+    End,
+    /// A head we cannot take: the status to answer and why.
+    Bad(u16, String),
+}
+
+struct Requests<'a, U> {
+    tcp: &'a TcpStream,
+    client: SocketAddr,
+    /// The listener's address: the local name when a request has no `Host`.
+    local: String,
+    upstreams: &'a U,
+    orders: mpsc::UnboundedSender<Order>,
+    stop: &'a CancellationToken,
+}
+
+impl<U: Upstreams> Requests<'_, U> {
+    async fn run(self, mut ready: Option<(Key, Upstream)>) -> Result<(), Abort> {
+        let mut buf = BytesMut::new();
+        // The stream requests go to now, for which key and local name.
+        let mut current: Option<(Key, Names)> = None;
+        let mut send = Sending(None);
+        loop {
+            let mut head = match self.read_head(&mut buf).await? {
+                Head::Request(head) => head,
+                Head::End => {
+                    self.order(Order::End(send.take()));
+                    return Ok(());
+                }
+                Head::Bad(status, why) => {
+                    debug!(status, "bad request from the client: {why}");
+                    self.order(Order::Page {
+                        page: pages::error(status, &why),
+                        close: true,
+                    });
+                    return Ok(());
+                }
+            };
+            let body = match request_body(&head) {
+                Ok(kind) => kind,
+                Err(e) => {
+                    self.order(Order::Page {
+                        page: pages::error(400, &e.to_string()),
+                        close: true,
+                    });
+                    return Ok(());
+                }
+            };
+            let host = head.headers.get_str("host").map(str::to_owned);
+            if !route::is_local(host.as_deref()) {
+                let why = format!(
+                    "this port answers only to localhost names, not {:?} (a guard against DNS rebinding)",
+                    host.unwrap_or_default()
+                );
+                self.order(Order::Page {
+                    page: pages::error(421, &why),
+                    close: true,
+                });
+                return Ok(());
+            }
+            let key = match &ready {
+                Some((key, _)) => key.clone(),
+                None => match self.upstreams.route(host.as_deref()).await {
+                    Routed::To(key) => key,
+                    Routed::Page(page) => {
+                        // Our own pages have no use for a body: close rather than read it.
+                        let close = !keeps_alive_request(&head) || body != BodyKind::None;
+                        self.order(Order::Page { page, close });
+                        if close {
+                            return Ok(());
+                        }
+                        continue;
+                    }
+                },
+            };
+            let local = host.unwrap_or_else(|| self.local.clone());
+            let same = |(k, n): &(Key, Names)| *k == key && n.local == local;
+            if !current.as_ref().is_some_and(same) {
+                let upstream = match ready.take() {
+                    Some((_, upstream)) => upstream,
+                    None => match self.upstreams.open(&key, self.client).await {
+                        Ok(upstream) => upstream,
+                        Err(failure) => {
+                            warn!(peer = %key.peer, service = %key.service, status = failure.status, "{}", failure.message);
+                            self.order(Order::Page {
+                                page: pages::error(failure.status, &failure.message),
+                                close: true,
+                            });
+                            return Ok(());
+                        }
+                    },
+                };
+                let names = Names::new(
+                    local,
+                    upstream.http.target.clone(),
+                    upstream.http.tls,
+                    Some(upstream.http.host.clone()),
+                    upstream.http.forwarded,
+                );
+                let retired = std::mem::replace(&mut send, Sending(Some(upstream.send))).take();
+                self.order(Order::Switch {
+                    recv: upstream.recv,
+                    first: upstream.first,
+                    hold: upstream.hold,
+                    key: key.clone(),
+                    names: names.clone(),
+                    retired,
+                });
+                current = Some((key, names));
+            }
+            let (Some((_, names)), Some(stream)) = (&current, send.0.as_mut()) else {
+                unreachable!("a stream is open once a request was routed")
+            };
+            rewrite_request(&mut head, names, self.client.ip());
+            let upgrade = is_upgrade(&head);
+            let last = !keeps_alive_request(&head);
+            let (tell, told) = match upgrade {
+                true => {
+                    let (tx, rx) = oneshot::channel();
+                    (Some(tx), Some(rx))
+                }
+                false => (None, None),
+            };
+            self.order(Order::Respond(Pending {
+                method: head.method.clone(),
+                // Without the query: it may carry tokens, and logs are kept.
+                path: head.target.split('?').next().unwrap_or_default().to_owned(),
+                upgrade: tell,
+                started: crate::time::now(),
+                last,
+            }));
+            stream
+                .write_chunk(Bytes::from(head.encode()))
+                .await
+                .map_err(Abort::from_write)?;
+            self.forward_body(&mut buf, body, stream).await?;
+            if let Some(told) = told {
+                if told.await.unwrap_or(false) {
+                    return self.raw(&mut buf, send).await;
+                }
+            }
+            if last {
+                // The client's last request (`Connection: close`): the device gets its FIN
+                // once the response half closed the connection after the answer.
+                self.stop.cancelled().await;
+                self.order(Order::End(send.take()));
+                return Ok(());
+            }
+        }
+    }
+}
+
+impl<U> Requests<'_, U> {
+    fn order(&self, order: Order) {
+        // The response half is gone only when the connection ends: nothing left to tell.
+        let _ = self.orders.send(order);
+    }
+
+    /// Reads the next request head: the end between requests (client FIN, or the node
+    /// stopping while idle), a head, or why it cannot be taken (431, 400, 408).
+    async fn read_head(&self, buf: &mut BytesMut) -> Result<Head, Abort> {
+        let mut deadline = None;
+        loop {
+            match parse_request(buf) {
+                Ok(Some((head, used))) => {
+                    let _ = buf.split_to(used);
+                    return Ok(Head::Request(head));
+                }
+                Ok(None) => {}
+                Err(e @ (HeadError::TooLarge | HeadError::TooManyHeaders)) => {
+                    return Ok(Head::Bad(431, e.to_string()))
+                }
+                Err(e) => return Ok(Head::Bad(400, e.to_string())),
+            }
+            if !buf.is_empty() && deadline.is_none() {
+                deadline = Some(tokio::time::Instant::now() + HEAD_TIMEOUT);
+            }
+            let idle = buf.is_empty();
+            let read = async {
+                match deadline {
+                    Some(at) => tokio::time::timeout_at(at, read_some(self.tcp, buf))
+                        .await
+                        .ok(),
+                    None => Some(read_some(self.tcp, buf).await),
+                }
+            };
+            let got = tokio::select! {
+                r = read => r,
+                () = self.stop.cancelled(), if idle => return Ok(Head::End),
+            };
+            match got {
+                None => {
+                    return Ok(Head::Bad(
+                        408,
+                        format!("the request head did not arrive within {HEAD_TIMEOUT:?}"),
+                    ))
+                }
+                Some(Ok(0)) if idle => return Ok(Head::End),
+                Some(Ok(0)) => return Err(Abort::Local(std::io::ErrorKind::UnexpectedEof.into())),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(Abort::Local(e)),
+            }
+        }
+    }
+
+    /// Sends the request body (what `buf` holds of it first), as it arrives.
+    async fn forward_body(
+        &self,
+        buf: &mut BytesMut,
+        kind: BodyKind,
+        stream: &mut SendStream,
+    ) -> Result<(), Abort> {
+        let mut body = BodyTracker::new(kind);
+        while !body.is_done() {
+            if buf.is_empty() && read_some(self.tcp, buf).await.map_err(Abort::Local)? == 0 {
+                return Err(Abort::Local(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+            let fed = body
+                .feed(buf)
+                .map_err(|e| Abort::BadPayload(format!("request body: {e}")))?;
+            if fed.used > 0 {
+                stream
+                    .write_chunk(buf.split_to(fed.used).freeze())
+                    .await
+                    .map_err(Abort::from_write)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// After a `101`: the rest of the client's bytes go to the stream as they are; its FIN
+    /// becomes the stream's.
+    async fn raw(&self, buf: &mut BytesMut, mut send: Sending) -> Result<(), Abort> {
+        let Some(stream) = send.0.as_mut() else {
+            return Ok(());
+        };
+        loop {
+            if !buf.is_empty() {
+                stream
+                    .write_chunk(buf.split().freeze())
+                    .await
+                    .map_err(Abort::from_write)?;
+            }
+            if read_some(self.tcp, buf).await.map_err(Abort::Local)? == 0 {
+                let _ = stream.finish();
+                self.order(Order::End(send.take()));
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Reads what the socket has (up to [`CHUNK`]) onto the end of `buf`; 0 at EOF.
+async fn read_some(tcp: &TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
+    if buf.capacity() - buf.len() < 4096 {
+        buf.reserve(CHUNK.min(buf.len().max(16 * 1024)));
+    }
+    loop {
+        tcp.readable().await?;
+        match tcp.try_read_buf(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            r => return r,
+        }
+    }
+}
+
+/// The stream responses come from now.
+struct Current {
+    recv: RecvStream,
+    /// Received bytes not yet written to the client.
+    buf: BytesMut,
+    key: Key,
+    names: Names,
+    hold: Box<dyn Send + Sync>,
+    /// The stream ended (FIN): the device closed its connection.
+    ended: bool,
+    /// Responses it carried.
+    answered: u32,
+}
+
+struct Responses<'a> {
+    tcp: &'a TcpStream,
+    tasks: &'a TaskTracker,
+    current: Option<Current>,
+    /// Tells the request half the connection is closing: it stops at the next head.
+    closing: &'a CancellationToken,
+}
+
+/// How long the request half may take to hand back its stream once the connection closes.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+impl Responses<'_> {
+    async fn run(mut self, mut inbox: mpsc::UnboundedReceiver<Order>) -> Result<(), Abort> {
+        let mut send_of_current: Option<SendStream> = None;
+        let mut raw = false;
+        loop {
+            let order = tokio::select! {
+                biased;
+                order = inbox.recv() => order,
+                // Idle: the device may close its connection; the client's goes with it.
+                ended = idle_end(&mut self.current) => {
+                    ended?;
+                    break;
+                }
+            };
+            match order {
+                Some(Order::Switch {
+                    recv,
+                    first,
+                    hold,
+                    key,
+                    names,
+                    retired,
+                }) => {
+                    if let Some(old) = self.current.take() {
+                        self.retire(old, retired);
+                    }
+                    debug!(peer = %key.peer, service = %key.service, stream = u64::from(recv.id()), "requests go to a new stream");
+                    self.current = Some(Current {
+                        recv,
+                        buf: BytesMut::from(&first[..]),
+                        key,
+                        names,
+                        hold,
+                        ended: false,
+                        answered: 0,
+                    });
+                    send_of_current = None;
+                }
+                Some(Order::Respond(pending)) => match self.respond(pending).await? {
+                    Next::More => {}
+                    Next::Close => break,
+                    Next::Raw => {
+                        self.raw().await?;
+                        raw = true;
+                        break;
+                    }
+                },
+                Some(Order::Page { page, close }) => {
+                    write_tcp(self.tcp, &page).await?;
+                    if close {
+                        break;
+                    }
+                }
+                Some(Order::End(send)) => {
+                    send_of_current = send;
+                    break;
+                }
+                None => break,
+            }
+        }
+        // Closing: the client gets a FIN once every answer is out; the request half hands
+        // back its stream (or ends) so the device's connection is closed cleanly too.
+        socket2::SockRef::from(self.tcp)
+            .shutdown(std::net::Shutdown::Write)
+            .or_else(ignore_not_connected)
+            .map_err(Abort::Local)?;
+        self.closing.cancel();
+        if send_of_current.is_none() {
+            let wait = async {
+                while let Some(order) = inbox.recv().await {
+                    if let Order::End(send) = order {
+                        return send;
+                    }
+                }
+                None
+            };
+            // After an upgrade the client's direction may go on after ours ended (half-close).
+            send_of_current = match raw {
+                true => wait.await,
+                false => tokio::time::timeout(CLOSE_GRACE, wait).await.ok().flatten(),
+            };
+        }
+        if let Some(current) = self.current.take() {
+            self.retire(current, send_of_current);
+        }
+        Ok(())
+    }
+
+    /// Ends a stream no more requests go to: FIN, then its rest read and dropped (bounded),
+    /// so the device's connection closes cleanly.
+    fn retire(&self, mut old: Current, send: Option<SendStream>) {
+        self.tasks.spawn(async move {
+            let _hold = old.hold;
+            let mut send = send;
+            if let Some(send) = &mut send {
+                let _ = send.finish();
+            }
+            let drain = async { while let Ok(Some(_)) = old.recv.read_chunk(CHUNK, true).await {} };
+            if !old.ended && tokio::time::timeout(RETIRE_TIMEOUT, drain).await.is_err() {
+                let _ = old.recv.stop(stream_code::ABORTED);
+                if let Some(send) = &mut send {
+                    let _ = send.reset(stream_code::ABORTED);
+                }
+            }
+        });
+    }
+
+    /// Forwards the response (interim ones first) to one request.
+    async fn respond(&mut self, pending: Pending) -> Result<Next, Abort> {
+        let Some(cur) = self.current.as_mut() else {
+            return Err(Abort::Stream("a response without a stream".into()));
+        };
+        let (head, status) = loop {
+            let mut head = loop {
+                match parse_response(&cur.buf) {
+                    Ok(Some((head, used))) => {
+                        let _ = cur.buf.split_to(used);
+                        break head;
+                    }
+                    Ok(None) if cur.ended && cur.answered > 0 => {
+                        // The device closed a reused connection as the request went out:
+                        // close the client's too, unanswered, and it retries on a new one
+                        // (what it does with the device itself).
+                        return Ok(Next::Close);
+                    }
+                    Ok(None) if cur.ended => {
+                        let page =
+                            pages::error(502, "the device closed the connection without an answer");
+                        write_tcp(self.tcp, &page).await?;
+                        return Ok(Next::Close);
+                    }
+                    Ok(None) => cur.fill().await?,
+                    Err(e) => {
+                        warn!(peer = %cur.key.peer, service = %cur.key.service, "bad response from the device: {e}");
+                        let page = pages::error(
+                            502,
+                            &format!("the device's response is not valid HTTP: {e}"),
+                        );
+                        write_tcp(self.tcp, &page).await?;
+                        return Ok(Next::Close);
+                    }
+                }
+            };
+            rewrite_response(&mut head, &cur.names);
+            write_tcp(self.tcp, &head.encode()).await?;
+            let status = head.status;
+            if (100..200).contains(&status) && status != 101 {
+                continue; // 100 Continue, 103 Early Hints: the real answer follows.
+            }
+            break (head, status);
+        };
+        let upgraded = status == 101 && pending.upgrade.is_some();
+        if let Some(tell) = pending.upgrade {
+            let _ = tell.send(upgraded);
+        }
+        let kind = response_body(&pending.method, &head);
+        let mut body = BodyTracker::new(if upgraded { BodyKind::None } else { kind });
+        let mut bytes = 0u64;
+        loop {
+            let fed = body
+                .feed(&cur.buf)
+                .map_err(|e| Abort::BadPayload(format!("response body: {e}")))?;
+            if fed.used > 0 {
+                let part = cur.buf.split_to(fed.used);
+                write_tcp(self.tcp, &part).await?;
+                bytes += part.len() as u64;
+            }
+            if body.is_done() {
+                break;
+            }
+            if cur.ended {
+                if kind == BodyKind::UntilClose {
+                    break;
+                }
+                return Err(Abort::Stream("the device's response was cut short".into()));
+            }
+            cur.fill().await?;
+        }
+        cur.answered += 1;
+        info!(
+            target: "tunnel::http",
+            peer = %cur.key.peer,
+            service = %cur.key.service,
+            method = %pending.method,
+            path = %pending.path,
+            status,
+            bytes,
+            ms = pending.started.elapsed().as_millis() as u64,
+            "request"
+        );
+        if upgraded {
+            return Ok(Next::Raw);
+        }
+        if kind == BodyKind::UntilClose || pending.last || !keeps_alive_response(&head) {
+            return Ok(Next::Close);
+        }
+        Ok(Next::More)
+    }
+
+    /// After a `101`: the stream's bytes go to the client as they are, its FIN too.
+    async fn raw(&mut self) -> Result<(), Abort> {
+        let Some(cur) = self.current.as_mut() else {
+            return Ok(());
+        };
+        loop {
+            if !cur.buf.is_empty() {
+                let part = cur.buf.split();
+                write_tcp(self.tcp, &part).await?;
+            }
+            if cur.ended {
+                return Ok(());
+            }
+            cur.fill().await?;
+        }
+    }
+}
+
+/// What follows a response.
+enum Next {
+    /// More requests on this connection.
+    More,
+    /// The connection ends after it.
+    Close,
+    /// Raw bytes both ways (an upgrade).
+    Raw,
+}
+
+impl Current {
+    /// Reads more of the stream into `buf`; marks `ended` at its FIN.
+    async fn fill(&mut self) -> Result<(), Abort> {
+        match self.recv.read_chunk(CHUNK, true).await {
+            Ok(Some(chunk)) => {
+                self.buf.extend_from_slice(&chunk.bytes);
+                Ok(())
+            }
+            Ok(None) => {
+                self.ended = true;
+                Ok(())
+            }
+            Err(e) => Err(Abort::from_read(e)),
+        }
+    }
+}
+
+/// Resolves when the idle stream ends (the device closed its connection between
+/// responses); pending while there is none. Bytes it sends unasked are kept for later.
+async fn idle_end(current: &mut Option<Current>) -> Result<(), Abort> {
+    match current {
+        Some(cur) if !cur.ended => {
+            while !cur.ended {
+                cur.fill().await?;
+                if !cur.buf.is_empty() && !cur.ended {
+                    // Unasked bytes (e.g. a 408 before the device closes): hold them; the
+                    // close that usually follows ends the connection.
+                    continue;
+                }
+            }
+            Ok(())
+        }
+        Some(_) => Ok(()),
+        None => std::future::pending().await,
+    }
+}
