@@ -139,6 +139,11 @@ struct ConnectArgs {
     /// is unique), with an index at http://localhost:PORT/.
     #[arg(long, value_name = "ADDR")]
     http: Option<SocketAddr>,
+    /// Serve every RTSP service of every peer on this address, at
+    /// rtsp://ADDR/SERVICE.PEER/PATH (and rtsp://ADDR/SERVICE/PATH while the name is unique);
+    /// the camera sees /PATH.
+    #[arg(long, value_name = "ADDR")]
+    rtsp: Option<SocketAddr>,
     /// Find the peer through this rendezvous (hole punching, relay as a fallback).
     #[arg(long, value_name = "HOST:PORT")]
     rendezvous: Option<RendezvousAddr>,
@@ -401,6 +406,12 @@ async fn connect(args: ConnectArgs) -> Result<(), Failure> {
         })?),
         None => None,
     };
+    let rtsp = match plan.rtsp {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            anyhow::anyhow!("cannot listen on {addr} for --rtsp: {e}; pick another port")
+        })?),
+        None => None,
+    };
     let node = Node::bind(plan.bind, identity, args.common.tuning())
         .map_err(|e| anyhow::anyhow!("{e}; choose another address with --bind ADDR"))?;
     info!(peer_id = %node.peer_id(), "this side's peer id (the other side allows it with --allow)");
@@ -428,7 +439,22 @@ async fn connect(args: ConnectArgs) -> Result<(), Failure> {
         info!(%addr, %service, peer = %name, "local listener");
         node.serve_local(session, listener, service);
     }
-    let router = Arc::new(Router::new(sessions.clone()));
+    let mut router = Router::new(sessions.clone());
+    let rtsp = match rtsp {
+        Some(listener) => {
+            let addr = listener
+                .local_addr()
+                .context("reading the --rtsp listener's address")?;
+            router.rtsp = Some(addr);
+            println!("{addr} -> rtsp: rtsp://{addr}/SERVICE.PEER/PATH");
+            Some(listener)
+        }
+        None => None,
+    };
+    let router = Arc::new(router);
+    if let Some(listener) = rtsp {
+        node.serve_rtsp(router.clone(), listener);
+    }
     if let Some(listener) = http {
         let addr = listener
             .local_addr()
@@ -475,6 +501,7 @@ struct ConnectPlan {
     bind: SocketAddr,
     locals: Vec<(LocalRule, usize)>,
     http: Option<SocketAddr>,
+    rtsp: Option<SocketAddr>,
     session: SessionConfig,
 }
 
@@ -506,9 +533,10 @@ fn connect_config(args: &ConnectArgs, file: ConnectRules) -> Result<ConnectPlan,
     let mut rules = file.local;
     rules.extend(args.locals.iter().cloned());
     let http = args.http.or(file.http);
-    if rules.is_empty() && http.is_none() {
+    let rtsp = args.rtsp.or(file.rtsp);
+    if rules.is_empty() && http.is_none() && rtsp.is_none() {
         return Err(usage(
-            "no local listener: give --local ADDR=SERVICE (e.g. --local 127.0.0.1:8554=cam) or --http ADDR (e.g. --http 127.0.0.1:8080)".into(),
+            "no local listener: give --http ADDR (e.g. --http 127.0.0.1:8080), --rtsp ADDR (e.g. --rtsp 127.0.0.1:8554) or --local ADDR=SERVICE (e.g. --local 127.0.0.1:8554=cam)".into(),
         ));
     }
     let mut seen = BTreeMap::new();
@@ -521,12 +549,21 @@ fn connect_config(args: &ConnectArgs, file: ConnectRules) -> Result<ConnectPlan,
             )));
         }
     }
-    if let Some(addr) = http.filter(|a| a.port() != 0) {
-        if let Some(other) = seen.get(&addr) {
+    let mut shared: BTreeMap<SocketAddr, &str> = BTreeMap::new();
+    for (flag, addr) in [("--http", http), ("--rtsp", rtsp)] {
+        let Some(addr) = addr.filter(|a| a.port() != 0) else {
+            continue;
+        };
+        let other = seen
+            .get(&addr)
+            .map(|s| s.to_string())
+            .or_else(|| shared.get(&addr).map(|s| s.to_string()));
+        if let Some(other) = other {
             return Err(usage(format!(
-                "{addr} is given for --http and for {other}: each listener needs its own port"
+                "{addr} is given for {flag} and for {other}: each listener needs its own port"
             )));
         }
+        shared.insert(addr, flag);
     }
     let mut locals = Vec::new();
     for rule in rules {
@@ -559,6 +596,7 @@ fn connect_config(args: &ConnectArgs, file: ConnectRules) -> Result<ConnectPlan,
         bind,
         locals,
         http,
+        rtsp,
         session,
     })
 }

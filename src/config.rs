@@ -94,6 +94,9 @@ pub struct ConnectRules {
     pub peers: BTreeMap<PeerName, PeerAddr>,
     /// One listener for every web service of every peer, routed by name (`docs/http.md`).
     pub http: Option<SocketAddr>,
+    /// One listener for every RTSP service of every peer, routed by the URL's first path
+    /// segment (`rtsp://ADDR/SERVICE[.PEER]/...`).
+    pub rtsp: Option<SocketAddr>,
     /// Local UDP address of the QUIC endpoint (default: any address, any port).
     pub bind: Option<SocketAddr>,
     #[serde(default)]

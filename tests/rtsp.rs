@@ -13,7 +13,7 @@
 
 mod common;
 
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -197,6 +197,44 @@ impl Lab {
         format!("rtsp://{}", line.split_whitespace().next().unwrap())
     }
 
+    /// Two peers, `home` and `shop`, each a `tunnel expose` of its own `cam` (one per
+    /// target), and ONE `tunnel connect` naming both with `--rtsp`; returns the base URL
+    /// the clients use (`rtsp://127.0.0.1:PORT`, then `/cam.home/...` or `/cam.shop/...`).
+    fn tunnel_two_peers(&mut self, targets: [&str; 2]) -> String {
+        let id_c = self.dir.path("connect.pem");
+        let connect_id = peer_id(&id_c);
+        let mut peers = Vec::new();
+        for (name, target) in ["home", "shop"].into_iter().zip(targets) {
+            let id_e = self.dir.path(&format!("{name}.pem"));
+            let mut cmd = self.cmd("s", tunnel_bin());
+            cmd.env("NO_COLOR", "1")
+                .args([
+                    "expose",
+                    "--listen",
+                    "198.51.100.1:0",
+                    "--allow",
+                    &connect_id,
+                ])
+                .arg("--identity")
+                .arg(&id_e)
+                .args(["--service", &format!("cam={target}")]);
+            let e = self.spawn(&format!("tunnel expose {name}"), &mut cmd);
+            let line =
+                self.procs[e].line_matching(|l| l.trim_start().starts_with("tunnel connect "));
+            let peer = line.split_whitespace().nth(2).unwrap().to_owned();
+            peers.push(format!("{name}={peer}"));
+        }
+        let mut cmd = self.cmd("c", tunnel_bin());
+        cmd.env("NO_COLOR", "1").arg("connect");
+        for peer in &peers {
+            cmd.args(["--peer", peer]);
+        }
+        cmd.args(["--rtsp", "127.0.0.1:0", "--identity"]).arg(&id_c);
+        let c = self.spawn("tunnel connect", &mut cmd);
+        let line = self.procs[c].line_matching(|l| l.contains("-> rtsp:"));
+        format!("rtsp://{}", line.split_whitespace().next().unwrap())
+    }
+
     fn logs(&self) -> String {
         self.procs
             .iter()
@@ -207,6 +245,10 @@ impl Lab {
 
     /// ffmpeg in the client namespace decoding `frames` video frames from `url`.
     fn ffmpeg(&self, url: &str, transport: Option<&str>, frames: u32) -> Output {
+        self.ffmpeg_cmd(url, transport, frames).output().unwrap()
+    }
+
+    fn ffmpeg_cmd(&self, url: &str, transport: Option<&str>, frames: u32) -> Command {
         let mut cmd = self.cmd("c", "timeout");
         cmd.args([CLIENT_LIMIT, "ffmpeg", "-nostdin", "-hide_banner"]);
         if let Some(t) = transport {
@@ -221,12 +263,16 @@ impl Lab {
             "null",
             "-",
         ]);
-        cmd.output().unwrap()
+        cmd
     }
 
     /// gst-launch-1.0 with rtspsrc (optionally `protocols=`), ending after `frames` decoded
     /// video frames.
     fn gstreamer(&self, url: &str, protocols: Option<&str>, frames: u32) -> Output {
+        self.gstreamer_cmd(url, protocols, frames).output().unwrap()
+    }
+
+    fn gstreamer_cmd(&self, url: &str, protocols: Option<&str>, frames: u32) -> Command {
         let mut src = format!("rtspsrc location={url} latency=200");
         if let Some(p) = protocols {
             src.push_str(&format!(" protocols={p}"));
@@ -237,7 +283,7 @@ impl Lab {
         let mut cmd = self.cmd("c", "timeout");
         cmd.args([CLIENT_LIMIT, "gst-launch-1.0"])
             .args(pipeline.split_whitespace());
-        cmd.output().unwrap()
+        cmd
     }
 }
 
@@ -343,6 +389,47 @@ fn audio_and_video_play_together_and_digest_authentication_passes() {
         "without credentials the server's 401 reaches the client:\n{}",
         text(&out)
     );
+}
+
+#[test]
+fn one_rtsp_port_reaches_cameras_of_two_peers_at_once_routed_by_path() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(mut lab) = Lab::up("p") else { return };
+    let (home, shop) = (lab.rtsp_server(), lab.rtsp_server());
+    // The shop's camera names its LAN address in its answers: still routed and rebased.
+    let (_, rewriting) = lab.rewriter(shop);
+    let base = lab.tunnel_two_peers([
+        &format!("rtsp://127.0.0.1:{home}"),
+        &format!("rtsp://127.0.0.1:{rewriting}"),
+    ]);
+    // ffmpeg and GStreamer with their defaults (RTP over UDP), at the same time.
+    let piped = |mut cmd: Command| {
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let ffmpeg = piped(lab.ffmpeg_cmd(&format!("{base}/cam.home/test"), None, 50));
+    let gst = piped(lab.gstreamer_cmd(&format!("{base}/cam.shop/test"), None, 50));
+    let (ffmpeg, gst) = (
+        ffmpeg.wait_with_output().unwrap(),
+        gst.wait_with_output().unwrap(),
+    );
+    assert_ffmpeg_played(&lab, "ffmpeg to cam.home", &ffmpeg);
+    assert_gst_played(&lab, "gstreamer to cam.shop", &gst);
+    // The other way round, and a bare name that two peers share is refused with the choices.
+    let out = lab.ffmpeg(&format!("{base}/cam.shop/test"), None, 30);
+    assert_ffmpeg_played(&lab, "ffmpeg to cam.shop", &out);
+    let out = lab.ffmpeg(&format!("{base}/cam/test"), None, 5);
+    assert!(!out.status.success());
+    assert!(
+        lab.logs()
+            .contains("several peers have it: use /cam.home or /cam.shop"),
+        "{}",
+        lab.logs()
+    );
+    let out = lab.ffmpeg(&format!("{base}/nope.home/test"), None, 5);
+    assert!(text(&out).contains("404"), "{}", text(&out));
 }
 
 #[test]

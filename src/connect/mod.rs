@@ -33,7 +33,7 @@ use crate::http::proxy::{HttpCtx, Key, OpenFailure, Routed, Upstream, Upstreams}
 use crate::identity::PeerId;
 use crate::nat::client::RendezvousClient;
 use crate::protocol::catalog::{self, Catalog};
-use crate::protocol::header::{encode_request, Op, OpenRequest, Protocol, Status};
+use crate::protocol::header::{encode_request, Op, OpenRequest, OpenResponse, Protocol, Status};
 use crate::protocol::stream_code;
 use crate::quic::close::describe_close;
 use crate::quic::path::Path;
@@ -296,6 +296,7 @@ impl Session {
             downstream,
             &pc.media,
             &self.node,
+            None,
         )
         .await;
         drop(lease);
@@ -353,6 +354,30 @@ impl Session {
         service: &str,
         client: SocketAddr,
     ) -> Result<Upstream, OpenFailure> {
+        let mut opened = self.open_service(service, client).await?;
+        match (opened.response.protocol, opened.response.http.take()) {
+            (Protocol::Http, Some(http)) => Ok(Upstream {
+                send: opened.send,
+                recv: opened.recv,
+                first: opened.first,
+                http,
+                hold: Box::new(opened.lease),
+            }),
+            (other, _) => Err(opened.refuse(format!(
+                "service {service} of peer {} speaks {other}, not http: declare it as \
+                 http://HOST:PORT on the exposing side, or reach it with --local",
+                self.name
+            ))),
+        }
+    }
+
+    /// A stream to `service`, its response header read (an `Ok` one); the failure says
+    /// what a page or an RTSP answer tells the client (an HTTP-style status).
+    pub(crate) async fn open_service(
+        &self,
+        service: &str,
+        client: SocketAddr,
+    ) -> Result<Opened, OpenFailure> {
         let fail = |status, message: String| OpenFailure { status, message };
         let name: ServiceName = service.parse().map_err(|e: String| fail(404, e))?;
         let (pc, lease) = self.acquire_peer_conn().await.map_err(|e| {
@@ -393,27 +418,14 @@ impl Session {
             }
         };
         self.protocols().insert(name, response.protocol);
-        match (response.protocol, response.http) {
-            (Protocol::Http, Some(http)) => Ok(Upstream {
-                send,
-                recv,
-                first,
-                http,
-                hold: Box::new(lease),
-            }),
-            (other, _) => {
-                let _ = send.reset(stream_code::REFUSED);
-                let _ = recv.stop(stream_code::REFUSED);
-                Err(fail(
-                    502,
-                    format!(
-                        "service {service} of peer {} speaks {other}, not http: declare it as \
-                         http://HOST:PORT on the exposing side, or reach it with --local",
-                        self.name
-                    ),
-                ))
-            }
-        }
+        Ok(Opened {
+            pc,
+            lease,
+            send,
+            recv,
+            response,
+            first,
+        })
     }
 
     /// Each service's protocol, as the exposing side last answered.
@@ -444,6 +456,30 @@ impl Session {
                 down = report.down,
                 "stream aborted: {abort}"
             ),
+        }
+    }
+}
+
+/// An open stream to a service, its response header read.
+pub(crate) struct Opened {
+    pub pc: PeerConn,
+    pub lease: StreamLease,
+    pub send: SendStream,
+    pub recv: RecvStream,
+    pub response: OpenResponse,
+    /// Payload read past the response header.
+    pub first: Bytes,
+}
+
+impl Opened {
+    /// Ends a stream that cannot be used after all (the service speaks another protocol):
+    /// the failure to report.
+    pub fn refuse(mut self, message: String) -> OpenFailure {
+        let _ = self.send.reset(stream_code::REFUSED);
+        let _ = self.recv.stop(stream_code::REFUSED);
+        OpenFailure {
+            status: 502,
+            message,
         }
     }
 }

@@ -1,5 +1,6 @@
 //! `--http ADDR`: one local port for every web service of every named peer, routed by the
-//! request's `Host` (`http::route`), with an index page at `http://localhost:PORT/`.
+//! request's `Host` (`http::route`), with an index page at `http://localhost:PORT/`; and
+//! `--rtsp ADDR`: one port for every camera, routed by the first path segment of the URL.
 //!
 //! Each peer keeps its own [`Session`] (its own connection, dialled on first use, and its own
 //! idle grace); what services a peer has is learned from its catalog, fetched when a name
@@ -7,14 +8,23 @@
 
 use std::fmt::Write;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, info, warn, Instrument};
 
 use super::Session;
 use crate::http::pages::{self, escape};
 use crate::http::proxy::{Key, OpenFailure, Routed, Upstream, Upstreams};
 use crate::http::route::{parse_host, resolve, Host, Resolution};
 use crate::protocol::catalog::{Catalog, Kind};
+use crate::protocol::header::Protocol;
+use crate::protocol::rtsp::{frame, reply, url_base, Head, Item, StartLine};
+use crate::rtsp::policy::Facing;
+use crate::runtime::forward::forward;
+use crate::runtime::NodeCtx;
+use crate::tunnel::splice::{write_tcp, Downstream};
 
 /// How long a fetched catalog is trusted.
 pub const CATALOG_TTL: Duration = Duration::from_secs(5);
@@ -76,8 +86,8 @@ impl Router {
         }
     }
 
-    /// Resolves `name`, fetching what it needs (once).
-    async fn resolve(&self, name: &str) -> Resolution {
+    /// Resolves `name` among the services of protocol `kind`, fetching what it needs (once).
+    async fn resolve(&self, name: &str, kind: Kind) -> Resolution {
         let names: Vec<&str> = self.peers.iter().map(|(n, _)| n.as_str()).collect();
         for _ in 0..2 {
             let known = self.fresh();
@@ -85,7 +95,7 @@ impl Router {
                 .iter()
                 .map(|c| c.as_ref().map(|r| r.as_ref().map_err(String::as_str)))
                 .collect();
-            match resolve(name, &names, &view) {
+            match resolve(name, kind, &names, &view) {
                 Resolution::Need(which) => {
                     let limit = self.peers[which[0]].1.config.connect_timeout;
                     self.fetch(&which, limit).await;
@@ -174,7 +184,7 @@ impl Upstreams for Router {
                 421,
                 &format!("{name:?} is not a name of this port"),
             )),
-            Host::Named(name) => match self.resolve(&name).await {
+            Host::Named(name) => match self.resolve(&name, Kind::Http).await {
                 Resolution::To { peer, service } => Routed::To(Key {
                     peer: self.peers[peer].0.clone(),
                     service,
@@ -211,4 +221,178 @@ impl Upstreams for Router {
         }
         opened
     }
+}
+
+/// How long an RTSP client may take to send its first request head.
+const FIRST_REQUEST: Duration = Duration::from_secs(10);
+
+impl Router {
+    /// One client of `--rtsp`: its first request's first path segment names `SERVICE` or
+    /// `SERVICE.PEER`; the stream to that service then carries the connection through the
+    /// RTSP layer, which takes the segment off every request URL and puts it back into
+    /// every URL the camera answers with.
+    pub(crate) async fn serve_rtsp_client(
+        &self,
+        tcp: TcpStream,
+        client: SocketAddr,
+        node: &NodeCtx,
+    ) {
+        let head = match first_request(&tcp).await {
+            Ok(head) => head,
+            Err(why) => return debug!("rtsp client closed: {why}"),
+        };
+        let StartLine::Request { uri, .. } = &head.start else {
+            return;
+        };
+        let segment = url_base(uri)
+            .map(|base| &uri[base.len()..])
+            .and_then(|path| path.strip_prefix('/'))
+            .and_then(|path| path.split(['/', '?']).next())
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned);
+        let Some(segment) = segment else {
+            let why =
+                "name the camera in the path: rtsp://HOST:PORT/SERVICE/... or /SERVICE.PEER/...";
+            return answer(&tcp, &head, 404, "Not Found", why).await;
+        };
+        let (peer, service) = match self.resolve(&segment, Kind::Rtsp).await {
+            Resolution::To { peer, service } => (peer, service),
+            Resolution::NotFound(why) => return answer(&tcp, &head, 404, "Not Found", &why).await,
+            Resolution::Ambiguous(full) => {
+                let why = format!("several peers have it: use /{}", full.join(" or /"));
+                return answer(&tcp, &head, 404, "Not Found", &why).await;
+            }
+            Resolution::Need(_) => {
+                return answer(
+                    &tcp,
+                    &head,
+                    503,
+                    "Service Unavailable",
+                    "the peers did not answer",
+                )
+                .await
+            }
+        };
+        let (name, session) = &self.peers[peer];
+        tracing::Span::current().record(
+            "service",
+            tracing::field::display(format!("{service}.{name}")),
+        );
+        let opened = match session.open_service(&service, client).await {
+            Ok(opened) => opened,
+            Err(failure) => {
+                warn!(peer = %name, %service, "{}", failure.message);
+                let reason = if failure.status == 404 {
+                    "Not Found"
+                } else {
+                    "Service Unavailable"
+                };
+                let status = if failure.status == 404 { 404 } else { 503 };
+                return answer(&tcp, &head, status, reason, &failure.message).await;
+            }
+        };
+        let Protocol::Rtsp(_) = opened.response.protocol else {
+            let why = format!("service {service} of peer {name} is not an RTSP service");
+            let _ = opened.refuse(why.clone());
+            return answer(&tcp, &head, 404, "Not Found", &why).await;
+        };
+        let protocol = opened.response.protocol;
+        let report = forward(
+            protocol,
+            Facing::Client,
+            (tcp, opened.send, opened.recv),
+            Downstream::Payload(opened.first),
+            &opened.pc.media,
+            node,
+            Some(format!("/{segment}")),
+        )
+        .await;
+        drop(opened.lease);
+        match report.abort {
+            None => debug!(up = report.up, down = report.down, "rtsp connection closed"),
+            Some(abort) => info!(
+                up = report.up,
+                down = report.down,
+                "rtsp connection aborted: {abort}"
+            ),
+        }
+    }
+}
+
+/// Peeks (without consuming: the RTSP layer reads it again) until the socket holds a whole
+/// first request head.
+async fn first_request(tcp: &TcpStream) -> Result<Head, String> {
+    let mut buf = vec![0u8; 16 * 1024];
+    let deadline = tokio::time::Instant::now() + FIRST_REQUEST;
+    loop {
+        let n = tokio::time::timeout_at(deadline, tcp.peek(&mut buf))
+            .await
+            .map_err(|_| format!("no request within {FIRST_REQUEST:?}"))?
+            .map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("closed before a request".into());
+        }
+        match frame(&buf[..n]) {
+            Ok(Some(Item::Message { head, .. })) => {
+                return Head::parse(&buf[..head]).map_err(|e| e.to_string())
+            }
+            Ok(Some(_)) => return Err("the first bytes are not an RTSP request".into()),
+            Ok(None) if n == buf.len() => return Err("the first request head is too large".into()),
+            Ok(None) => {
+                // Part of a head: peek returns at once while nothing new came; wait a little.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+/// Answers the client's first request with `status` and why, then closes.
+async fn answer(tcp: &TcpStream, head: &Head, status: u16, reason: &str, why: &str) {
+    warn!(status, "rtsp client refused: {why}");
+    let mut out = reply(head, status, reason);
+    // The reason for a person reading the player's log, in the reply's own text.
+    if let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n") {
+        let note = format!("\r\nX-Tunnel-Error: {}", why.replace(['\r', '\n'], " "));
+        out.splice(end..end, note.into_bytes());
+    }
+    // Consume what was only peeked, so the close is a FIN, not a reset.
+    let mut sink = vec![0u8; 16 * 1024];
+    let _ = tcp.try_read(&mut sink);
+    let _ = write_tcp(tcp, &out).await;
+    let _ = socket2::SockRef::from(tcp).shutdown(std::net::Shutdown::Write);
+}
+
+/// Serves `--rtsp`: every RTSP service of every peer on one listener, routed by path.
+pub(crate) async fn serve_rtsp(router: Arc<Router>, listener: TcpListener, node: NodeCtx) {
+    let local = listener
+        .local_addr()
+        .map_or_else(|e| e.to_string(), |a| a.to_string());
+    info!(%local, "listening for RTSP services");
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            () = node.stop.cancelled() => break,
+        };
+        match accepted {
+            Ok((tcp, client)) => {
+                let _ = tcp.set_nodelay(true);
+                let router = router.clone();
+                let ctx = node.clone();
+                let span = tracing::info_span!("rtsp", %client, service = tracing::field::Empty);
+                node.tasks.spawn(
+                    async move {
+                        let _live = ctx.stats.stream();
+                        router.serve_rtsp_client(tcp, client, &ctx).await;
+                    }
+                    .instrument(span),
+                );
+            }
+            Err(e) => {
+                tracing::error!(%local, "accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    debug!(%local, "listener closed");
 }

@@ -321,6 +321,7 @@ impl Expose {
                     downstream,
                     &media,
                     &self.node,
+                    None,
                 )
                 .await
             }

@@ -70,12 +70,18 @@ pub enum Resolution {
     Ambiguous(Vec<String>),
 }
 
-/// Resolves `NAME` (from `NAME.localhost`) against the peers and their catalogs.
+/// Resolves `NAME` (from `NAME.localhost`, or the first path segment of an RTSP URL) against
+/// the peers and their catalogs, among their services of protocol `kind`.
 pub fn resolve(
     name: &str,
+    kind: Kind,
     peers: &[&str],
     catalogs: &[Option<Result<&Catalog, &str>>],
 ) -> Resolution {
+    let what = match kind {
+        Kind::Rtsp => "RTSP service",
+        _ => "web service",
+    };
     // SERVICE.PEER: the last label names a peer.
     if let Some((service, peer)) = name.rsplit_once('.') {
         if let Some(p) = peers.iter().position(|n| n.eq_ignore_ascii_case(peer)) {
@@ -86,13 +92,13 @@ pub fn resolve(
                     peer: p,
                     service: service.to_owned(),
                 },
-                Some(Ok(catalog)) => match find(catalog, service) {
+                Some(Ok(catalog)) => match find(catalog, kind, service) {
                     Some(exact) => Resolution::To {
                         peer: p,
                         service: exact,
                     },
                     None => Resolution::NotFound(format!(
-                        "peer {} has no web service named {service:?}",
+                        "peer {} has no {what} named {service:?}",
                         peers[p]
                     )),
                 },
@@ -110,12 +116,12 @@ pub fn resolve(
         .iter()
         .enumerate()
         .filter_map(|(p, c)| match c {
-            Some(Ok(catalog)) => find(catalog, name).map(|s| (p, s)),
+            Some(Ok(catalog)) => find(catalog, kind, name).map(|s| (p, s)),
             _ => None,
         })
         .collect();
     match found.as_slice() {
-        [] => Resolution::NotFound(format!("no peer has a web service named {name:?}")),
+        [] => Resolution::NotFound(format!("no peer has a {what} named {name:?}")),
         [(peer, service)] => Resolution::To {
             peer: *peer,
             service: service.clone(),
@@ -129,12 +135,12 @@ pub fn resolve(
     }
 }
 
-/// The exact name of `catalog`'s HTTP service called `name` (any case).
-fn find(catalog: &Catalog, name: &str) -> Option<String> {
+/// The exact name of `catalog`'s service of protocol `kind` called `name` (any case).
+fn find(catalog: &Catalog, kind: Kind, name: &str) -> Option<String> {
     catalog
         .services
         .iter()
-        .find(|e| e.protocol == Kind::Http && e.name.eq_ignore_ascii_case(name))
+        .find(|e| e.protocol == kind && e.name.eq_ignore_ascii_case(name))
         .map(|e| e.name.clone())
 }
 
@@ -188,21 +194,36 @@ mod tests {
         let peers = ["home", "shop"];
         let known = [Some(Ok(&home)), None];
         assert_eq!(
-            resolve("nas.home", &peers, &known),
+            resolve("nas.home", Kind::Http, &peers, &known),
             Resolution::To {
                 peer: 0,
                 service: "NAS".into()
             }
         );
         assert!(matches!(
-            resolve("cam.home", &peers, &known),
+            resolve("cam.home", Kind::Http, &peers, &known),
             Resolution::NotFound(_)
         ));
-        assert_eq!(resolve("x.shop", &peers, &known), Resolution::Need(vec![1]));
+        assert_eq!(
+            resolve("CAM.home", Kind::Rtsp, &peers, &known),
+            Resolution::To {
+                peer: 0,
+                service: "cam".into()
+            }
+        );
+        assert_eq!(
+            resolve("x.shop", Kind::Http, &peers, &known),
+            Resolution::Need(vec![1])
+        );
         // A dotted service name: the last label is the peer.
         let dotted = catalog(&[("web.v2", Kind::Http)]);
         assert_eq!(
-            resolve("web.v2.home", &peers, &[Some(Ok(&dotted)), None]),
+            resolve(
+                "web.v2.home",
+                Kind::Http,
+                &peers,
+                &[Some(Ok(&dotted)), None]
+            ),
             Resolution::To {
                 peer: 0,
                 service: "web.v2".into()
@@ -216,29 +237,29 @@ mod tests {
         let shop = catalog(&[("ui", Kind::Http)]);
         let peers = ["home", "shop"];
         assert_eq!(
-            resolve("nas", &peers, &[Some(Ok(&home)), None]),
+            resolve("nas", Kind::Http, &peers, &[Some(Ok(&home)), None]),
             Resolution::Need(vec![1])
         );
         let both = [Some(Ok(&home)), Some(Ok(&shop))];
         assert_eq!(
-            resolve("nas", &peers, &both),
+            resolve("nas", Kind::Http, &peers, &both),
             Resolution::To {
                 peer: 0,
                 service: "nas".into()
             }
         );
         assert_eq!(
-            resolve("ui", &peers, &both),
+            resolve("ui", Kind::Http, &peers, &both),
             Resolution::Ambiguous(vec!["ui.home".into(), "ui.shop".into()])
         );
         assert!(matches!(
-            resolve("none", &peers, &both),
+            resolve("none", Kind::Http, &peers, &both),
             Resolution::NotFound(_)
         ));
         // An offline peer does not block the others.
         let offline = [Some(Ok(&home)), Some(Err("offline"))];
         assert_eq!(
-            resolve("ui", &peers, &offline),
+            resolve("ui", Kind::Http, &peers, &offline),
             Resolution::To {
                 peer: 0,
                 service: "ui".into()

@@ -178,6 +178,15 @@ impl Node {
         ));
     }
 
+    /// Serves `--rtsp`: every RTSP service of the router's peers on one listener.
+    pub fn serve_rtsp(&self, router: Arc<Router>, listener: TcpListener) {
+        self.ctx.tasks.spawn(crate::connect::router::serve_rtsp(
+            router,
+            listener,
+            self.ctx.clone(),
+        ));
+    }
+
     /// Drains and stops: stop accepting, let live streams finish for up to `drain`, reset the
     /// rest, close every connection with a reason, and wait for every task.
     pub async fn shutdown(self, drain: Duration) {

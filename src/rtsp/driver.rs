@@ -46,6 +46,8 @@ const READ: usize = 64 * 1024;
 /// What the layer needs besides the socket and the stream.
 pub struct RtspCtx {
     pub facing: Facing,
+    /// The client-facing peer's routing prefix on `--rtsp` (`/cam.shop`), if any.
+    pub prefix: Option<String>,
     pub udp: RtspUdp,
     pub mux: Arc<MediaMux>,
     pub stats: Arc<Stats>,
@@ -103,7 +105,7 @@ pub async fn splice_rtsp(
         }
     };
     let stats = ctx.stats.clone();
-    let (facing, udp) = (ctx.facing, ctx.udp);
+    let (facing, udp, prefix) = (ctx.facing, ctx.udp, ctx.prefix.clone());
     let (mut up, mut down) = (0u64, 0u64);
     let result = {
         let layer = Layer {
@@ -114,7 +116,7 @@ pub async fn splice_rtsp(
             tcp_lock: tokio::sync::Mutex::new(()),
             send: tokio::sync::Mutex::new(&mut send),
             state: Mutex::new(State {
-                policy: Policy::new(facing, udp, near_ip),
+                policy: Policy::new(facing, udp, near_ip).with_prefix(prefix),
                 live: Vec::new(),
             }),
         };

@@ -136,8 +136,12 @@ pub struct Policy<F> {
     /// The socket's peer (the RTSP client or server): whom the flows send to by default.
     near_ip: IpAddr,
     sessions: Sessions<Flow<F>>,
-    /// `rtsp://host:port` as the client wrote it: where rewritten URLs point.
+    /// `rtsp://host:port` as the client wrote it (with the routing prefix, if any): where
+    /// rewritten URLs point.
     base: Option<String>,
+    /// The client-facing peer's routing prefix (`/cam.shop` on `--rtsp`): taken off request
+    /// URLs before the server sees them, put back into the URLs of its answers.
+    prefix: Option<String>,
 }
 
 impl<F: FlowHandle> Policy<F> {
@@ -148,7 +152,15 @@ impl<F: FlowHandle> Policy<F> {
             near_ip,
             sessions: Sessions::default(),
             base: None,
+            prefix: None,
         }
+    }
+
+    /// Routes by path on the client-facing peer: the server sees its own paths, the client
+    /// stays under `prefix` (`/SERVICE` or `/SERVICE.PEER`).
+    pub fn with_prefix(mut self, prefix: Option<String>) -> Policy<F> {
+        self.prefix = prefix;
+        self
     }
 
     /// One complete message travelling `toward` one end: its parsed head, then its body.
@@ -161,7 +173,7 @@ impl<F: FlowHandle> Policy<F> {
         flows: &mut impl Flows<Flow = F>,
     ) -> Decision {
         match (head.method().is_some(), toward) {
-            (true, Toward::Server) => self.request(&mut head, now, flows),
+            (true, Toward::Server) => self.request(&mut head, body, now, flows),
             (false, Toward::Client) => self.response(&mut head, body, now).into(),
             // A request from the server (ANNOUNCE, GET_PARAMETER...), or the client's answer
             // to one: as it is.
@@ -191,18 +203,52 @@ impl<F: FlowHandle> Policy<F> {
     fn request(
         &mut self,
         head: &mut Head,
+        body: &[u8],
+        now: Instant,
+        flows: &mut impl Flows<Flow = F>,
+    ) -> Decision {
+        let stripped = self.facing == Facing::Client && self.learn_base(head);
+        let mut decision = self.decide_request(head, now, flows);
+        if stripped && matches!(decision.action, Action::Pass) {
+            let mut out = head.encode();
+            out.extend_from_slice(body);
+            decision.action = Action::Replace(out);
+        }
+        decision
+    }
+
+    /// Records the client's base from a request URL and takes the routing prefix off it;
+    /// whether the URL changed.
+    fn learn_base(&mut self, head: &mut Head) -> bool {
+        let StartLine::Request { uri, .. } = &mut head.start else {
+            return false;
+        };
+        let Some(base) = url_base(uri).map(str::to_owned) else {
+            return false;
+        };
+        let Some(prefix) = &self.prefix else {
+            self.base = Some(base);
+            return false;
+        };
+        let rest = strip_path_prefix(&uri[base.len()..], prefix).map(|r| r.into_owned());
+        self.base = Some(format!("{base}{prefix}"));
+        match rest {
+            Some(rest) => {
+                *uri = format!("{base}{rest}");
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn decide_request(
+        &mut self,
+        head: &mut Head,
         now: Instant,
         flows: &mut impl Flows<Flow = F>,
     ) -> Decision {
         if let Some((session, _)) = head.session() {
             self.sessions.touch(session, now);
-        }
-        if self.facing == Facing::Client {
-            if let StartLine::Request { uri, .. } = &head.start {
-                if let Some(base) = url_base(uri) {
-                    self.base = Some(base.to_owned());
-                }
-            }
         }
         let method = head.method().unwrap_or_default().to_ascii_uppercase();
         match method.as_str() {
@@ -419,6 +465,18 @@ impl<F: FlowHandle> Policy<F> {
 /// `461 Unsupported Transport`: the client falls back to interleaved TCP at once.
 fn unsupported(head: &Head, why: Unsupported) -> Decision {
     Decision::reply(head, 461, "Unsupported Transport", Note::Unsupported(why))
+}
+
+/// `path` without the leading `prefix` segment: `/cam.shop/s1` → `/s1`, `/cam.shop` → `/`,
+/// `/cam.shop?x` → `/?x`; `None` when the path is not under it.
+fn strip_path_prefix<'a>(path: &'a str, prefix: &str) -> Option<std::borrow::Cow<'a, str>> {
+    let rest = path.strip_prefix(prefix)?;
+    match rest.as_bytes().first() {
+        None => Some("/".into()),
+        Some(b'/') => Some(rest.into()),
+        Some(b'?') => Some(format!("/{rest}").into()),
+        Some(_) => None,
+    }
 }
 
 #[cfg(test)]
@@ -909,6 +967,44 @@ mod tests {
             server.response(answer.as_bytes(), t0()).action,
             Action::Pass
         );
+    }
+
+    #[test]
+    fn a_routing_prefix_is_taken_off_requests_and_put_back_into_answers() {
+        let mut client = Peer::client_facing(RtspUdp::Datagram);
+        client.policy = Policy::new(Facing::Client, RtspUdp::Datagram, PLAYER)
+            .with_prefix(Some("/cam.shop".into()));
+        let describe =
+            b"DESCRIBE rtsp://127.0.0.1:8554/cam.shop/stream1 RTSP/1.0\r\nCSeq: 2\r\n\r\n";
+        let out = replaced(client.request(describe, t0()));
+        assert!(
+            text(&out).starts_with("DESCRIBE rtsp://127.0.0.1:8554/stream1 RTSP/1.0\r\n"),
+            "{}",
+            text(&out)
+        );
+        // The camera answers with its own URL, or with the one it was sent: both come back
+        // under the prefix.
+        for base in [
+            "rtsp://192.168.1.10:554/stream1/",
+            "rtsp://127.0.0.1:8554/stream1/",
+        ] {
+            let answer = format!("RTSP/1.0 200 OK\r\nCSeq: 2\r\nContent-Base: {base}\r\n\r\n");
+            let out = replaced(client.response(answer.as_bytes(), t0()));
+            assert_eq!(
+                head_of(&out).get("Content-Base"),
+                Some("rtsp://127.0.0.1:8554/cam.shop/stream1/")
+            );
+        }
+        // A body travels with its rewritten head; the bare prefix is the server's root.
+        let set = b"SET_PARAMETER rtsp://127.0.0.1:8554/cam.shop RTSP/1.0\r\nCSeq: 3\r\nContent-Length: 4\r\n\r\nx: 1";
+        let out = replaced(client.request(set, t0()));
+        assert!(text(&out).starts_with("SET_PARAMETER rtsp://127.0.0.1:8554/ RTSP/1.0\r\n"));
+        assert!(text(&out).ends_with("\r\n\r\nx: 1"));
+        // A path outside the prefix and `*` pass as they are.
+        let other = b"OPTIONS rtsp://127.0.0.1:8554/cam.shopping RTSP/1.0\r\nCSeq: 4\r\n\r\n";
+        assert_eq!(client.request(other, t0()).action, Action::Pass);
+        let star = b"OPTIONS * RTSP/1.0\r\nCSeq: 5\r\n\r\n";
+        assert_eq!(client.request(star, t0()).action, Action::Pass);
     }
 
     #[test]

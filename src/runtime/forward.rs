@@ -18,7 +18,8 @@ use crate::tunnel::splice::{splice, Downstream, Report};
 
 /// Forwards between `tcp` and the stream until both directions end or one aborts (or the
 /// node aborts). `facing` says which end of the conversation `tcp` is; `media` is the
-/// connection's media mux (for RTSP's UDP flows).
+/// connection's media mux (for RTSP's UDP flows); `prefix` is the RTSP layer's routing prefix
+/// on `--rtsp` (the client-facing side only).
 ///
 /// Not an `async fn`: the future it returns is the layer's own (in an `Either`), so an idle
 /// stream's task holds no second copy of the sockets. An `async fn` wrapper keeps its
@@ -32,6 +33,7 @@ pub(crate) fn forward(
     downstream: Downstream,
     media: &Arc<MediaMux>,
     node: &NodeCtx,
+    prefix: Option<String>,
 ) -> impl Future<Output = Report> {
     let cancel = node.abort.clone();
     match protocol {
@@ -40,6 +42,7 @@ pub(crate) fn forward(
         Protocol::Rtsp(udp) => {
             let ctx = RtspCtx {
                 facing,
+                prefix,
                 udp,
                 mux: media.clone(),
                 stats: node.stats.clone(),
