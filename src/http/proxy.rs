@@ -31,13 +31,15 @@ use super::{pages, route};
 use crate::protocol::header::HttpService;
 use crate::protocol::http::{
     is_upgrade, keeps_alive_request, keeps_alive_response, parse_request, parse_response,
-    request_body, response_body, BodyKind, BodyTracker, HeadError, RequestHead,
+    request_body, response_body, BodyKind, BodyTracker, HeadError, RequestHead, MAX_HEAD,
 };
 use crate::protocol::stream_code;
 use crate::tunnel::splice::{ignore_not_connected, reset_tcp, write_tcp, Abort, CHUNK};
 
 /// How long a request head may take from its first byte to its last.
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// Orders the request half may be ahead of the response half (pipelined requests, pages).
+const PENDING: usize = 16;
 /// How long a retired stream may take to end after its last response.
 const RETIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -136,7 +138,7 @@ pub async fn serve<U: Upstreams>(
     let local = tcp
         .local_addr()
         .map_or_else(|_| "localhost".to_owned(), |a| a.to_string());
-    let (orders, inbox) = mpsc::unbounded_channel();
+    let (orders, inbox) = mpsc::channel(PENDING);
     // Ends the request half at its next head: the node stops, or the connection closes.
     let closing = ctx.stop.child_token();
     let requests = Requests {
@@ -204,29 +206,40 @@ struct Requests<'a, U> {
     /// The listener's address: the local name when a request has no `Host`.
     local: String,
     upstreams: &'a U,
-    orders: mpsc::UnboundedSender<Order>,
+    orders: mpsc::Sender<Order>,
     stop: &'a CancellationToken,
 }
 
 impl<U: Upstreams> Requests<'_, U> {
-    async fn run(self, mut ready: Option<(Key, Upstream)>) -> Result<(), Abort> {
+    /// Serves the client's requests until it ends, or the connection closes; then hands the
+    /// current stream to the response half, which ends it once every answer is out. (On an
+    /// abort the stream is reset instead, as `Sending` drops.)
+    async fn run(self, ready: Option<(Key, Upstream)>) -> Result<(), Abort> {
+        let mut send = Sending(None);
+        self.requests(ready, &mut send).await?;
+        self.order(Order::End(send.take())).await;
+        Ok(())
+    }
+
+    async fn requests(
+        &self,
+        mut ready: Option<(Key, Upstream)>,
+        send: &mut Sending,
+    ) -> Result<(), Abort> {
         let mut buf = BytesMut::new();
         // The stream requests go to now, for which key and local name.
         let mut current: Option<(Key, Names)> = None;
-        let mut send = Sending(None);
         loop {
             let mut head = match self.read_head(&mut buf).await? {
                 Head::Request(head) => head,
-                Head::End => {
-                    self.order(Order::End(send.take()));
-                    return Ok(());
-                }
+                Head::End => return Ok(()),
                 Head::Bad(status, why) => {
                     debug!(status, "bad request from the client: {why}");
                     self.order(Order::Page {
                         page: pages::error(status, &why),
                         close: true,
-                    });
+                    })
+                    .await;
                     return Ok(());
                 }
             };
@@ -236,7 +249,8 @@ impl<U: Upstreams> Requests<'_, U> {
                     self.order(Order::Page {
                         page: pages::error(400, &e.to_string()),
                         close: true,
-                    });
+                    })
+                    .await;
                     return Ok(());
                 }
             };
@@ -249,7 +263,8 @@ impl<U: Upstreams> Requests<'_, U> {
                 self.order(Order::Page {
                     page: pages::error(421, &why),
                     close: true,
-                });
+                })
+                .await;
                 return Ok(());
             }
             let key = match &ready {
@@ -259,7 +274,7 @@ impl<U: Upstreams> Requests<'_, U> {
                     Routed::Page(page) => {
                         // Our own pages have no use for a body: close rather than read it.
                         let close = !keeps_alive_request(&head) || body != BodyKind::None;
-                        self.order(Order::Page { page, close });
+                        self.order(Order::Page { page, close }).await;
                         if close {
                             return Ok(());
                         }
@@ -279,7 +294,8 @@ impl<U: Upstreams> Requests<'_, U> {
                             self.order(Order::Page {
                                 page: pages::error(failure.status, &failure.message),
                                 close: true,
-                            });
+                            })
+                            .await;
                             return Ok(());
                         }
                     },
@@ -291,7 +307,7 @@ impl<U: Upstreams> Requests<'_, U> {
                     Some(upstream.http.host.clone()),
                     upstream.http.forwarded,
                 );
-                let retired = std::mem::replace(&mut send, Sending(Some(upstream.send))).take();
+                let retired = std::mem::replace(send, Sending(Some(upstream.send))).take();
                 self.order(Order::Switch {
                     recv: upstream.recv,
                     first: upstream.first,
@@ -299,7 +315,8 @@ impl<U: Upstreams> Requests<'_, U> {
                     key: key.clone(),
                     names: names.clone(),
                     retired,
-                });
+                })
+                .await;
                 current = Some((key, names));
             }
             let (Some((_, names)), Some(stream)) = (&current, send.0.as_mut()) else {
@@ -322,7 +339,8 @@ impl<U: Upstreams> Requests<'_, U> {
                 upgrade: tell,
                 started: crate::time::now(),
                 last,
-            }));
+            }))
+            .await;
             stream
                 .write_chunk(Bytes::from(head.encode()))
                 .await
@@ -337,7 +355,6 @@ impl<U: Upstreams> Requests<'_, U> {
                 // The client's last request (`Connection: close`): the device gets its FIN
                 // once the response half closed the connection after the answer.
                 self.stop.cancelled().await;
-                self.order(Order::End(send.take()));
                 return Ok(());
             }
         }
@@ -345,9 +362,11 @@ impl<U: Upstreams> Requests<'_, U> {
 }
 
 impl<U> Requests<'_, U> {
-    fn order(&self, order: Order) {
+    /// Waits while [`PENDING`] orders are not carried out yet: a client pipelining requests
+    /// faster than they are answered is held back, not queued without end.
+    async fn order(&self, order: Order) {
         // The response half is gone only when the connection ends: nothing left to tell.
-        let _ = self.orders.send(order);
+        let _ = self.orders.send(order).await;
     }
 
     /// Reads the next request head: the end between requests (client FIN, or the node
@@ -424,7 +443,7 @@ impl<U> Requests<'_, U> {
 
     /// After a `101`: the rest of the client's bytes go to the stream as they are; its FIN
     /// becomes the stream's.
-    async fn raw(&self, buf: &mut BytesMut, mut send: Sending) -> Result<(), Abort> {
+    async fn raw(&self, buf: &mut BytesMut, send: &mut Sending) -> Result<(), Abort> {
         let Some(stream) = send.0.as_mut() else {
             return Ok(());
         };
@@ -437,7 +456,6 @@ impl<U> Requests<'_, U> {
             }
             if read_some(self.tcp, buf).await.map_err(Abort::Local)? == 0 {
                 let _ = stream.finish();
-                self.order(Order::End(send.take()));
                 return Ok(());
             }
         }
@@ -484,7 +502,7 @@ struct Responses<'a> {
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 impl Responses<'_> {
-    async fn run(mut self, mut inbox: mpsc::UnboundedReceiver<Order>) -> Result<(), Abort> {
+    async fn run(mut self, mut inbox: mpsc::Receiver<Order>) -> Result<(), Abort> {
         let mut send_of_current: Option<SendStream> = None;
         let mut raw = false;
         loop {
@@ -732,13 +750,10 @@ impl Current {
 async fn idle_end(current: &mut Option<Current>) -> Result<(), Abort> {
     match current {
         Some(cur) if !cur.ended => {
-            while !cur.ended {
+            // Unasked bytes (e.g. a 408 before the device closes) are held for the close that
+            // usually follows; a device that keeps talking unasked is cut off at MAX_HEAD.
+            while !cur.ended && cur.buf.len() < MAX_HEAD {
                 cur.fill().await?;
-                if !cur.buf.is_empty() && !cur.ended {
-                    // Unasked bytes (e.g. a 408 before the device closes): hold them; the
-                    // close that usually follows ends the connection.
-                    continue;
-                }
             }
             Ok(())
         }

@@ -61,6 +61,12 @@ impl PairBuilder {
         self
     }
 
+    /// A service written as in the rules (`http://HOST:PORT`, `rtsp://...`).
+    pub fn service_url(mut self, name: &str, target: &str) -> Self {
+        self.services.push((name.into(), target.into()));
+        self
+    }
+
     pub fn session(mut self, f: impl FnOnce(&mut SessionConfig)) -> Self {
         f(&mut self.session);
         self
