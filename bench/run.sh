@@ -12,7 +12,8 @@ command -v dumbpipe >/dev/null || cargo install --locked dumbpipe
 # Real programs for the media part and the NAT lab.
 need=()
 for pkg in ffmpeg gstreamer1.0-rtsp gir1.2-gst-rtsp-server-1.0 python3-gi gstreamer1.0-plugins-ugly \
-           gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-libav curl iproute2 nftables ethtool; do
+           gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-libav curl iproute2 nftables ethtool \
+           chromium nginx-light; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -31,6 +32,9 @@ done
 # RTSP: first frame per client and mode (docs/bench/rtsp.md).
 cargo build --release
 python3 bench/rtsp_bench.py target/release/tunnel
+# Web: a 60-asset page in headless Chromium over 20 ms + 1% loss: direct, --http, a byte
+# service, rathole (docs/bench/http.md).
+python3 bench/http_bench.py target/release/tunnel
 # Every fuzz target, 10 million executions each (docs/protocol.md, "Fuzzing").
 bash fuzz/run.sh 10000000 | tee docs/bench/fuzz.log
 python3 bench/charts.py

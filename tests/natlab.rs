@@ -53,18 +53,22 @@ struct Lab {
 
 impl Lab {
     fn up(tag: &str, mode_a: &str, mode_b: &str, loss: u32, delay_ms: u32) -> Lab {
+        let (loss, delay_ms) = (loss.to_string(), delay_ms.to_string());
+        Lab::with_args(tag, &[mode_a, mode_b, &loss, &delay_ms])
+    }
+
+    /// Three hosts, hA, hB and hC, each behind a NAT of its mode; no loss, no delay.
+    fn up3(tag: &str, [mode_a, mode_b, mode_c]: [&str; 3]) -> Lab {
+        Lab::with_args(tag, &[mode_a, mode_b, "0", "0", mode_c])
+    }
+
+    /// `lab.sh up PREFIX ARGS...`
+    fn with_args(tag: &str, args: &[&str]) -> Lab {
         let prefix = format!("tl{}{tag}", std::process::id() % 100_000);
         let lab = Lab { prefix };
         let out = Command::new("bash")
-            .args([
-                LAB,
-                "up",
-                &lab.prefix,
-                mode_a,
-                mode_b,
-                &loss.to_string(),
-                &delay_ms.to_string(),
-            ])
+            .args([LAB, "up", &lab.prefix])
+            .args(args)
             .output()
             .unwrap();
         assert!(
@@ -124,43 +128,9 @@ impl Running {
         std::fs::create_dir_all(dir.path("www")).unwrap();
         std::fs::write(dir.path("www/blob"), &body).unwrap();
         let rendezvous = start_rendezvous(&lab, &dir);
-        let http = Proc::spawn(
-            "http server",
-            lab.cmd("hB", "python3")
-                .args([
-                    "-u",
-                    "-m",
-                    "http.server",
-                    "8000",
-                    "--bind",
-                    "127.0.0.1",
-                    "--directory",
-                ])
-                .arg(dir.path("www")),
-        );
-        http.line_matching(|l| l.contains("Serving HTTP"));
+        let http = http_server(&lab, "hB", &dir.path("www"));
         let id_a = peer_id(&dir.path("a.pem"));
-        let expose = Proc::spawn(
-            "expose",
-            lab.cmd("hB", tunnel_bin())
-                .args([
-                    "expose",
-                    "--listen",
-                    "0.0.0.0:4433",
-                    "--rendezvous",
-                    RENDEZVOUS,
-                ])
-                .args([
-                    "--service",
-                    "web=127.0.0.1:8000",
-                    "--allow",
-                    &id_a,
-                    "--identity",
-                ])
-                .arg(dir.path("b.pem")),
-        );
-        let line = expose.line_matching(|l| l.trim_start().starts_with("tunnel connect "));
-        let id_b = line.split_whitespace().nth(2).unwrap().to_owned();
+        let (expose, id_b) = expose(&lab, "hB", "web=127.0.0.1:8000", &id_a, &dir.path("b.pem"));
         let connect = Proc::spawn(
             "connect",
             lab.cmd("hA", tunnel_bin())
@@ -246,6 +216,47 @@ fn start_rendezvous(lab: &Lab, dir: &TempDir) -> Proc {
     );
     rendezvous.line_matching(|l| l.starts_with("rendezvous listening"));
     rendezvous
+}
+
+/// Python's HTTP server in namespace `host` on 127.0.0.1:8000, serving `www`; ready.
+fn http_server(lab: &Lab, host: &str, www: &Path) -> Proc {
+    let http = Proc::spawn(
+        &format!("http server in {host}"),
+        lab.cmd(host, "python3")
+            .args([
+                "-u",
+                "-m",
+                "http.server",
+                "8000",
+                "--bind",
+                "127.0.0.1",
+                "--directory",
+            ])
+            .arg(www),
+    );
+    http.line_matching(|l| l.contains("Serving HTTP"));
+    http
+}
+
+/// `tunnel expose` in namespace `host` of `service`, registered with the rendezvous and
+/// allowing `allow`: the process and its peer id.
+fn expose(lab: &Lab, host: &str, service: &str, allow: &str, identity: &Path) -> (Proc, String) {
+    let expose = Proc::spawn(
+        &format!("expose in {host}"),
+        lab.cmd(host, tunnel_bin())
+            .args([
+                "expose",
+                "--listen",
+                "0.0.0.0:4433",
+                "--rendezvous",
+                RENDEZVOUS,
+            ])
+            .args(["--service", service, "--allow", allow, "--identity"])
+            .arg(identity),
+    );
+    let line = expose.line_matching(|l| l.trim_start().starts_with("tunnel connect "));
+    let id = line.split_whitespace().nth(2).unwrap().to_owned();
+    (expose, id)
 }
 
 /// Runs one scenario: one 2 MB fetch, made on demand; returns the path and the first byte.
@@ -486,6 +497,194 @@ fn a_relayed_session_moves_to_a_direct_path_once_one_exists() {
     if lab_available() {
         relay_then_direct("up", Opening::AtTheBackgroundPunch);
     }
+}
+
+/// Two exposing peers, `home` in hB and `shop` in hC, each behind its own port-restricted
+/// cone NAT and each in front of its own web server, and ONE `tunnel connect` in hA naming
+/// both, with `--http`: each host name returns its own file, both downloads at once; the
+/// index shows both peers online; A made one direct connection to each peer, and no other.
+#[test]
+fn one_connect_reaches_two_peers_each_behind_its_own_nat() {
+    if !lab_available() {
+        return;
+    }
+    // Locals drop in reverse order: the processes, then the files, then the namespaces.
+    let lab = Lab::up3("mp", ["cone", "cone", "cone"]);
+    let dir = TempDir::new("natlab-mp");
+    let rendezvous = start_rendezvous(&lab, &dir);
+    let id_a = peer_id(&dir.path("a.pem"));
+    // (name, host, its NAT's WAN address, the file it serves); sizes differ, so do bytes.
+    let peers = [
+        ("home", "hB", "198.51.100.20", random_bytes(3 << 20)),
+        (
+            "shop",
+            "hC",
+            "198.51.100.40",
+            random_bytes((3 << 20) + 12_345),
+        ),
+    ];
+    let mut procs = vec![rendezvous];
+    let mut ids = Vec::new();
+    for (name, host, _, body) in &peers {
+        let www = dir.path(&format!("www-{name}"));
+        std::fs::create_dir_all(&www).unwrap();
+        std::fs::write(www.join("blob"), body).unwrap();
+        procs.push(http_server(&lab, host, &www));
+        let identity = dir.path(&format!("{name}.pem"));
+        let (expose, id) = expose(&lab, host, "web=http://127.0.0.1:8000", &id_a, &identity);
+        procs.push(expose);
+        ids.push(id);
+    }
+    let connect = Proc::spawn(
+        "connect",
+        lab.cmd("hA", tunnel_bin())
+            .args(["connect", "--rendezvous", RENDEZVOUS])
+            .args(["--peer", &format!("home={}", ids[0])])
+            .args(["--peer", &format!("shop={}", ids[1])])
+            .args(["--http", "127.0.0.1:0", "--identity"])
+            .arg(dir.path("a.pem")),
+    );
+    let line = connect.line_matching(|l| l.contains("-> http:"));
+    let port: u16 = line
+        .split_whitespace()
+        .next()
+        .and_then(|a| a.rsplit_once(':'))
+        .and_then(|(_, p)| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {line:?}"));
+    let logs = || {
+        let mut all = format!("--- connect ---\n{}", connect.stderr());
+        for p in &procs {
+            all.push_str(&format!("--- {} ---\n{}", p.name, p.stderr()));
+        }
+        all
+    };
+    let curl = |host: &str, path: &str, out: &str, extra: &[&str]| {
+        lab.cmd("hA", "curl")
+            .args(["-sS", "--fail", "--max-time", "60", "-w", "%{time_total}"])
+            .args(extra)
+            .args(["--resolve", &format!("{host}:{port}:127.0.0.1"), "-o"])
+            .arg(dir.path(out))
+            .arg(format!("http://{host}:{port}{path}"))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+
+    // Both downloads at once, each on demand: the two sessions dial (punch) together, and
+    // (rate-limited) the transfers overlap too: together they take less than one after
+    // the other would.
+    let started = Instant::now();
+    let children: Vec<_> = peers
+        .iter()
+        .map(|(name, ..)| {
+            let host = format!("web.{name}.localhost");
+            let child = curl(
+                &host,
+                "/blob",
+                &format!("got-{name}"),
+                &["--limit-rate", "4M"],
+            );
+            (child, host)
+        })
+        .collect();
+    let results: Vec<_> = children
+        .into_iter()
+        .map(|(child, host)| (child.wait_with_output().unwrap(), host))
+        .collect();
+    let both = started.elapsed();
+    let mut took = Vec::new();
+    for ((result, host), (name, _, _, body)) in results.into_iter().zip(&peers) {
+        assert!(
+            result.status.success(),
+            "curl {host} failed: {}\n{}",
+            String::from_utf8_lossy(&result.stderr),
+            logs()
+        );
+        let got = std::fs::read(dir.path(&format!("got-{name}"))).unwrap();
+        assert_eq!(got.len(), body.len(), "{host}: length");
+        assert_eq!(
+            sha256(&got),
+            sha256(body),
+            "{host}: its own file, byte for byte"
+        );
+        let secs = String::from_utf8_lossy(&result.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0.0);
+        took.push(Duration::from_secs_f64(secs));
+    }
+    assert!(
+        both < took[0] + took[1],
+        "the downloads ran one after the other: {both:?} for {took:?}"
+    );
+
+    // The index lists both peers, online, each with its id and its web service's link.
+    let index = dir.path("index.html");
+    let result = curl("localhost", "/", "index.html", &[])
+        .wait_with_output()
+        .unwrap();
+    assert!(
+        result.status.success(),
+        "index: {}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let index = std::fs::read_to_string(index).unwrap();
+    for ((name, ..), id) in peers.iter().zip(&ids) {
+        let row = index
+            .lines()
+            .find(|l| l.contains(&format!("data-peer=\"{name}\"")))
+            .unwrap_or_else(|| panic!("no row for {name} in the index:\n{index}"));
+        assert!(row.contains(">online<"), "{name} online: {row}");
+        assert!(row.contains(id.as_str()), "{name}'s id: {row}");
+        let link = format!("href=\"http://web.{name}.localhost:{port}/\"");
+        assert!(row.contains(&link), "{name}'s link {link}: {row}");
+    }
+
+    // One QUIC connection per peer, as both ends saw it: connect logged one "connected" in
+    // each peer's session, direct, to that peer's NAT, and never changed or replaced it;
+    // each expose logged one "peer connected". (`ss -u` cannot tell: A has one UDP socket,
+    // one QUIC endpoint, for the rendezvous and both peers.)
+    let log = connect.stderr();
+    for ((name, _, wan, _), id) in peers.iter().zip(&ids) {
+        let session = format!("session{{peer={id}}}");
+        let connected: Vec<_> = log
+            .lines()
+            .filter(|l| l.contains(&session) && l.contains(" connected "))
+            .collect();
+        assert_eq!(connected.len(), 1, "{name}: one connection\n{}", logs());
+        assert!(
+            connected[0].contains("path=direct")
+                && connected[0].contains(&format!("remote={wan}:")),
+            "{name}: direct to its NAT {wan}: {}",
+            connected[0]
+        );
+    }
+    for marker in [
+        "path changed",
+        "switching to the preferred",
+        "connection lost",
+        "cannot connect",
+    ] {
+        assert!(
+            !log.contains(marker),
+            "connect logged {marker:?}\n{}",
+            logs()
+        );
+    }
+    for expose in procs.iter().filter(|p| p.name.starts_with("expose")) {
+        assert_eq!(
+            expose.stderr().matches("peer connected").count(),
+            1,
+            "{}: one connection from A\n{}",
+            expose.name,
+            logs()
+        );
+    }
+    if std::env::var_os("NATLAB_VERBOSE").is_some() {
+        println!("{}", logs());
+    }
+    println!("natlab mp: one connect, two peers behind two cone NATs, both direct; 3 MiB from each at once in {both:?} (curl {took:?})");
 }
 
 /// Waits until `pred` holds for the process's stderr so far.

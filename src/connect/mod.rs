@@ -215,33 +215,16 @@ impl Session {
     /// Runs until the node stops accepting; the listener is closed when it returns.
     pub(crate) async fn serve_local(self, listener: TcpListener, service: ServiceName) {
         static NEXT_LOCAL_ID: AtomicU64 = AtomicU64::new(1);
-        let local = listener
-            .local_addr()
-            .map_or_else(|e| e.to_string(), |a| a.to_string());
-        info!(%local, %service, "listening");
-        loop {
-            let accepted = tokio::select! {
-                r = listener.accept() => r,
-                () = self.node.stop.cancelled() => break,
-            };
-            match accepted {
-                Ok((tcp, client)) => {
-                    let id = NEXT_LOCAL_ID.fetch_add(1, Ordering::Relaxed);
-                    let span = tracing::info_span!("client", local_id = id, %client, %service, stream = tracing::field::Empty);
-                    let this = self.clone();
-                    let service = service.clone();
-                    self.node
-                        .tasks
-                        .spawn(this.serve_client(tcp, client, service).instrument(span));
-                }
-                Err(e) => {
-                    // Typically out of file descriptors: back off rather than spin.
-                    error!(%local, "accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
-        debug!(%local, "listener closed");
+        info!(local = %listen_addr(&listener), %service, "listening");
+        let node = self.node.clone();
+        accept_clients(listener, &node, |tcp, client| {
+            let id = NEXT_LOCAL_ID.fetch_add(1, Ordering::Relaxed);
+            let span = tracing::info_span!("client", local_id = id, %client, %service, stream = tracing::field::Empty);
+            let this = self.clone();
+            node.tasks
+                .spawn(this.serve_client(tcp, client, service.clone()).instrument(span));
+        })
+        .await;
     }
 
     async fn serve_client(self, tcp: TcpStream, client: SocketAddr, service: ServiceName) {
@@ -507,10 +490,35 @@ pub(crate) async fn serve_router(
     listener: TcpListener,
     node: NodeCtx,
 ) {
-    let local = listener
-        .local_addr()
-        .map_or_else(|e| e.to_string(), |a| a.to_string());
-    info!(%local, "listening for web services");
+    info!(local = %listen_addr(&listener), "listening for web services");
+    accept_clients(listener, &node, |tcp, client| {
+        let router = router.clone();
+        let ctx = HttpCtx {
+            stop: node.stop.clone(),
+            abort: node.abort.clone(),
+            tasks: node.tasks.clone(),
+        };
+        let live = node.stats.stream();
+        let span = tracing::info_span!("http", %client);
+        node.tasks.spawn(
+            async move {
+                http::proxy::serve(tcp, client, router, None, &ctx).await;
+                drop(live);
+            }
+            .instrument(span),
+        );
+    })
+    .await;
+}
+
+/// Accepts on `listener` until the node stops accepting, handing each client (its socket
+/// with `TCP_NODELAY`) to `on_client`; the listener is closed when it returns.
+pub(crate) async fn accept_clients(
+    listener: TcpListener,
+    node: &NodeCtx,
+    mut on_client: impl FnMut(TcpStream, SocketAddr),
+) {
+    let local = listen_addr(&listener);
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -519,29 +527,22 @@ pub(crate) async fn serve_router(
         match accepted {
             Ok((tcp, client)) => {
                 let _ = tcp.set_nodelay(true);
-                let router = router.clone();
-                let ctx = HttpCtx {
-                    stop: node.stop.clone(),
-                    abort: node.abort.clone(),
-                    tasks: node.tasks.clone(),
-                };
-                let live = node.stats.stream();
-                let span = tracing::info_span!("http", %client);
-                node.tasks.spawn(
-                    async move {
-                        http::proxy::serve(tcp, client, router, None, &ctx).await;
-                        drop(live);
-                    }
-                    .instrument(span),
-                );
+                on_client(tcp, client);
             }
             Err(e) => {
+                // Typically out of file descriptors: back off rather than spin.
                 error!(%local, "accept failed: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
     }
     debug!(%local, "listener closed");
+}
+
+fn listen_addr(listener: &TcpListener) -> String {
+    listener
+        .local_addr()
+        .map_or_else(|e| e.to_string(), |a| a.to_string())
 }
 
 /// When a refused or failed open leaves a client whose first bytes are an HTTP request (a

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn, Instrument};
 
-use super::Session;
+use super::{accept_clients, Session};
 use crate::http::pages::{self, escape};
 use crate::http::proxy::{Key, OpenFailure, Routed, Upstream, Upstreams};
 use crate::http::route::{parse_host, resolve, Host, Resolution};
@@ -365,34 +365,18 @@ async fn answer(tcp: &TcpStream, head: &Head, status: u16, reason: &str, why: &s
 
 /// Serves `--rtsp`: every RTSP service of every peer on one listener, routed by path.
 pub(crate) async fn serve_rtsp(router: Arc<Router>, listener: TcpListener, node: NodeCtx) {
-    let local = listener
-        .local_addr()
-        .map_or_else(|e| e.to_string(), |a| a.to_string());
-    info!(%local, "listening for RTSP services");
-    loop {
-        let accepted = tokio::select! {
-            r = listener.accept() => r,
-            () = node.stop.cancelled() => break,
-        };
-        match accepted {
-            Ok((tcp, client)) => {
-                let _ = tcp.set_nodelay(true);
-                let router = router.clone();
-                let ctx = node.clone();
-                let span = tracing::info_span!("rtsp", %client, service = tracing::field::Empty);
-                node.tasks.spawn(
-                    async move {
-                        let _live = ctx.stats.stream();
-                        router.serve_rtsp_client(tcp, client, &ctx).await;
-                    }
-                    .instrument(span),
-                );
+    info!(local = ?listener.local_addr().ok(), "listening for RTSP services");
+    accept_clients(listener, &node, |tcp, client| {
+        let router = router.clone();
+        let ctx = node.clone();
+        let span = tracing::info_span!("rtsp", %client, service = tracing::field::Empty);
+        node.tasks.spawn(
+            async move {
+                let _live = ctx.stats.stream();
+                router.serve_rtsp_client(tcp, client, &ctx).await;
             }
-            Err(e) => {
-                tracing::error!(%local, "accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-    debug!(%local, "listener closed");
+            .instrument(span),
+        );
+    })
+    .await;
 }

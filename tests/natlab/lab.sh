@@ -4,8 +4,9 @@
 #   hA 203.0.113.2  -- natA (lan 203.0.113.1/26  | wan0 198.51.100.10) --+
 #                                                                         +-- wan bridge 198.51.100.1
 #   hB 203.0.113.66 -- natB (lan 203.0.113.65/26 | wan0 198.51.100.20) --+   (rendezvous, relay)
+#   hC 203.0.113.194 - natC (lan 203.0.113.193/26 | wan0 198.51.100.40) -+   (only with MODE_C)
 #
-# usage: lab.sh up PREFIX MODE_A MODE_B [LOSS_PERCENT] [DELAY_MS]
+# usage: lab.sh up PREFIX MODE_A MODE_B [LOSS_PERCENT] [DELAY_MS] [MODE_C]
 #        lab.sh down PREFIX
 # MODE: cone    port-restricted cone NAT (Linux masquerade, WAN input filtered)
 #       sym     symmetric NAT (masquerade random, WAN input filtered)
@@ -14,14 +15,17 @@
 # LOSS_PERCENT drops that share of the packets crossing the WAN bridge (nftables numgen).
 # DELAY_MS delays natA's WAN link by that much each way: the kernel has no netem, so the link
 # is spliced through delay.py (a userspace relay on two packet sockets, offloads off).
-# Namespaces: PREFIX-wan, PREFIX-natA, PREFIX-natB, PREFIX-hA, PREFIX-hB. Only documentation
-# ranges are used. `down` removes everything `up` made (also after a partial `up`).
+# MODE_C (cone, sym or public) adds a third host hC; it takes index 3 (203.0.113.192/26, WAN
+# 198.51.100.40, public 198.51.100.33), leaving 203.0.113.128/26 for a carrier-side network.
+# Namespaces: PREFIX-wan, PREFIX-natA, PREFIX-natB, PREFIX-hA, PREFIX-hB (and PREFIX-natC,
+# PREFIX-hC). Only documentation ranges are used. `down` removes everything `up` made (also
+# after a partial `up`).
 set -euo pipefail
 cmd=$1 P=$2
 ns() { echo "$P-$1"; }
 
 if [ "$cmd" = down ]; then
-  for n in hA hB natA natB wan; do
+  for n in hA hB hC natA natB natC wan; do
     pids=$(ip netns pids "$(ns "$n")" 2>/dev/null || true)
     [ -n "$pids" ] && kill $pids 2>/dev/null || true
     ip netns del "$(ns "$n")" 2>/dev/null || true
@@ -29,9 +33,9 @@ if [ "$cmd" = down ]; then
   exit 0
 fi
 
-MA=$3 MB=$4 LOSS=${5:-0} DELAY=${6:-0}
+MA=$3 MB=$4 LOSS=${5:-0} DELAY=${6:-0} MC=${7:-}
 here=$(cd "$(dirname "$0")" && pwd)
-for n in wan hA hB; do ip netns add "$(ns "$n")"; ip -n "$(ns "$n")" link set lo up; done
+for n in wan hA hB ${MC:+hC}; do ip netns add "$(ns "$n")"; ip -n "$(ns "$n")" link set lo up; done
 
 # The WAN: a bridge in its own namespace.
 W=$(ns wan)
@@ -147,3 +151,4 @@ side() { # SIDE INDEX MODE
 }
 side A 0 "$MA"
 side B 1 "$MB"
+if [ -n "$MC" ]; then side C 3 "$MC"; fi
