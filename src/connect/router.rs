@@ -58,13 +58,30 @@ impl Router {
 
     /// The catalogs known and fresh now.
     fn fresh(&self) -> Vec<Option<Result<Catalog, String>>> {
+        self.known(Some(CATALOG_TTL))
+    }
+
+    /// The catalogs fetched at most `max_age` ago (any age: `None`).
+    fn known(&self, max_age: Option<Duration>) -> Vec<Option<Result<Catalog, String>>> {
         let now = Instant::now();
         self.catalogs()
             .iter()
             .map(|c| match c {
-                Some((at, c)) if now.duration_since(*at) < CATALOG_TTL => Some(c.clone()),
+                Some((at, c)) if max_age.is_none_or(|max| now.duration_since(*at) < max) => {
+                    Some(c.clone())
+                }
                 _ => None,
             })
+            .collect()
+    }
+
+    /// Peers whose catalog is older than the TTL (or was never fetched).
+    fn stale(&self) -> Vec<usize> {
+        self.fresh()
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.is_none())
+            .map(|(p, _)| p)
             .collect()
     }
 
@@ -86,35 +103,41 @@ impl Router {
         }
     }
 
-    /// Resolves `name` among the services of protocol `kind`, fetching what it needs (once).
+    /// Resolves `name` among the services of protocol `kind`. What is known decides when it
+    /// can, however old (catalogs change rarely, and a service that went away fails its open,
+    /// which forgets its peer's catalog): a request costs no round trip for a catalog. Missing
+    /// catalogs are fetched; a name not found in old ones is looked for again in fresh ones.
     async fn resolve(&self, name: &str, kind: Kind) -> Resolution {
         let names: Vec<&str> = self.peers.iter().map(|(n, _)| n.as_str()).collect();
-        for _ in 0..2 {
-            let known = self.fresh();
+        let mut refreshed = false;
+        for _ in 0..3 {
+            let known = self.known(None);
             let view: Vec<_> = known
                 .iter()
                 .map(|c| c.as_ref().map(|r| r.as_ref().map_err(String::as_str)))
                 .collect();
-            match resolve(name, kind, &names, &view) {
-                Resolution::Need(which) => {
-                    let limit = self.peers[which[0]].1.config.connect_timeout;
-                    self.fetch(&which, limit).await;
+            let resolution = resolve(name, kind, &names, &view);
+            let which = match &resolution {
+                Resolution::Need(which) => which.clone(),
+                Resolution::NotFound(_) | Resolution::Ambiguous(_) if !refreshed => {
+                    refreshed = true;
+                    let stale = self.stale();
+                    if stale.is_empty() {
+                        return resolution;
+                    }
+                    stale
                 }
-                other => return other,
-            }
+                _ => return resolution,
+            };
+            let limit = self.peers[which[0]].1.config.connect_timeout;
+            self.fetch(&which, limit).await;
         }
         Resolution::NotFound(format!("no answer from the peers about {name:?}"))
     }
 
     /// The index: every peer, whether it answers, and its services as links.
     async fn index(&self, port: Option<u16>, status: u16, note: Option<&str>) -> Vec<u8> {
-        let stale: Vec<usize> = self
-            .fresh()
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| c.is_none())
-            .map(|(p, _)| p)
-            .collect();
+        let stale = self.stale();
         if !stale.is_empty() {
             self.fetch(&stale, INDEX_WAIT).await;
         }
