@@ -548,3 +548,90 @@ fn free_udp_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// `tunnel expose` of `services` on a fixed UDP port with a fixed identity, allowing `allow`.
+fn expose_on(dir: &TempDir, port: u16, allow: &str, services: &[(&str, &str)]) -> Proc {
+    let mut cmd = Command::new(tunnel_bin());
+    cmd.args([
+        "expose",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--allow",
+        allow,
+    ])
+    .arg("--identity")
+    .arg(dir.path("expose.pem"));
+    for (name, target) in services {
+        cmd.arg("--service").arg(format!("{name}={target}"));
+    }
+    let proc = Proc::spawn("tunnel expose", &mut cmd);
+    proc.line_matching(|l| l.trim_start().starts_with("tunnel connect "));
+    proc
+}
+
+#[test]
+fn a_service_that_went_away_since_the_last_stream_gets_a_page_not_a_reset() {
+    if !tools() {
+        return;
+    }
+    let (_nas, nas_port) = device("nas", None);
+    let dir = TempDir::new("gone");
+    let udp = free_udp_port();
+    let connect_id = peer_id(&dir.path("connect.pem"));
+    let nas = format!("http://127.0.0.1:{nas_port}");
+    let mut expose = expose_on(&dir, udp, &connect_id, &[("nas", &nas)]);
+    let expose_id = peer_id(&dir.path("expose.pem"));
+    let connect = Proc::spawn(
+        "tunnel connect",
+        Command::new(tunnel_bin())
+            .args([
+                "connect",
+                &format!("{expose_id}@127.0.0.1:{udp}"),
+                "--http",
+                "127.0.0.1:0",
+            ])
+            .arg("--identity")
+            .arg(dir.path("connect.pem")),
+    );
+    let line = connect.line_matching(|l| l.contains("-> http:"));
+    let port: u16 = line
+        .split_whitespace()
+        .next()
+        .and_then(|a| a.rsplit_once(':'))
+        .and_then(|(_, p)| p.parse().ok())
+        .unwrap();
+    let at = || {
+        curl(&[
+            "--resolve",
+            &format!("nas.peer.localhost:{port}:127.0.0.1"),
+            &format!("http://nas.peer.localhost:{port}/whoami"),
+        ])
+    };
+    // Twice: the second stream goes out without waiting for its answer (the service is known).
+    for _ in 0..2 {
+        let r = at();
+        assert_eq!(status(&r), 200, "{r}\n{}", connect.stderr());
+    }
+    // The exposing side comes back without `nas`: the stream sent on what was known is
+    // refused, and the browser gets a page saying so; after it, the service is asked afresh.
+    expose.signal("TERM");
+    expose.wait_exit(Duration::from_secs(10));
+    let _expose = expose_on(&dir, udp, &connect_id, &[("web", &nas)]);
+    let r = at();
+    assert_eq!(status(&r), 404, "{r}\n{}", connect.stderr());
+    assert!(
+        body(&r).contains("no service named &quot;nas&quot; here; exposed: web"),
+        "{r}"
+    );
+    // Asked afresh: the peer's new catalog says what it has now, on the index.
+    let r = at();
+    assert_eq!(status(&r), 404, "{r}");
+    assert!(
+        body(&r).contains("peer peer has no web service named &quot;nas&quot;"),
+        "{r}"
+    );
+    assert!(
+        body(&r).contains("href=\"http://web.peer.localhost:"),
+        "{r}"
+    );
+}

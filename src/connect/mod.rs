@@ -33,7 +33,9 @@ use crate::http::proxy::{HttpCtx, Key, OpenFailure, Routed, Upstream, Upstreams}
 use crate::identity::PeerId;
 use crate::nat::client::RendezvousClient;
 use crate::protocol::catalog::{self, Catalog};
-use crate::protocol::header::{encode_request, Op, OpenRequest, OpenResponse, Protocol, Status};
+use crate::protocol::header::{
+    encode_request, HttpService, Op, OpenRequest, OpenResponse, Protocol, Status,
+};
 use crate::protocol::stream_code;
 use crate::quic::close::describe_close;
 use crate::quic::path::Path;
@@ -115,6 +117,9 @@ pub struct Session {
     path: tokio::sync::watch::Receiver<Option<Path>>,
     /// Each service's protocol, as the exposing side last answered.
     protocols: Arc<std::sync::Mutex<HashMap<ServiceName, Protocol>>>,
+    /// Each HTTP service's device, as the exposing side last answered: later streams send
+    /// their first request without waiting for the answer.
+    http_services: Arc<std::sync::Mutex<HashMap<ServiceName, HttpService>>>,
 }
 
 impl Session {
@@ -143,6 +148,7 @@ impl Session {
             node,
             path,
             protocols: Arc::default(),
+            http_services: Arc::default(),
         }
     }
 
@@ -253,12 +259,14 @@ impl Session {
                 Ok((response, first)) => {
                     self.protocols().insert(service.clone(), response.protocol);
                     if let (Protocol::Http, Some(http)) = (response.protocol, response.http) {
+                        self.http_services().insert(service.clone(), http.clone());
                         let upstream = Upstream {
                             send,
                             recv,
                             first,
                             http,
                             hold: Box::new(lease),
+                            unconfirmed: None,
                         };
                         return self.serve_http(tcp, client, service, Some(upstream)).await;
                     }
@@ -337,6 +345,9 @@ impl Session {
         service: &str,
         client: SocketAddr,
     ) -> Result<Upstream, OpenFailure> {
+        if let Some(upstream) = self.open_http_known(service, client).await {
+            return upstream;
+        }
         let mut opened = self.open_service(service, client).await?;
         match (opened.response.protocol, opened.response.http.take()) {
             (Protocol::Http, Some(http)) => Ok(Upstream {
@@ -345,6 +356,7 @@ impl Session {
                 first: opened.first,
                 http,
                 hold: Box::new(opened.lease),
+                unconfirmed: None,
             }),
             (other, _) => Err(opened.refuse(format!(
                 "service {service} of peer {} speaks {other}, not http: declare it as \
@@ -352,6 +364,53 @@ impl Session {
                 self.name
             ))),
         }
+    }
+
+    /// A stream to an HTTP service already known (an earlier stream said how to speak to its
+    /// device), opened without waiting for its response header: the first request goes out
+    /// with the stream header, as bytes do. `None` when the service is not known.
+    async fn open_http_known(
+        &self,
+        service: &str,
+        client: SocketAddr,
+    ) -> Option<Result<Upstream, OpenFailure>> {
+        let name: ServiceName = service.parse().ok()?;
+        let http = self.http_services().get(&name).cloned()?;
+        let fail = |status, message: String| OpenFailure { status, message };
+        let opened = async {
+            let (pc, lease) = self.acquire_peer_conn().await.map_err(|e| {
+                let status = match e {
+                    ConnectError::Timeout(_) | ConnectError::NoPath { .. } => 504,
+                    _ => 502,
+                };
+                fail(status, format!("cannot reach peer {}: {e}", self.name))
+            })?;
+            let (send, recv) = self
+                .open_bi(&pc, &name, client)
+                .await
+                .map_err(|e| fail(502, format!("peer {}: {e}", self.name)))?;
+            Ok(Upstream {
+                send,
+                recv,
+                first: Bytes::new(),
+                http,
+                hold: Box::new(lease),
+                unconfirmed: Some(self.config.open_timeout),
+            })
+        };
+        Some(opened.await)
+    }
+
+    /// Forgets what an earlier stream said of `service`: the next one asks again.
+    pub(crate) fn forget(&self, service: &str) {
+        if let Ok(name) = service.parse::<ServiceName>() {
+            self.protocols().remove(&name);
+            self.http_services().remove(&name);
+        }
+    }
+
+    fn http_services(&self) -> std::sync::MutexGuard<'_, HashMap<ServiceName, HttpService>> {
+        self.http_services.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A stream to `service`, its response header read (an `Ok` one); the failure says
@@ -400,7 +459,11 @@ impl Session {
                 ));
             }
         };
-        self.protocols().insert(name, response.protocol);
+        self.protocols().insert(name.clone(), response.protocol);
+        match &response.http {
+            Some(http) => self.http_services().insert(name, http.clone()),
+            None => self.http_services().remove(&name),
+        };
         Ok(Opened {
             pc,
             lease,
@@ -480,6 +543,10 @@ impl Upstreams for OneService {
 
     async fn open(&self, key: &Key, client: SocketAddr) -> Result<Upstream, OpenFailure> {
         self.session.open_http(&key.service, client).await
+    }
+
+    fn forget(&self, key: &Key) {
+        self.session.forget(&key.service);
     }
 }
 

@@ -237,12 +237,17 @@ impl Upstreams for Router {
         };
         let opened = session.open_http(&key.service, client).await;
         if opened.is_err() {
-            // What the peer has may have changed: ask again next time.
-            if let Some(p) = self.peers.iter().position(|(n, _)| *n == key.peer) {
-                self.catalogs()[p] = None;
-            }
+            self.forget(key);
         }
         opened
+    }
+
+    fn forget(&self, key: &Key) {
+        // What the peer has may have changed: ask again next time.
+        if let Some(p) = self.peers.iter().position(|(n, _)| *n == key.peer) {
+            self.catalogs()[p] = None;
+            self.peers[p].1.forget(&key.service);
+        }
     }
 }
 

@@ -28,13 +28,15 @@ use tracing::{debug, info, warn};
 
 use super::rewrite::{rewrite_request, rewrite_response, Names};
 use super::{pages, route};
-use crate::protocol::header::HttpService;
+use crate::protocol::header::{HttpService, Protocol, Status};
 use crate::protocol::http::{
     is_upgrade, keeps_alive_request, keeps_alive_response, parse_request, parse_response,
     request_body, response_body, BodyKind, BodyTracker, HeadError, RequestHead, MAX_HEAD,
 };
 use crate::protocol::stream_code;
-use crate::tunnel::splice::{ignore_not_connected, reset_tcp, write_tcp, Abort, CHUNK};
+use crate::tunnel::splice::{
+    ignore_not_connected, read_response, reset_tcp, write_tcp, Abort, CHUNK,
+};
 
 /// How long a request head may take from its first byte to its last.
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
@@ -67,6 +69,9 @@ pub struct Upstream {
     pub http: HttpService,
     /// Held while the stream lives (the connection's idle count).
     pub hold: Box<dyn Send + Sync>,
+    /// The response header is not read yet (`http` is what an earlier stream said): requests
+    /// go out at once, and it is read, within this limit, before the first response.
+    pub unconfirmed: Option<Duration>,
 }
 
 /// Why a stream could not be opened: the status and text of the page the browser gets.
@@ -86,6 +91,9 @@ pub trait Upstreams: Send + Sync + 'static {
         key: &Key,
         client: SocketAddr,
     ) -> impl std::future::Future<Output = Result<Upstream, OpenFailure>> + Send;
+    /// What was known of `key`'s service proved wrong (an unconfirmed stream was refused, or
+    /// the service changed): look again next time.
+    fn forget(&self, _key: &Key) {}
 }
 
 /// What the layer shares with its node.
@@ -107,6 +115,8 @@ enum Order {
         hold: Box<dyn Send + Sync>,
         key: Key,
         names: Names,
+        http: HttpService,
+        unconfirmed: Option<Duration>,
         retired: Option<SendStream>,
     },
     /// A response to this request comes next.
@@ -154,6 +164,7 @@ pub async fn serve<U: Upstreams>(
         tasks: &ctx.tasks,
         current: None,
         closing: &closing,
+        upstreams: &*upstreams,
     };
     let result = tokio::select! {
         biased;
@@ -216,7 +227,13 @@ impl<U: Upstreams> Requests<'_, U> {
     /// abort the stream is reset instead, as `Sending` drops.)
     async fn run(self, ready: Option<(Key, Upstream)>) -> Result<(), Abort> {
         let mut send = Sending(None);
-        self.requests(ready, &mut send).await?;
+        match self.requests(ready, &mut send).await {
+            Ok(()) => {}
+            // An unconfirmed stream was refused: the response half answers with a page
+            // saying why and closes; this half ends with it, cleanly.
+            Err(Abort::Refused { .. }) => self.stop.cancelled().await,
+            Err(e) => return Err(e),
+        }
         self.order(Order::End(send.take())).await;
         Ok(())
     }
@@ -314,6 +331,8 @@ impl<U: Upstreams> Requests<'_, U> {
                     hold: upstream.hold,
                     key: key.clone(),
                     names: names.clone(),
+                    http: upstream.http,
+                    unconfirmed: upstream.unconfirmed,
                     retired,
                 })
                 .await;
@@ -344,7 +363,7 @@ impl<U: Upstreams> Requests<'_, U> {
             stream
                 .write_chunk(Bytes::from(head.encode()))
                 .await
-                .map_err(Abort::from_write)?;
+                .map_err(toward_device)?;
             self.forward_body(&mut buf, body, stream).await?;
             if let Some(told) = told {
                 if told.await.unwrap_or(false) {
@@ -435,7 +454,7 @@ impl<U> Requests<'_, U> {
                 stream
                     .write_chunk(buf.split_to(fed.used).freeze())
                     .await
-                    .map_err(Abort::from_write)?;
+                    .map_err(toward_device)?;
             }
         }
         Ok(())
@@ -459,6 +478,18 @@ impl<U> Requests<'_, U> {
                 return Ok(());
             }
         }
+    }
+}
+
+/// A failed write toward the device: the exposing side refused the stream (it stops reading
+/// with `REFUSED`; its answer says why) or the stream failed.
+fn toward_device(e: quinn::WriteError) -> Abort {
+    match e {
+        quinn::WriteError::Stopped(code) if code == stream_code::REFUSED => Abort::Refused {
+            status: Status::Other(0),
+            message: "refused".into(),
+        },
+        other => Abort::from_write(other),
     }
 }
 
@@ -488,20 +519,25 @@ struct Current {
     ended: bool,
     /// Responses it carried.
     answered: u32,
+    /// What the requests were rewritten with.
+    http: HttpService,
+    /// The response header is still to be read, within this limit.
+    unconfirmed: Option<Duration>,
 }
 
-struct Responses<'a> {
+struct Responses<'a, U> {
     tcp: &'a TcpStream,
     tasks: &'a TaskTracker,
     current: Option<Current>,
     /// Tells the request half the connection is closing: it stops at the next head.
     closing: &'a CancellationToken,
+    upstreams: &'a U,
 }
 
 /// How long the request half may take to hand back its stream once the connection closes.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
-impl Responses<'_> {
+impl<U: Upstreams> Responses<'_, U> {
     async fn run(mut self, mut inbox: mpsc::Receiver<Order>) -> Result<(), Abort> {
         let mut send_of_current: Option<SendStream> = None;
         let mut raw = false;
@@ -522,6 +558,8 @@ impl Responses<'_> {
                     hold,
                     key,
                     names,
+                    http,
+                    unconfirmed,
                     retired,
                 }) => {
                     if let Some(old) = self.current.take() {
@@ -536,6 +574,8 @@ impl Responses<'_> {
                         hold,
                         ended: false,
                         answered: 0,
+                        http,
+                        unconfirmed,
                     });
                     send_of_current = None;
                 }
@@ -610,6 +650,10 @@ impl Responses<'_> {
 
     /// Forwards the response (interim ones first) to one request.
     async fn respond(&mut self, pending: Pending) -> Result<Next, Abort> {
+        if let Some(page) = self.confirm().await {
+            write_tcp(self.tcp, &page).await?;
+            return Ok(Next::Close);
+        }
         let Some(cur) = self.current.as_mut() else {
             return Err(Abort::Stream("a response without a stream".into()));
         };
@@ -700,6 +744,54 @@ impl Responses<'_> {
         Ok(Next::More)
     }
 
+    /// Reads the response header of a stream opened without waiting for it; `None` when it
+    /// says the stream is what the requests assumed, else the page to answer with (the
+    /// service is forgotten, so the next request opens it the slow way).
+    async fn confirm(&mut self) -> Option<Vec<u8>> {
+        let cur = self.current.as_mut()?;
+        let limit = cur.unconfirmed.take()?;
+        let failure = match read_response(&mut cur.recv, limit).await {
+            Ok((response, first)) => {
+                cur.buf.extend_from_slice(&first);
+                if response.protocol == Protocol::Http && response.http.as_ref() == Some(&cur.http)
+                {
+                    return None;
+                }
+                if response.protocol == Protocol::Http {
+                    // Rewritten with old names (the rules changed): answered all the same,
+                    // and the next stream learns the new ones.
+                    self.upstreams.forget(&cur.key);
+                    return None;
+                }
+                (
+                    502,
+                    format!(
+                        "the service now speaks {}; reload the page",
+                        response.protocol
+                    ),
+                )
+            }
+            Err(Abort::Refused { status, message }) => {
+                let code = match status {
+                    Status::UnknownService => 404,
+                    Status::Busy => 503,
+                    _ => 502,
+                };
+                (code, message)
+            }
+            Err(other) => (502, other.to_string()),
+        };
+        let cur = self.current.as_mut()?;
+        self.upstreams.forget(&cur.key);
+        let (status, why) = failure;
+        warn!(peer = %cur.key.peer, service = %cur.key.service, status, "{why}");
+        let message = format!(
+            "service {} of peer {}: {why}",
+            cur.key.service, cur.key.peer
+        );
+        Some(pages::error(status, &message))
+    }
+
     /// After a `101`: the stream's bytes go to the client as they are, its FIN too.
     async fn raw(&mut self) -> Result<(), Abort> {
         let Some(cur) = self.current.as_mut() else {
@@ -749,6 +841,8 @@ impl Current {
 /// responses); pending while there is none. Bytes it sends unasked are kept for later.
 async fn idle_end(current: &mut Option<Current>) -> Result<(), Abort> {
     match current {
+        // Its first bytes are the response header, which `confirm` reads.
+        Some(cur) if cur.unconfirmed.is_some() => std::future::pending().await,
         Some(cur) if !cur.ended => {
             // Unasked bytes (e.g. a 408 before the device closes) are held for the close that
             // usually follows; a device that keeps talking unasked is cut off at MAX_HEAD.
