@@ -109,22 +109,25 @@ pub struct HttpCtx {
 /// Orders from the request half to the response half, carried out in order.
 enum Order {
     /// Later responses come from this stream; retire the previous one (and FIN its send).
-    Switch {
-        recv: RecvStream,
-        first: Bytes,
-        hold: Box<dyn Send + Sync>,
-        key: Key,
-        names: Names,
-        http: HttpService,
-        unconfirmed: Option<Duration>,
-        retired: Option<SendStream>,
-    },
+    Switch(Box<Switch>),
     /// A response to this request comes next.
     Respond(Pending),
     /// Write this page; close the connection after it if `close`.
     Page { page: Vec<u8>, close: bool },
     /// The client sent its last request: FIN this send, and the client once answered.
     End(Option<SendStream>),
+}
+
+struct Switch {
+    recv: RecvStream,
+    first: Bytes,
+    hold: Box<dyn Send + Sync>,
+    key: Key,
+    names: Names,
+    http: HttpService,
+    unconfirmed: Option<Duration>,
+    /// The previous stream's send half, to FIN once its last response is out.
+    retired: Option<SendStream>,
 }
 
 struct Pending {
@@ -325,7 +328,7 @@ impl<U: Upstreams> Requests<'_, U> {
                     upstream.http.forwarded,
                 );
                 let retired = std::mem::replace(send, Sending(Some(upstream.send))).take();
-                self.order(Order::Switch {
+                self.order(Order::Switch(Box::new(Switch {
                     recv: upstream.recv,
                     first: upstream.first,
                     hold: upstream.hold,
@@ -334,7 +337,7 @@ impl<U: Upstreams> Requests<'_, U> {
                     http: upstream.http,
                     unconfirmed: upstream.unconfirmed,
                     retired,
-                })
+                })))
                 .await;
                 current = Some((key, names));
             }
@@ -552,16 +555,17 @@ impl<U: Upstreams> Responses<'_, U> {
                 }
             };
             match order {
-                Some(Order::Switch {
-                    recv,
-                    first,
-                    hold,
-                    key,
-                    names,
-                    http,
-                    unconfirmed,
-                    retired,
-                }) => {
+                Some(Order::Switch(switch)) => {
+                    let Switch {
+                        recv,
+                        first,
+                        hold,
+                        key,
+                        names,
+                        http,
+                        unconfirmed,
+                        retired,
+                    } = *switch;
                     if let Some(old) = self.current.take() {
                         self.retire(old, retired);
                     }
