@@ -551,6 +551,17 @@ fn free_udp_port() -> u16 {
 
 /// `tunnel expose` of `services` on a fixed UDP port with a fixed identity, allowing `allow`.
 fn expose_on(dir: &TempDir, port: u16, allow: &str, services: &[(&str, &str)]) -> Proc {
+    expose_with(dir, port, allow, services, &[])
+}
+
+/// [`expose_on`] with more flags.
+fn expose_with(
+    dir: &TempDir,
+    port: u16,
+    allow: &str,
+    services: &[(&str, &str)],
+    extra: &[&str],
+) -> Proc {
     let mut cmd = Command::new(tunnel_bin());
     cmd.args([
         "expose",
@@ -559,6 +570,7 @@ fn expose_on(dir: &TempDir, port: u16, allow: &str, services: &[(&str, &str)]) -
         "--allow",
         allow,
     ])
+    .args(extra)
     .arg("--identity")
     .arg(dir.path("expose.pem"));
     for (name, target) in services {
@@ -634,4 +646,75 @@ fn a_service_that_went_away_since_the_last_stream_gets_a_page_not_a_reset() {
         body(&r).contains("href=\"http://web.peer.localhost:"),
         "{r}"
     );
+}
+
+#[test]
+fn a_peer_at_its_stream_limit_gets_a_503_page_and_the_held_connection_still_works() {
+    if !tools() {
+        return;
+    }
+    let (_nas, nas_port) = device("nas", None);
+    let dir = TempDir::new("busy");
+    let udp = free_udp_port();
+    let connect_id = peer_id(&dir.path("connect.pem"));
+    let nas = format!("http://127.0.0.1:{nas_port}");
+    let _expose = expose_with(
+        &dir,
+        udp,
+        &connect_id,
+        &[("nas", &nas)],
+        &["--max-streams", "1"],
+    );
+    let expose_id = peer_id(&dir.path("expose.pem"));
+    let connect = Proc::spawn(
+        "tunnel connect",
+        Command::new(tunnel_bin())
+            .args([
+                "connect",
+                &format!("{expose_id}@127.0.0.1:{udp}"),
+                "--http",
+                "127.0.0.1:0",
+            ])
+            .arg("--identity")
+            .arg(dir.path("connect.pem")),
+    );
+    let line = connect.line_matching(|l| l.contains("-> http:"));
+    let port: u16 = line
+        .split_whitespace()
+        .next()
+        .and_then(|a| a.rsplit_once(':'))
+        .and_then(|(_, p)| p.parse().ok())
+        .unwrap();
+    // A keep-alive browser connection holds the peer's one stream slot.
+    let mut held = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    held.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let get = format!("GET /whoami HTTP/1.1\r\nHost: nas.peer.localhost:{port}\r\n\r\n");
+    held.write_all(get.as_bytes()).unwrap();
+    let answer = whole_json_answer(&mut held);
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+    // Another connection is refused by the peer: a page saying so, not a reset.
+    let r = curl(&[
+        "--resolve",
+        &format!("nas.peer.localhost:{port}:127.0.0.1"),
+        &format!("http://nas.peer.localhost:{port}/whoami"),
+    ]);
+    assert_eq!(status(&r), 503, "{r}\n{}", connect.stderr());
+    assert!(body(&r).contains("limit of 1 proxied sockets"), "{r}");
+    // The held connection goes on.
+    held.write_all(get.as_bytes()).unwrap();
+    let answer = whole_json_answer(&mut held);
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+}
+
+/// Reads one `/whoami` answer whole (its JSON body ends with `}`).
+fn whole_json_answer(tcp: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !out.ends_with(b"}") {
+        let n = tcp.read(&mut buf).unwrap();
+        assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&out));
+        out.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
