@@ -373,6 +373,16 @@ fn an_https_device_is_verified_pinned_or_trusted_as_its_rules_say() {
             Some(&*format!("http://{local}/login?next=%2F"))
         );
     }
+    // Bodies both ways over the device's TLS session, byte-exact (every TLS write flushed).
+    let n: u64 = 32 << 20;
+    let answer = upload(
+        &format!("http://{}/upload", pair.locals[1]),
+        n,
+        &["-H", "Transfer-Encoding: chunked"],
+    );
+    assert_eq!(answer["sha256"], hex(&pattern_sha256(n)));
+    let (len, digest) = download(&format!("http://{}/bytes?n={n}&chunked=1", pair.locals[2]));
+    assert_eq!((len, digest), (n, pattern_sha256(n)));
     let r = curl(&[&format!("http://{}/whoami", pair.locals[3])]);
     assert_eq!(status(&r), 502);
     assert!(body(&r).contains("not the pinned one"), "{r}");

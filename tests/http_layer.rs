@@ -55,6 +55,7 @@ async fn connection<U: Upstreams>(upstreams: U) -> (TcpStream, Arc<HttpCtx>, Tas
         stop: CancellationToken::new(),
         abort: CancellationToken::new(),
         tasks: tasks.clone(),
+        stats: Arc::default(),
     });
     let ctx2 = ctx.clone();
     tasks.spawn(async move { serve(tcp, addr, Arc::new(upstreams), None, &ctx2).await });
@@ -117,6 +118,40 @@ async fn an_idle_keep_alive_connection_ends_cleanly_when_the_node_stops() {
     ctx.stop.cancel();
     let rest = read_all(&mut client).await;
     assert!(rest.ends_with("ok") || rest.is_empty(), "{rest:?}");
+    tasks.close();
+    tasks.wait().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_head_request_gets_our_page_without_its_body_and_the_connection_goes_on() {
+    let (mut client, _ctx, tasks) = connection(Pages).await;
+    client
+        .write_all(
+            b"HEAD / HTTP/1.1\r\nHost: localhost\r\n\r\nGET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let all = read_all(&mut client).await;
+    assert_eq!(
+        all,
+        "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    );
+    tasks.close();
+    tasks.wait().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_fin_after_a_stray_line_still_gets_its_answer_and_a_clean_end() {
+    let (mut client, _ctx, tasks) = connection(Pages).await;
+    // RFC 9112 2.2 allows empty lines between requests; then the client half-closes.
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n\r\nGE")
+        .await
+        .unwrap();
+    client.shutdown().await.unwrap();
+    // The answer, then FIN (read_to_end fails on a reset).
+    let all = read_all(&mut client).await;
+    assert!(all.ends_with("\r\n\r\nok"), "{all:?}");
     tasks.close();
     tasks.wait().await;
 }

@@ -234,7 +234,7 @@ async fn unknown_service_is_refused_with_a_status() {
         .await
         .unwrap();
     let page = String::from_utf8(read_to_end(&mut tcp).await.unwrap()).unwrap();
-    assert!(page.starts_with("HTTP/1.1 502 "), "{page}");
+    assert!(page.starts_with("HTTP/1.1 404 "), "{page}");
     assert!(page.contains("no service named"), "{page}");
     pair.shutdown().await;
 }

@@ -332,6 +332,7 @@ impl Session {
             stop: self.node.stop.clone(),
             abort: self.node.abort.clone(),
             tasks: self.node.tasks.clone(),
+            stats: self.node.stats.clone(),
         };
         let first = first.map(|u| (key.clone(), u));
         let route = Arc::new(OneService { session: self, key });
@@ -376,29 +377,45 @@ impl Session {
     ) -> Option<Result<Upstream, OpenFailure>> {
         let name: ServiceName = service.parse().ok()?;
         let http = self.http_services().get(&name).cloned()?;
-        let fail = |status, message: String| OpenFailure { status, message };
-        let opened = async {
-            let (pc, lease) = self.acquire_peer_conn().await.map_err(|e| {
-                let status = match e {
-                    ConnectError::Timeout(_) | ConnectError::NoPath { .. } => 504,
-                    _ => 502,
-                };
-                fail(status, format!("cannot reach peer {}: {e}", self.name))
-            })?;
-            let (send, recv) = self
-                .open_bi(&pc, &name, client)
-                .await
-                .map_err(|e| fail(502, format!("peer {}: {e}", self.name)))?;
-            Ok(Upstream {
+        let opened = self
+            .open_stream(&name, client)
+            .await
+            .map(|(_, lease, send, recv)| Upstream {
                 send,
                 recv,
                 first: Bytes::new(),
                 http,
                 hold: Box::new(lease),
                 unconfirmed: Some(self.config.open_timeout),
-            })
-        };
-        Some(opened.await)
+            });
+        Some(opened)
+    }
+
+    /// The connection (dialled if need be) and a stream on it with its header written; the
+    /// failure as a page would say it.
+    async fn open_stream(
+        &self,
+        name: &ServiceName,
+        client: SocketAddr,
+    ) -> Result<(PeerConn, StreamLease, SendStream, RecvStream), OpenFailure> {
+        let (pc, lease) = self.acquire_peer_conn().await.map_err(|e| {
+            let status = match e {
+                ConnectError::Timeout(_) | ConnectError::NoPath { .. } => 504,
+                _ => 502,
+            };
+            OpenFailure {
+                status,
+                message: format!("cannot reach peer {}: {e}", self.name),
+            }
+        })?;
+        let (send, recv) = self
+            .open_bi(&pc, name, client)
+            .await
+            .map_err(|e| OpenFailure {
+                status: 502,
+                message: format!("peer {}: {e}", self.name),
+            })?;
+        Ok((pc, lease, send, recv))
     }
 
     /// Forgets what an earlier stream said of `service`: the next one asks again.
@@ -420,43 +437,21 @@ impl Session {
         service: &str,
         client: SocketAddr,
     ) -> Result<Opened, OpenFailure> {
-        let fail = |status, message: String| OpenFailure { status, message };
-        let name: ServiceName = service.parse().map_err(|e: String| fail(404, e))?;
-        let (pc, lease) = self.acquire_peer_conn().await.map_err(|e| {
-            let status = match e {
-                ConnectError::Timeout(_) | ConnectError::NoPath { .. } => 504,
-                _ => 502,
-            };
-            fail(status, format!("cannot reach peer {}: {e}", self.name))
+        let name: ServiceName = service.parse().map_err(|e: String| OpenFailure {
+            status: 404,
+            message: e,
         })?;
-        let (mut send, mut recv) = self
-            .open_bi(&pc, &name, client)
-            .await
-            .map_err(|e| fail(502, format!("peer {}: {e}", self.name)))?;
+        let (pc, lease, mut send, mut recv) = self.open_stream(&name, client).await?;
         let (response, first) = match read_response(&mut recv, self.config.open_timeout).await {
             Ok(pair) => pair,
             Err(abort) => {
                 let _ = send.reset(abort.code());
                 let _ = recv.stop(abort.code());
-                let status = match &abort {
-                    Abort::Refused {
-                        status: Status::UnknownService,
-                        ..
-                    } => 404,
-                    Abort::Refused {
-                        status: Status::Busy,
-                        ..
-                    } => 503,
-                    _ => 502,
-                };
-                let why = match abort {
-                    Abort::Refused { message, .. } => message,
-                    other => other.to_string(),
-                };
-                return Err(fail(
+                let (status, why) = http::pages::refusal(abort);
+                return Err(OpenFailure {
                     status,
-                    format!("service {service} of peer {}: {why}", self.name),
-                ));
+                    message: format!("service {service} of peer {}: {why}", self.name),
+                });
             }
         };
         self.protocols().insert(name.clone(), response.protocol);
@@ -564,6 +559,7 @@ pub(crate) async fn serve_router(
             stop: node.stop.clone(),
             abort: node.abort.clone(),
             tasks: node.tasks.clone(),
+            stats: node.stats.clone(),
         };
         let live = node.stats.stream();
         let span = tracing::info_span!("http", %client);
@@ -622,13 +618,6 @@ async fn answer_http_client(tcp: &TcpStream, abort: &Abort) {
     if !matches!(crate::protocol::http::parse_request(&buf[..n]), Ok(Some(_))) {
         return;
     }
-    let (status, why) = match abort {
-        Abort::Refused {
-            status: Status::Busy,
-            message,
-        } => (503, message.clone()),
-        Abort::Refused { message, .. } => (502, message.clone()),
-        other => (502, other.to_string()),
-    };
+    let (status, why) = http::pages::refusal_of(abort);
     let _ = crate::tunnel::splice::write_tcp(tcp, &http::pages::error(status, &why)).await;
 }

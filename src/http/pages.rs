@@ -1,6 +1,9 @@
 //! The pages the connecting side answers with itself: errors (what failed and what to do)
 //! and the index. Plain server-rendered HTML with no external resources.
 
+use crate::protocol::header::Status;
+use crate::tunnel::splice::Abort;
+
 /// The reason phrase of the statuses we answer with.
 fn reason(status: u16) -> &'static str {
     match status {
@@ -15,6 +18,39 @@ fn reason(status: u16) -> &'static str {
         504 => "Gateway Timeout",
         _ => "Error",
     }
+}
+
+/// The page status and text for an open that did not give a stream: the exposing side's
+/// refusal (an unknown service is 404, a busy peer 503, anything else 502), or what failed.
+pub fn refusal(abort: Abort) -> (u16, String) {
+    match abort {
+        Abort::Refused { status, message } => (status_of(status), message),
+        other => (502, other.to_string()),
+    }
+}
+
+/// [`refusal`] of a borrowed abort.
+pub fn refusal_of(abort: &Abort) -> (u16, String) {
+    match abort {
+        Abort::Refused { status, message } => (status_of(*status), message.clone()),
+        other => (502, other.to_string()),
+    }
+}
+
+fn status_of(status: Status) -> u16 {
+    match status {
+        Status::UnknownService => 404,
+        Status::Busy => 503,
+        _ => 502,
+    }
+}
+
+/// `page` without its body: the answer to a `HEAD` (same head, `Content-Length` included).
+pub fn head_only(mut page: Vec<u8>) -> Vec<u8> {
+    if let Some(end) = page.windows(4).position(|w| w == b"\r\n\r\n") {
+        page.truncate(end + 4);
+    }
+    page
 }
 
 /// Escapes text for HTML.

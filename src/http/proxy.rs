@@ -34,12 +34,15 @@ use crate::protocol::http::{
     request_body, response_body, BodyKind, BodyTracker, HeadError, RequestHead, MAX_HEAD,
 };
 use crate::protocol::stream_code;
+use crate::stats::Stats;
 use crate::tunnel::splice::{
-    ignore_not_connected, read_response, reset_tcp, write_tcp, Abort, CHUNK,
+    ignore_not_connected, linger, read_response, reset_tcp, write_tcp, Abort, CHUNK,
 };
 
 /// How long a request head may take from its first byte to its last.
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a closed connection waits for the client's FIN, reading what it still sends.
+const LINGER: Duration = Duration::from_secs(2);
 /// Orders the request half may be ahead of the response half (pipelined requests, pages).
 const PENDING: usize = 16;
 /// How long a retired stream may take to end after its last response.
@@ -104,6 +107,9 @@ pub struct HttpCtx {
     pub abort: CancellationToken,
     /// Where retired streams finish.
     pub tasks: TaskTracker,
+    /// The node's gauges: a retired stream still finishing counts as a live stream, so the
+    /// drain waits for it.
+    pub stats: Arc<Stats>,
 }
 
 /// Orders from the request half to the response half, carried out in order.
@@ -128,6 +134,8 @@ struct Switch {
     unconfirmed: Option<Duration>,
     /// The previous stream's send half, to FIN once its last response is out.
     retired: Option<SendStream>,
+    /// Told when the response half takes the new stream (every earlier answer is out).
+    taken: oneshot::Sender<()>,
 }
 
 struct Pending {
@@ -165,6 +173,7 @@ pub async fn serve<U: Upstreams>(
     let responses = Responses {
         tcp: &tcp,
         tasks: &ctx.tasks,
+        stats: &ctx.stats,
         current: None,
         closing: &closing,
         upstreams: &*upstreams,
@@ -176,7 +185,11 @@ pub async fn serve<U: Upstreams>(
         r = async { requests.run(first).await?; std::future::pending().await } => r,
     };
     match result {
-        Ok(()) => debug!("http connection closed"),
+        Ok(()) => {
+            // Our FIN is out: let the client read it all before the socket goes.
+            linger(&tcp, LINGER).await;
+            debug!("http connection closed");
+        }
         Err(Abort::Local(e)) => {
             debug!("http client went away: {e}");
             reset_tcp(&tcp);
@@ -235,6 +248,14 @@ impl<U: Upstreams> Requests<'_, U> {
             // An unconfirmed stream was refused: the response half answers with a page
             // saying why and closes; this half ends with it, cleanly.
             Err(Abort::Refused { .. }) => self.stop.cancelled().await,
+            // The device stopped taking the request (it answered early, e.g. 413, and
+            // closed): no more requests; its answer may still come, and goes out.
+            Err(Abort::PeerStopped(_) | Abort::PeerReset(_) | Abort::Stream(_)) => {
+                if let Some(mut stream) = send.take() {
+                    let _ = stream.reset(stream_code::ABORTED);
+                }
+                self.stop.cancelled().await;
+            }
             Err(e) => return Err(e),
         }
         self.order(Order::End(send.take())).await;
@@ -267,7 +288,7 @@ impl<U: Upstreams> Requests<'_, U> {
                 Ok(kind) => kind,
                 Err(e) => {
                     self.order(Order::Page {
-                        page: pages::error(400, &e.to_string()),
+                        page: answer(&head, pages::error(400, &e.to_string())),
                         close: true,
                     })
                     .await;
@@ -281,7 +302,7 @@ impl<U: Upstreams> Requests<'_, U> {
                     host.unwrap_or_default()
                 );
                 self.order(Order::Page {
-                    page: pages::error(421, &why),
+                    page: answer(&head, pages::error(421, &why)),
                     close: true,
                 })
                 .await;
@@ -294,6 +315,7 @@ impl<U: Upstreams> Requests<'_, U> {
                     Routed::Page(page) => {
                         // Our own pages have no use for a body: close rather than read it.
                         let close = !keeps_alive_request(&head) || body != BodyKind::None;
+                        let page = answer(&head, page);
                         self.order(Order::Page { page, close }).await;
                         if close {
                             return Ok(());
@@ -312,7 +334,7 @@ impl<U: Upstreams> Requests<'_, U> {
                         Err(failure) => {
                             warn!(peer = %key.peer, service = %key.service, status = failure.status, "{}", failure.message);
                             self.order(Order::Page {
-                                page: pages::error(failure.status, &failure.message),
+                                page: answer(&head, pages::error(failure.status, &failure.message)),
                                 close: true,
                             })
                             .await;
@@ -328,6 +350,7 @@ impl<U: Upstreams> Requests<'_, U> {
                     upstream.http.forwarded,
                 );
                 let retired = std::mem::replace(send, Sending(Some(upstream.send))).take();
+                let (taken, took) = oneshot::channel();
                 self.order(Order::Switch(Box::new(Switch {
                     recv: upstream.recv,
                     first: upstream.first,
@@ -337,8 +360,13 @@ impl<U: Upstreams> Requests<'_, U> {
                     http: upstream.http,
                     unconfirmed: upstream.unconfirmed,
                     retired,
+                    taken,
                 })))
                 .await;
+                // Requests go to the new stream once the old one's answers are all out: its
+                // answers would wait unread meanwhile, holding connection-wide flow control
+                // (a pipelined download on the old stream could then never finish).
+                let _ = took.await;
                 current = Some((key, names));
             }
             let (Some((_, names)), Some(stream)) = (&current, send.0.as_mut()) else {
@@ -430,8 +458,9 @@ impl<U> Requests<'_, U> {
                         format!("the request head did not arrive within {HEAD_TIMEOUT:?}"),
                     ))
                 }
-                Some(Ok(0)) if idle => return Ok(Head::End),
-                Some(Ok(0)) => return Err(Abort::Local(std::io::ErrorKind::UnexpectedEof.into())),
+                // A head cut short by the client's FIN can never complete: no more requests
+                // (the answers to earlier ones still go out).
+                Some(Ok(0)) => return Ok(Head::End),
                 Some(Ok(_)) => {}
                 Some(Err(e)) => return Err(Abort::Local(e)),
             }
@@ -484,6 +513,14 @@ impl<U> Requests<'_, U> {
     }
 }
 
+/// One of our pages as the answer to `request`: without its body for a `HEAD`.
+fn answer(request: &RequestHead, page: Vec<u8>) -> Vec<u8> {
+    match request.method.eq_ignore_ascii_case("HEAD") {
+        true => pages::head_only(page),
+        false => page,
+    }
+}
+
 /// A failed write toward the device: the exposing side refused the stream (it stops reading
 /// with `REFUSED`; its answer says why) or the stream failed.
 fn toward_device(e: quinn::WriteError) -> Abort {
@@ -531,6 +568,7 @@ struct Current {
 struct Responses<'a, U> {
     tcp: &'a TcpStream,
     tasks: &'a TaskTracker,
+    stats: &'a Stats,
     current: Option<Current>,
     /// Tells the request half the connection is closing: it stops at the next head.
     closing: &'a CancellationToken,
@@ -565,7 +603,9 @@ impl<U: Upstreams> Responses<'_, U> {
                         http,
                         unconfirmed,
                         retired,
+                        taken,
                     } = *switch;
+                    let _ = taken.send(());
                     if let Some(old) = self.current.take() {
                         self.retire(old, retired);
                     }
@@ -636,7 +676,9 @@ impl<U: Upstreams> Responses<'_, U> {
     /// Ends a stream no more requests go to: FIN, then its rest read and dropped (bounded),
     /// so the device's connection closes cleanly.
     fn retire(&self, mut old: Current, send: Option<SendStream>) {
+        let live = self.stats.stream();
         self.tasks.spawn(async move {
+            let _live = live;
             let _hold = old.hold;
             let mut send = send;
             if let Some(send) = &mut send {
@@ -775,15 +817,7 @@ impl<U: Upstreams> Responses<'_, U> {
                     ),
                 )
             }
-            Err(Abort::Refused { status, message }) => {
-                let code = match status {
-                    Status::UnknownService => 404,
-                    Status::Busy => 503,
-                    _ => 502,
-                };
-                (code, message)
-            }
-            Err(other) => (502, other.to_string()),
+            Err(abort) => pages::refusal(abort),
         };
         let cur = self.current.as_mut()?;
         self.upstreams.forget(&cur.key);

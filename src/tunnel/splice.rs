@@ -169,7 +169,13 @@ where
                         buf = BytesMut::with_capacity(CHUNK);
                     }
                     match reader.read_buf(&mut buf).await {
+                        // A TLS peer that closes without close_notify (many devices do) ends
+                        // its direction like a FIN: HTTP frames its own messages.
                         Ok(0) => {
+                            let _ = send.finish();
+                            return Ok(());
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
                             let _ = send.finish();
                             return Ok(());
                         }
@@ -184,13 +190,16 @@ where
                 }
             };
             let quic_to_io = async {
+                // Each write is flushed: a TLS stream holds what it encrypted until then.
                 let first = first_payload(&mut recv, downstream).await?;
                 writer.write_all(&first).await.map_err(Abort::Local)?;
+                writer.flush().await.map_err(Abort::Local)?;
                 down += first.len() as u64;
                 loop {
                     match recv.read_chunk(CHUNK, true).await {
                         Ok(Some(chunk)) => {
                             writer.write_all(&chunk.bytes).await.map_err(Abort::Local)?;
+                            writer.flush().await.map_err(Abort::Local)?;
                             down += chunk.bytes.len() as u64;
                         }
                         Ok(None) => {
@@ -269,6 +278,28 @@ pub(crate) async fn delivered(send: &mut SendStream) -> Result<(), Abort> {
         Err(quinn::StoppedError::ConnectionLost(e)) => Err(Abort::ConnectionLost(e)),
         Err(e) => Err(Abort::Stream(e.to_string())),
     }
+}
+
+/// A lingering close: after our FIN, reads and drops what the client still sends, until its
+/// own FIN, at most `limit` long and 16 MiB, so that closing the socket does not make the
+/// kernel send RST (which can destroy the answer the client has not read yet).
+pub(crate) async fn linger(tcp: &TcpStream, limit: Duration) {
+    let mut buf = [0u8; 16 * 1024];
+    let mut left: usize = 16 << 20;
+    let drain = async {
+        while left > 0 {
+            if tcp.readable().await.is_err() {
+                return;
+            }
+            match tcp.try_read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => left = left.saturating_sub(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(limit, drain).await;
 }
 
 /// Drops what the client already sent and nobody will read (at most 1 MiB): closing a
