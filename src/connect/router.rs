@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::{Bytes, BytesMut};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn, Instrument};
 
@@ -24,7 +25,7 @@ use crate::protocol::rtsp::{frame, reply, url_base, Head, Item, StartLine};
 use crate::rtsp::policy::Facing;
 use crate::runtime::forward::forward;
 use crate::runtime::NodeCtx;
-use crate::tunnel::splice::{write_tcp, Downstream};
+use crate::tunnel::splice::{linger, write_tcp, Downstream};
 
 /// How long a fetched catalog is trusted.
 pub const CATALOG_TTL: Duration = Duration::from_secs(5);
@@ -265,8 +266,8 @@ impl Router {
         client: SocketAddr,
         node: &NodeCtx,
     ) {
-        let head = match first_request(&tcp).await {
-            Ok(head) => head,
+        let (head, leading) = match first_request(&tcp).await {
+            Ok(read) => read,
             Err(why) => return debug!("rtsp client closed: {why}"),
         };
         let StartLine::Request { uri, .. } = &head.start else {
@@ -332,7 +333,7 @@ impl Router {
             Downstream::Payload(opened.first),
             &opened.pc.media,
             node,
-            Some(format!("/{segment}")),
+            Some((format!("/{segment}"), leading)),
         )
         .await;
         drop(opened.lease);
@@ -347,32 +348,41 @@ impl Router {
     }
 }
 
-/// Peeks (without consuming: the RTSP layer reads it again) until the socket holds a whole
-/// first request head.
-async fn first_request(tcp: &TcpStream) -> Result<Head, String> {
-    let mut buf = vec![0u8; 16 * 1024];
-    let deadline = tokio::time::Instant::now() + FIRST_REQUEST;
-    loop {
-        let n = tokio::time::timeout_at(deadline, tcp.peek(&mut buf))
-            .await
-            .map_err(|_| format!("no request within {FIRST_REQUEST:?}"))?
-            .map_err(|e| e.to_string())?;
-        if n == 0 {
-            return Err("closed before a request".into());
-        }
-        match frame(&buf[..n]) {
-            Ok(Some(Item::Message { head, .. })) => {
-                return Head::parse(&buf[..head]).map_err(|e| e.to_string())
+/// Longest first request (head and body) read to route an RTSP connection.
+const MAX_FIRST_REQUEST: usize = 64 * 1024;
+
+/// Reads until the socket gave a whole first request: its head, and every byte read (the
+/// RTSP layer starts from them).
+async fn first_request(tcp: &TcpStream) -> Result<(Head, Bytes), String> {
+    let mut buf = BytesMut::new();
+    let read = async {
+        loop {
+            match frame(&buf) {
+                Ok(Some(Item::Message { head, .. })) => {
+                    let parsed = Head::parse(&buf[..head]).map_err(|e| e.to_string())?;
+                    return Ok(parsed);
+                }
+                Ok(Some(_)) => return Err("the first bytes are not an RTSP request".to_owned()),
+                Ok(None) if buf.len() >= MAX_FIRST_REQUEST => {
+                    return Err("the first request is too large".to_owned())
+                }
+                Ok(None) => {}
+                Err(e) => return Err(e.to_string()),
             }
-            Ok(Some(_)) => return Err("the first bytes are not an RTSP request".into()),
-            Ok(None) if n == buf.len() => return Err("the first request head is too large".into()),
-            Ok(None) => {
-                // Part of a head: peek returns at once while nothing new came; wait a little.
-                tokio::time::sleep(Duration::from_millis(5)).await;
+            tcp.readable().await.map_err(|e| e.to_string())?;
+            buf.reserve(16 * 1024);
+            match tcp.try_read_buf(&mut buf) {
+                Ok(0) => return Err("closed before a request".to_owned()),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e.to_string()),
             }
-            Err(e) => return Err(e.to_string()),
         }
-    }
+    };
+    let head = tokio::time::timeout(FIRST_REQUEST, read)
+        .await
+        .map_err(|_| format!("no whole request within {FIRST_REQUEST:?}"))??;
+    Ok((head, buf.freeze()))
 }
 
 /// Answers the client's first request with `status` and why, then closes.
@@ -384,11 +394,10 @@ async fn answer(tcp: &TcpStream, head: &Head, status: u16, reason: &str, why: &s
         let note = format!("\r\nX-Tunnel-Error: {}", why.replace(['\r', '\n'], " "));
         out.splice(end..end, note.into_bytes());
     }
-    // Consume what was only peeked, so the close is a FIN, not a reset.
-    let mut sink = vec![0u8; 16 * 1024];
-    let _ = tcp.try_read(&mut sink);
     let _ = write_tcp(tcp, &out).await;
     let _ = socket2::SockRef::from(tcp).shutdown(std::net::Shutdown::Write);
+    // What the client still sends is read and dropped, so the close is a FIN, not a reset.
+    linger(tcp, Duration::from_secs(2)).await;
 }
 
 /// Serves `--rtsp`: every RTSP service of every peer on one listener, routed by path.

@@ -48,6 +48,8 @@ pub struct RtspCtx {
     pub facing: Facing,
     /// The client-facing peer's routing prefix on `--rtsp` (`/cam.shop`), if any.
     pub prefix: Option<String>,
+    /// Bytes already read from the socket (the first request, read to route it).
+    pub leading: Bytes,
     pub udp: RtspUdp,
     pub mux: Arc<MediaMux>,
     pub stats: Arc<Stats>,
@@ -225,7 +227,7 @@ impl Layer<'_> {
     }
 
     async fn socket_to_stream(&self, count: &mut u64) -> Result<(), Abort> {
-        let mut buf = BytesMut::new();
+        let mut buf = BytesMut::from(&self.ctx.leading[..]);
         loop {
             self.drain(&mut buf, To::Stream, count).await?;
             self.tcp.readable().await.map_err(Abort::Local)?;

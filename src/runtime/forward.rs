@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use quinn::{RecvStream, SendStream};
 use tokio::net::TcpStream;
 use tokio_util::either::Either;
@@ -18,8 +19,8 @@ use crate::tunnel::splice::{splice, Downstream, Report};
 
 /// Forwards between `tcp` and the stream until both directions end or one aborts (or the
 /// node aborts). `facing` says which end of the conversation `tcp` is; `media` is the
-/// connection's media mux (for RTSP's UDP flows); `prefix` is the RTSP layer's routing prefix
-/// on `--rtsp` (the client-facing side only).
+/// connection's media mux (for RTSP's UDP flows); `routed` is the RTSP layer's routing
+/// prefix on `--rtsp` and the bytes read from `tcp` to route it (the client-facing side only).
 ///
 /// Not an `async fn`: the future it returns is the layer's own (in an `Either`), so an idle
 /// stream's task holds no second copy of the sockets. An `async fn` wrapper keeps its
@@ -33,16 +34,21 @@ pub(crate) fn forward(
     downstream: Downstream,
     media: &Arc<MediaMux>,
     node: &NodeCtx,
-    prefix: Option<String>,
+    routed: Option<(String, Bytes)>,
 ) -> impl Future<Output = Report> {
     let cancel = node.abort.clone();
     match protocol {
         // HTTP is read on the connecting side only (`http::proxy`); toward the device it is bytes.
         Protocol::Tcp | Protocol::Http => Either::Left(splice(tcp, send, recv, downstream, cancel)),
         Protocol::Rtsp(udp) => {
+            let (prefix, leading) = match routed {
+                Some((prefix, leading)) => (Some(prefix), leading),
+                None => (None, Bytes::new()),
+            };
             let ctx = RtspCtx {
                 facing,
                 prefix,
+                leading,
                 udp,
                 mux: media.clone(),
                 stats: node.stats.clone(),
