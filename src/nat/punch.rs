@@ -45,10 +45,10 @@ impl PunchSchedule {
         (due <= TOTAL).then(|| self.start + due)
     }
 
-    /// Whether relay bind packets go out with this round: the first five rounds (a bind lost
-    /// to the network is repeated within 250 ms).
+    /// Whether relay bind packets go out with the next round (ask before `poll` counts it):
+    /// the first five rounds (a bind lost to the network is repeated within 250 ms).
     pub fn with_relay_bind(&self) -> bool {
-        self.sent <= 5
+        self.sent < 5
     }
 }
 
@@ -108,6 +108,19 @@ mod tests {
         assert_eq!(*times.last().unwrap(), 3000);
         assert_eq!(times.len(), 21 + 8);
         assert!(!s.poll(t0 + Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn relay_binds_go_with_the_first_five_rounds_only() {
+        let t0 = Instant::now();
+        let mut s = PunchSchedule::new(t0);
+        let mut binds = 0;
+        while let Some(at) = s.next_deadline() {
+            let bind = s.with_relay_bind();
+            assert!(s.poll(at));
+            binds += usize::from(bind);
+        }
+        assert_eq!(binds, 5);
     }
 
     #[test]
