@@ -2,7 +2,7 @@
 //! until SIGINT/SIGTERM. Errors become one clear line on stderr and an exit code: 2 for a
 //! mistake in flags or rules (as clap does), 1 for anything else.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -19,7 +19,7 @@ use crate::config::{
 };
 use crate::connect::router::Router;
 use crate::connect::SessionConfig;
-use crate::expose::{Authorized, ExposeConfig};
+use crate::expose::{Authorized, ExposeConfig, PeerAccess};
 use crate::identity::{default_identity_path, Identity, PeerId};
 use crate::nat::server::RendezvousConfig;
 use crate::node::Node;
@@ -335,22 +335,26 @@ fn expose_config(rules: ExposeRules) -> Result<(SocketAddr, ExposeConfig), Failu
             "nothing to expose: give --service NAME=HOST:PORT, or [expose.services] in the rules file".into(),
         ));
     }
+    let peers = peer_access(&rules)?;
     let authorized = if rules.allow_any {
         Authorized::Any
-    } else if rules.authorized_peers.is_empty() {
+    } else if rules.authorized_peers.is_empty() && peers.is_empty() {
         return Err(usage(
-            "no peer is allowed: give --allow PEER_ID (the other side prints it with `tunnel id`), or authorized_peers in the rules file".into(),
+            "no peer is allowed: give --allow PEER_ID (the other side prints it with `tunnel id`), or authorized_peers or [[expose.peer]] in the rules file".into(),
         ));
     } else {
+        // A peer with its own rules is allowed in by them.
         Authorized::Only(
             rules
                 .authorized_peers
                 .iter()
                 .copied()
+                .chain(peers.keys().copied())
                 .collect::<HashSet<_>>(),
         )
     };
     let mut config = ExposeConfig::new(rules.services, authorized);
+    config.peers = peers;
     if let Some(n) = rules.max_streams {
         if n == 0 {
             return Err(usage("max_streams must be at least 1".into()));
@@ -364,6 +368,50 @@ fn expose_config(rules: ExposeRules) -> Result<(SocketAddr, ExposeConfig), Failu
         .listen
         .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default"));
     Ok((listen, config))
+}
+
+/// The `[[expose.peer]]` rules, checked: each peer once, naming only exposed services, with a
+/// cap of at least 1.
+fn peer_access(rules: &ExposeRules) -> Result<HashMap<PeerId, PeerAccess>, Failure> {
+    let mut peers = HashMap::new();
+    for rule in &rules.peers {
+        let who = rule
+            .name
+            .as_ref()
+            .map_or_else(|| rule.id.to_string(), |n| format!("{n} ({})", rule.id));
+        if let Some(name) = rule
+            .services
+            .iter()
+            .flatten()
+            .find(|s| !rules.services.contains_key(*s))
+        {
+            return Err(usage(format!(
+                "[[expose.peer]] {who}: service {name} is not exposed here; exposed: {}",
+                rules
+                    .services
+                    .keys()
+                    .map(|n| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        if rule.max_streams == Some(0) {
+            return Err(usage(format!(
+                "[[expose.peer]] {who}: max_streams must be at least 1"
+            )));
+        }
+        let access = PeerAccess {
+            name: rule.name.clone(),
+            services: rule.services.as_ref().map(|s| s.iter().cloned().collect()),
+            max_streams: rule.max_streams,
+        };
+        if peers.insert(rule.id, access).is_some() {
+            return Err(usage(format!(
+                "[[expose.peer]] {who} is given twice: give each peer one entry"
+            )));
+        }
+    }
+    Ok(peers)
 }
 
 async fn connect(args: ConnectArgs) -> Result<(), Failure> {

@@ -81,6 +81,23 @@ pub struct ExposeRules {
     pub max_streams: Option<usize>,
     /// How long to wait for a real server to accept a connection.
     pub dial_timeout: Option<Dur>,
+    /// `[[expose.peer]]`: what each listed peer may use (a listed peer is allowed in).
+    #[serde(default, rename = "peer")]
+    pub peers: Vec<PeerRule>,
+}
+
+/// One `[[expose.peer]]`: a peer's access to this host's services.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerRule {
+    pub id: PeerId,
+    /// What to call it in logs.
+    pub name: Option<String>,
+    /// The services it may use; absent: all of them. Any other service is, to this peer,
+    /// one that does not exist.
+    pub services: Option<Vec<ServiceName>>,
+    /// Its proxied sockets at once (besides the node's `max_streams`).
+    pub max_streams: Option<usize>,
 }
 
 /// `[connect]`: the remote peers and the local listeners.

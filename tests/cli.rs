@@ -228,3 +228,48 @@ fn a_local_port_in_use_is_reported_with_the_fix() {
         "{err}"
     );
 }
+
+#[test]
+fn a_peer_rule_naming_a_service_not_exposed_is_refused_with_what_is() {
+    let dir = TempDir::new("peerrule");
+    let file = dir.path("rules.toml");
+    let id = "a".repeat(32);
+    std::fs::write(
+        &file,
+        format!(
+            "[expose]\nlisten = \"127.0.0.1:0\"\n[expose.services]\ncam = \"127.0.0.1:554\"\n\
+             [[expose.peer]]\nid = \"{id}\"\nname = \"dad\"\nservices = [\"nas\"]\n"
+        ),
+    )
+    .unwrap();
+    let identity = dir.path("id.pem");
+    let (code, err) = run(&[
+        "expose",
+        "--config",
+        file.to_str().unwrap(),
+        "--identity",
+        identity.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("[[expose.peer]] dad")
+            && err.contains("service nas is not exposed here; exposed: cam"),
+        "{err}"
+    );
+    std::fs::write(
+        &file,
+        format!(
+            "[expose.services]\ncam = \"127.0.0.1:554\"\n[[expose.peer]]\nid = \"{id}\"\nservises = [\"cam\"]\n"
+        ),
+    )
+    .unwrap();
+    let (code, err) = run(&[
+        "expose",
+        "--config",
+        file.to_str().unwrap(),
+        "--identity",
+        identity.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("line 5") && err.contains("servises"), "{err}");
+}

@@ -728,3 +728,136 @@ fn whole_json_answer(tcp: &mut TcpStream) -> String {
     }
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// `tunnel connect ID@127.0.0.1:UDP --http 127.0.0.1:0` with `identity` and more flags: the
+/// process and its `--http` port.
+fn connect_http(
+    identity: &std::path::Path,
+    peer: &str,
+    extra: &[&str],
+) -> (Proc, u16, Vec<String>) {
+    let connect = Proc::spawn(
+        "tunnel connect",
+        Command::new(tunnel_bin())
+            .args(["connect", peer, "--http", "127.0.0.1:0"])
+            .args(extra)
+            .arg("--identity")
+            .arg(identity),
+    );
+    // Its stdout lines up to the --http one (the --local lines come first).
+    let lines = std::cell::RefCell::new(Vec::new());
+    let line = connect.line_matching(|l| {
+        lines.borrow_mut().push(l.to_owned());
+        l.contains("-> http:")
+    });
+    let lines = lines.into_inner();
+    let port = line
+        .split_whitespace()
+        .next()
+        .and_then(|a| a.rsplit_once(':'))
+        .and_then(|(_, p)| p.parse().ok())
+        .unwrap();
+    (connect, port, lines)
+}
+
+#[test]
+fn per_peer_rules_give_each_peer_only_its_services_and_its_own_cap() {
+    if !tools() {
+        return;
+    }
+    let (_nas, nas_port) = device("nas", None);
+    let (_web, web_port) = device("web", None);
+    let dir = TempDir::new("peers");
+    let udp = free_udp_port();
+    let (dad, kid) = (dir.path("dad.pem"), dir.path("kid.pem"));
+    let rules = dir.path("rules.toml");
+    std::fs::write(
+        &rules,
+        format!(
+            "[expose]\nlisten = \"127.0.0.1:{udp}\"\n\
+             [expose.services]\nnas = \"http://127.0.0.1:{nas_port}\"\nweb = \"http://127.0.0.1:{web_port}\"\n\
+             [[expose.peer]]\nid = \"{}\"\nname = \"dad\"\nservices = [\"nas\"]\n\
+             [[expose.peer]]\nid = \"{}\"\nname = \"kid\"\nservices = [\"web\"]\nmax_streams = 1\n",
+            peer_id(&dad),
+            peer_id(&kid)
+        ),
+    )
+    .unwrap();
+    let _expose = {
+        let p = Proc::spawn(
+            "tunnel expose",
+            Command::new(tunnel_bin())
+                .args(["expose", "--config"])
+                .arg(&rules)
+                .arg("--identity")
+                .arg(dir.path("expose.pem")),
+        );
+        p.line_matching(|l| l.trim_start().starts_with("tunnel connect "));
+        p
+    };
+    let expose_id = format!("{}@127.0.0.1:{udp}", peer_id(&dir.path("expose.pem")));
+    let (dad_c, dad_port, dad_lines) = connect_http(
+        &dad,
+        &expose_id,
+        &["--local", "127.0.0.1:0=web", "--local", "127.0.0.1:0=nope"],
+    );
+    let (_kid_c, kid_port, _) = connect_http(&kid, &expose_id, &[]);
+    let at = |port: u16, service: &str| {
+        let host = format!("{service}.peer.localhost");
+        curl(&[
+            "--resolve",
+            &format!("{host}:{port}:127.0.0.1"),
+            &format!("http://{host}:{port}/whoami"),
+        ])
+    };
+    // Each reaches its own service, and not the other's: the index shows only its own.
+    assert_eq!(status(&at(dad_port, "nas")), 200, "{}", dad_c.stderr());
+    assert_eq!(status(&at(kid_port, "web")), 200);
+    for (port, hidden, own) in [(dad_port, "web", "nas"), (kid_port, "nas", "web")] {
+        let r = at(port, hidden);
+        assert_eq!(status(&r), 404, "{r}");
+        assert!(
+            !body(&r).contains(&format!(">{hidden}<")),
+            "{hidden} is not listed: {r}"
+        );
+        assert!(body(&r).contains(&format!(">{own}<")), "{r}");
+    }
+    // Asked for by name, a hidden service is answered exactly as one that does not exist.
+    let local = |service: &str| {
+        let line = dad_lines
+            .iter()
+            .find(|l| l.contains(&format!(" -> {service} on ")))
+            .unwrap();
+        line.split_whitespace().next().unwrap().to_owned()
+    };
+    let hidden = curl(&[&format!("http://{}/", local("web"))]);
+    let unknown = curl(&[&format!("http://{}/", local("nope"))]);
+    assert_eq!(status(&hidden), 404, "{hidden}");
+    assert!(
+        body(&hidden).contains("no service named &quot;web&quot; here; exposed: nas"),
+        "{hidden}"
+    );
+    assert_eq!(
+        body(&hidden).replace("web", "nope"),
+        body(&unknown),
+        "nothing tells them apart"
+    );
+
+    // The kid's cap of one stream: a held connection takes it; the next gets 503; the dad
+    // is not limited by it.
+    let mut held = TcpStream::connect(("127.0.0.1", kid_port)).unwrap();
+    held.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    held.write_all(
+        format!("GET /whoami HTTP/1.1\r\nHost: web.peer.localhost:{kid_port}\r\n\r\n").as_bytes(),
+    )
+    .unwrap();
+    assert!(whole_json_answer(&mut held).starts_with("HTTP/1.1 200 OK"));
+    let r = at(kid_port, "web");
+    assert_eq!(status(&r), 503, "{r}");
+    assert!(
+        body(&r).contains("this peer is at its limit of 1 proxied sockets here"),
+        "{r}"
+    );
+    assert_eq!(status(&at(dad_port, "nas")), 200);
+}

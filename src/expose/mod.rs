@@ -6,7 +6,7 @@
 
 pub mod admit;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -67,6 +67,19 @@ pub struct ExposeConfig {
     pub dial_timeout: Duration,
     /// How long a peer may take to send a stream header.
     pub header_timeout: Duration,
+    /// Per-peer rules (`[[expose.peer]]`); a peer not listed may use every service.
+    pub peers: HashMap<PeerId, PeerAccess>,
+}
+
+/// What one peer may use here.
+#[derive(Debug, Clone, Default)]
+pub struct PeerAccess {
+    /// What to call it in logs.
+    pub name: Option<String>,
+    /// The services it may use (`None`: all).
+    pub services: Option<BTreeSet<ServiceName>>,
+    /// Its proxied sockets at once.
+    pub max_streams: Option<usize>,
 }
 
 impl ExposeConfig {
@@ -77,6 +90,7 @@ impl ExposeConfig {
             max_streams: 20_000,
             dial_timeout: Duration::from_secs(10),
             header_timeout: Duration::from_secs(10),
+            peers: HashMap::new(),
         }
     }
 }
@@ -87,6 +101,8 @@ pub(crate) struct Expose {
     node: NodeCtx,
     /// The TLS settings of each `https://` service, made once at start.
     device_tls: HashMap<String, Arc<rustls::ClientConfig>>,
+    /// The stream slots of each peer with its own cap.
+    peer_limits: HashMap<PeerId, Arc<Semaphore>>,
 }
 
 /// The real server's end of a stream: a socket, or a TLS session over one.
@@ -111,7 +127,7 @@ impl StreamServer for Expose {
     fn serve_dialled(self: Arc<Self>, pc: PeerConn, peer: PeerId) {
         let span = tracing::info_span!("conn", remote = %pc.conn.remote_address(), peer = %peer);
         let tasks = self.node.tasks.clone();
-        tasks.spawn(self.serve_streams(pc).instrument(span));
+        tasks.spawn(self.serve_streams(pc, peer).instrument(span));
     }
 }
 
@@ -127,11 +143,17 @@ impl Expose {
                 );
             }
         }
+        let peer_limits = config
+            .peers
+            .iter()
+            .filter_map(|(id, access)| Some((*id, Arc::new(Semaphore::new(access.max_streams?)))))
+            .collect();
         Ok(Arc::new(Expose {
             limit: Arc::new(Semaphore::new(config.max_streams)),
             config,
             node,
             device_tls,
+            peer_limits,
         }))
     }
 
@@ -155,10 +177,10 @@ impl Expose {
             .node
             .peers
             .add(&self.node, peer, conn, peer, Path::Direct(remote));
-        self.serve_streams(pc).await;
+        self.serve_streams(pc, peer).await;
     }
 
-    async fn serve_streams(self: Arc<Self>, pc: PeerConn) {
+    async fn serve_streams(self: Arc<Self>, pc: PeerConn, peer: PeerId) {
         loop {
             let (send, recv) = tokio::select! {
                 r = pc.conn.accept_bi() => match r {
@@ -180,7 +202,7 @@ impl Expose {
             let media = pc.media.clone();
             self.node.tasks.spawn(
                 async move {
-                    this.serve_stream(send, recv, media).await;
+                    this.serve_stream(send, recv, media, peer).await;
                     drop(on_conn);
                 }
                 .instrument(span),
@@ -193,6 +215,7 @@ impl Expose {
         mut send: SendStream,
         mut recv: RecvStream,
         media: Arc<MediaMux>,
+        peer: PeerId,
     ) {
         let _live = self.node.stats.stream();
         let (req, leftover) = match tokio::time::timeout(
@@ -216,18 +239,28 @@ impl Expose {
                 return;
             }
         };
+        let access = self.config.peers.get(&peer);
+        let allowed = access.and_then(|a| a.services.as_ref());
         if req.op == Op::Catalog {
-            return self.answer_catalog(&mut send, &mut recv).await;
+            return self.answer_catalog(&mut send, &mut recv, allowed).await;
         }
         tracing::Span::current().record("service", req.service.as_str());
         let client = req.client_addr.as_deref().unwrap_or("?");
         let permit = self.limit.clone().try_acquire_owned().ok();
+        let peer_limit = self.peer_limits.get(&peer);
+        let peer_permit = peer_limit.map(|l| l.clone().try_acquire_owned().ok());
+        let peer_full = match (&peer_permit, access.and_then(|a| a.max_streams)) {
+            (Some(None), Some(cap)) => Some(cap),
+            _ => None,
+        };
         let admitted = admit::admit(
             &admit::Node {
                 services: &self.config.services,
+                allowed,
                 stopping: self.node.stop.is_cancelled(),
                 slot_free: permit.is_some(),
                 max_streams: self.config.max_streams,
+                peer_full,
             },
             &req.service,
         );
@@ -241,12 +274,18 @@ impl Expose {
                         limit = self.config.max_streams,
                         "at the limit of proxied sockets"
                     ),
+                    Status::Busy if peer_full.is_some() => warn!(
+                        client,
+                        peer = access.and_then(|a| a.name.as_deref()).unwrap_or("?"),
+                        limit = peer_full,
+                        "the peer is at its own limit of proxied sockets"
+                    ),
                     _ => {}
                 }
                 return refuse(&mut send, &mut recv, refusal.status, &refusal.message).await;
             }
         };
-        let _permit = permit;
+        let _permits = (permit, peer_permit);
         let connect = tokio::time::timeout(
             self.config.dial_timeout,
             TcpStream::connect(target.as_str()),
@@ -340,12 +379,18 @@ impl Expose {
     }
 
     /// Answers a catalog request: the services this peer may use, then the end of the stream.
-    async fn answer_catalog(&self, send: &mut SendStream, recv: &mut RecvStream) {
+    async fn answer_catalog(
+        &self,
+        send: &mut SendStream,
+        recv: &mut RecvStream,
+        allowed: Option<&BTreeSet<ServiceName>>,
+    ) {
         let catalog = Catalog {
             services: self
                 .config
                 .services
                 .iter()
+                .filter(|(name, _)| allowed.is_none_or(|a| a.contains(*name)))
                 .map(|(name, target)| Entry {
                     name: name.as_str().to_owned(),
                     protocol: target.protocol.into(),
