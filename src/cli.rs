@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::config::{
     ConfigError, ConnectRules, Dur, ExposeRules, LocalRule, NamedPeer, PeerAddr, PeerName,
@@ -63,7 +63,7 @@ struct RendezvousArgs {
     no_relay: bool,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 struct CommonArgs {
     /// Identity file (key and certificate) [default: ~/.config/tunnel/identity.pem].
     #[arg(long, env = "TUNNEL_IDENTITY", value_name = "PATH")]
@@ -95,7 +95,7 @@ impl CommonArgs {
     }
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 struct ExposeArgs {
     #[command(flatten)]
     common: CommonArgs,
@@ -282,6 +282,20 @@ async fn expose(args: ExposeArgs) -> Result<(), Failure> {
         .map(|(n, t)| (n.clone(), t.clone()))
         .collect();
     node.expose(config).context("starting the QUIC server")?;
+    {
+        // SIGHUP: the rules file again, the flags on top, as at start.
+        let args = args.clone();
+        node.reload_on_sighup(move || {
+            let mut rules = load_rules(&args.common).map_err(|f| format!("{:#}", f.error))?;
+            let file = rules.expose.take().unwrap_or_default();
+            let (new_listen, config) =
+                expose_config(args_over_file(&args, file)).map_err(|f| format!("{:#}", f.error))?;
+            if new_listen != listen {
+                warn!(%listen, %new_listen, "the listen address changes only with a restart");
+            }
+            Ok(config)
+        });
+    }
     let rendezvous = args.rendezvous.clone().or(rules.rendezvous.clone());
     if let Some(server) = &rendezvous {
         node.register(server.0.clone());

@@ -861,3 +861,90 @@ fn per_peer_rules_give_each_peer_only_its_services_and_its_own_cap() {
     );
     assert_eq!(status(&at(dad_port, "nas")), 200);
 }
+
+/// Waits until `proc`'s stderr contains `text` (bounded by the process helpers' WAIT).
+fn wait_log(proc: &Proc, text: &str) {
+    let deadline = std::time::Instant::now() + WAIT;
+    while !proc.stderr().contains(text) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}: no {text:?} in its log:\n{}",
+            proc.name,
+            proc.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sighup_reloads_the_rules_granting_and_revoking_and_a_broken_file_keeps_the_old() {
+    if !tools() {
+        return;
+    }
+    let (_nas, nas_port) = device("nas", None);
+    let (_web, web_port) = device("web", None);
+    let dir = TempDir::new("reload");
+    let udp = free_udp_port();
+    let (dad, kid) = (dir.path("dad.pem"), dir.path("kid.pem"));
+    let (dad_id, kid_id) = (peer_id(&dad), peer_id(&kid));
+    let rules = dir.path("rules.toml");
+    let write_rules = |peers: &str| {
+        std::fs::write(
+            &rules,
+            format!(
+                "[expose]\nlisten = \"127.0.0.1:{udp}\"\n\
+                 [expose.services]\nnas = \"http://127.0.0.1:{nas_port}\"\nweb = \"http://127.0.0.1:{web_port}\"\n{peers}"
+            ),
+        )
+        .unwrap()
+    };
+    write_rules(&format!(
+        "[[expose.peer]]\nid = \"{dad_id}\"\nservices = [\"nas\"]\n\
+         [[expose.peer]]\nid = \"{kid_id}\"\nservices = [\"web\"]\n"
+    ));
+    let expose = Proc::spawn(
+        "tunnel expose",
+        Command::new(tunnel_bin())
+            .args(["expose", "--config"])
+            .arg(&rules)
+            .arg("--identity")
+            .arg(dir.path("expose.pem")),
+    );
+    expose.line_matching(|l| l.trim_start().starts_with("tunnel connect "));
+    let peer = format!("{}@127.0.0.1:{udp}", peer_id(&dir.path("expose.pem")));
+    let (_dad_c, dad_port, _) = connect_http(&dad, &peer, &[]);
+    let (kid_c, kid_port, _) = connect_http(&kid, &peer, &[]);
+    let at = |port: u16, service: &str| {
+        let host = format!("{service}.peer.localhost");
+        curl(&[
+            "--resolve",
+            &format!("{host}:{port}:127.0.0.1"),
+            &format!("http://{host}:{port}/whoami"),
+        ])
+    };
+    assert_eq!(status(&at(dad_port, "nas")), 200);
+    assert_eq!(status(&at(dad_port, "web")), 404);
+    assert_eq!(status(&at(kid_port, "web")), 200);
+
+    // The dad gets web too; the kid is no longer listed: disconnected with a reason.
+    write_rules(&format!(
+        "[[expose.peer]]\nid = \"{dad_id}\"\nservices = [\"nas\", \"web\"]\n"
+    ));
+    expose.signal("HUP");
+    wait_log(&expose, "rules reloaded");
+    wait_log(&kid_c, "access revoked by the rules");
+    let r = at(kid_port, "web");
+    assert!([502, 504].contains(&status(&r)), "{r}");
+    assert!(body(&r).contains("not authorised"), "{r}");
+    // A name the dad's catalog did not list a moment ago is looked up again.
+    let r = at(dad_port, "web");
+    assert_eq!(status(&r), 200, "{r}\n{}", expose.stderr());
+    assert_eq!(status(&at(dad_port, "nas")), 200);
+
+    // A broken file is reported with its line, and the rules in force stay.
+    std::fs::write(&rules, "[expose]\nlisten = 5\n").unwrap();
+    expose.signal("HUP");
+    wait_log(&expose, "rules not reloaded, the old ones stay");
+    assert!(expose.stderr().contains("line 2"), "{}", expose.stderr());
+    assert_eq!(status(&at(dad_port, "web")), 200);
+}

@@ -107,7 +107,7 @@ impl Router {
     /// Resolves `name` among the services of protocol `kind`. What is known decides when it
     /// can, however old (catalogs change rarely, and a service that went away fails its open,
     /// which forgets its peer's catalog): a request costs no round trip for a catalog. Missing
-    /// catalogs are fetched; a name not found in old ones is looked for again in fresh ones.
+    /// catalogs are fetched; a name not found is looked for again in fresh ones.
     async fn resolve(&self, name: &str, kind: Kind) -> Resolution {
         let names: Vec<&str> = self.peers.iter().map(|(n, _)| n.as_str()).collect();
         let mut refreshed = false;
@@ -120,13 +120,11 @@ impl Router {
             let resolution = resolve(name, kind, &names, &view);
             let which = match &resolution {
                 Resolution::Need(which) => which.clone(),
+                // A miss asks every peer again, once (a name is rarely unknown, and a peer
+                // may have been given the service a moment ago).
                 Resolution::NotFound(_) | Resolution::Ambiguous(_) if !refreshed => {
                     refreshed = true;
-                    let stale = self.stale();
-                    if stale.is_empty() {
-                        return resolution;
-                    }
-                    stale
+                    (0..self.peers.len()).collect()
                 }
                 _ => return resolution,
             };

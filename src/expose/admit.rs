@@ -171,7 +171,10 @@ mod tests {
         let unknown = admit(&peer(false, None), "nas").unwrap_err();
         assert_eq!(hidden.status, Status::UnknownService);
         // The same words as for a name that does not exist, listing only what it may use.
-        assert_eq!(hidden.message, "no service named \"cam\" here; exposed: web");
+        assert_eq!(
+            hidden.message,
+            "no service named \"cam\" here; exposed: web"
+        );
         assert_eq!(
             unknown.message.replace("nas", "cam"),
             hidden.message,
@@ -182,11 +185,17 @@ mod tests {
             admit(&peer(true, Some(1)), "cam").unwrap_err().status,
             Status::UnknownService
         );
-        assert_eq!(admit(&peer(false, None), "web").unwrap().as_str(), "127.0.0.1:8080");
+        assert_eq!(
+            admit(&peer(false, None), "web").unwrap().as_str(),
+            "127.0.0.1:8080"
+        );
         let r = admit(&peer(false, Some(2)), "web").unwrap_err();
         assert_eq!(
             (r.status, r.message.as_str()),
-            (Status::Busy, "this peer is at its limit of 2 proxied sockets here")
+            (
+                Status::Busy,
+                "this peer is at its limit of 2 proxied sockets here"
+            )
         );
     }
 }

@@ -96,13 +96,45 @@ impl ExposeConfig {
 }
 
 pub(crate) struct Expose {
+    /// The rules now; a reload replaces them whole (streams keep the ones they started with).
+    rules: std::sync::RwLock<Arc<Rules>>,
+    node: NodeCtx,
+}
+
+/// Everything made from one version of the rules.
+struct Rules {
     config: ExposeConfig,
     limit: Arc<Semaphore>,
-    node: NodeCtx,
-    /// The TLS settings of each `https://` service, made once at start.
+    /// The TLS settings of each `https://` service.
     device_tls: HashMap<String, Arc<rustls::ClientConfig>>,
     /// The stream slots of each peer with its own cap.
     peer_limits: HashMap<PeerId, Arc<Semaphore>>,
+}
+
+impl Rules {
+    /// Fails when an `https://` service's certificate check cannot be set up (no system roots).
+    fn new(config: ExposeConfig) -> Result<Rules, DeviceTlsError> {
+        let mut device_tls = HashMap::new();
+        for (name, target) in &config.services {
+            if let Some(http) = target.http.as_ref().filter(|h| h.tls) {
+                device_tls.insert(
+                    name.as_str().to_owned(),
+                    device::client_config(http.verify)?,
+                );
+            }
+        }
+        let peer_limits = config
+            .peers
+            .iter()
+            .filter_map(|(id, access)| Some((*id, Arc::new(Semaphore::new(access.max_streams?)))))
+            .collect();
+        Ok(Rules {
+            limit: Arc::new(Semaphore::new(config.max_streams)),
+            config,
+            device_tls,
+            peer_limits,
+        })
+    }
 }
 
 /// The real server's end of a stream: a socket, or a TLS session over one.
@@ -119,7 +151,7 @@ impl Serve for Expose {
 
 impl StreamServer for Expose {
     fn allows(&self, peer: &PeerId) -> bool {
-        self.config.authorized.allows(peer)
+        self.rules().config.authorized.allows(peer)
     }
 
     /// Serves the streams `peer` opens on a connection this node dialled (one connection per
@@ -134,27 +166,29 @@ impl StreamServer for Expose {
 impl Expose {
     /// Fails when an `https://` service's certificate check cannot be set up (no system roots).
     pub(crate) fn new(config: ExposeConfig, node: NodeCtx) -> Result<Arc<Self>, DeviceTlsError> {
-        let mut device_tls = HashMap::new();
-        for (name, target) in &config.services {
-            if let Some(http) = target.http.as_ref().filter(|h| h.tls) {
-                device_tls.insert(
-                    name.as_str().to_owned(),
-                    device::client_config(http.verify)?,
-                );
-            }
-        }
-        let peer_limits = config
-            .peers
-            .iter()
-            .filter_map(|(id, access)| Some((*id, Arc::new(Semaphore::new(access.max_streams?)))))
-            .collect();
         Ok(Arc::new(Expose {
-            limit: Arc::new(Semaphore::new(config.max_streams)),
-            config,
+            rules: std::sync::RwLock::new(Arc::new(Rules::new(config)?)),
             node,
-            device_tls,
-            peer_limits,
         }))
+    }
+
+    fn rules(&self) -> Arc<Rules> {
+        self.rules.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces the rules: new streams follow them at once; streams already open keep going;
+    /// connections of peers no longer allowed in are closed with a reason. The number of
+    /// connections closed, or why the rules cannot be used (the old ones stay).
+    pub(crate) fn reload(&self, config: ExposeConfig) -> Result<usize, DeviceTlsError> {
+        let rules = Arc::new(Rules::new(config)?);
+        let authorized = rules.config.authorized.clone();
+        *self.rules.write().unwrap_or_else(|p| p.into_inner()) = rules;
+        let reason = b"access revoked by the rules";
+        Ok(self.node.peers.close_dialled_by(
+            |peer| !authorized.allows(peer),
+            close_code::NOT_AUTHORISED,
+            reason,
+        ))
     }
 
     /// An accepted connection (the handshake is done): an allowed peer's streams are served.
@@ -164,7 +198,7 @@ impl Expose {
             return;
         };
         tracing::Span::current().record("peer", tracing::field::display(peer));
-        if !self.config.authorized.allows(&peer) {
+        if !self.rules().config.authorized.allows(&peer) {
             warn!("refused peer {peer}: not in the allow list (add it with --allow {peer})");
             let reason = format!("peer id {peer} is not authorised here");
             conn.close(close_code::NOT_AUTHORISED, reason.as_bytes());
@@ -218,8 +252,9 @@ impl Expose {
         peer: PeerId,
     ) {
         let _live = self.node.stats.stream();
+        let rules = self.rules();
         let (req, leftover) = match tokio::time::timeout(
-            self.config.header_timeout,
+            rules.config.header_timeout,
             read_first(&mut recv, MAX_REQUEST_LEN, decode_request),
         )
         .await
@@ -233,21 +268,27 @@ impl Expose {
             }
             Ok(Err(e)) => return debug!("stream ended before its header: {e}"),
             Err(_) => {
-                warn!("no stream header within {:?}", self.config.header_timeout);
+                warn!("no stream header within {:?}", rules.config.header_timeout);
                 let _ = send.reset(stream_code::TIMEOUT);
                 let _ = recv.stop(stream_code::TIMEOUT);
                 return;
             }
         };
-        let access = self.config.peers.get(&peer);
+        let access = rules.config.peers.get(&peer);
         let allowed = access.and_then(|a| a.services.as_ref());
         if req.op == Op::Catalog {
-            return self.answer_catalog(&mut send, &mut recv, allowed).await;
+            let allowed = match rules.config.authorized.allows(&peer) {
+                true => allowed,
+                false => Some(&NONE),
+            };
+            return self
+                .answer_catalog(&rules, &mut send, &mut recv, allowed)
+                .await;
         }
         tracing::Span::current().record("service", req.service.as_str());
         let client = req.client_addr.as_deref().unwrap_or("?");
-        let permit = self.limit.clone().try_acquire_owned().ok();
-        let peer_limit = self.peer_limits.get(&peer);
+        let permit = rules.limit.clone().try_acquire_owned().ok();
+        let peer_limit = rules.peer_limits.get(&peer);
         let peer_permit = peer_limit.map(|l| l.clone().try_acquire_owned().ok());
         let peer_full = match (&peer_permit, access.and_then(|a| a.max_streams)) {
             (Some(None), Some(cap)) => Some(cap),
@@ -255,11 +296,16 @@ impl Expose {
         };
         let admitted = admit::admit(
             &admit::Node {
-                services: &self.config.services,
-                allowed,
+                services: &rules.config.services,
+                // A peer whose access was revoked (its connection is being closed) gets no
+                // more: every service is, to it, one that does not exist.
+                allowed: match rules.config.authorized.allows(&peer) {
+                    true => allowed,
+                    false => Some(&NONE),
+                },
                 stopping: self.node.stop.is_cancelled(),
                 slot_free: permit.is_some(),
-                max_streams: self.config.max_streams,
+                max_streams: rules.config.max_streams,
                 peer_full,
             },
             &req.service,
@@ -271,7 +317,7 @@ impl Expose {
                     Status::UnknownService => warn!(client, "unknown service requested"),
                     Status::Busy if permit.is_none() => warn!(
                         client,
-                        limit = self.config.max_streams,
+                        limit = rules.config.max_streams,
                         "at the limit of proxied sockets"
                     ),
                     Status::Busy if peer_full.is_some() => warn!(
@@ -287,7 +333,7 @@ impl Expose {
         };
         let _permits = (permit, peer_permit);
         let connect = tokio::time::timeout(
-            self.config.dial_timeout,
+            rules.config.dial_timeout,
             TcpStream::connect(target.as_str()),
         );
         let connected = tokio::select! {
@@ -306,17 +352,17 @@ impl Expose {
                 return refuse(&mut send, &mut recv, Status::TargetRefused, &msg).await;
             }
             Err(_) => {
-                warn!(client, %target, "the service did not accept within {:?}", self.config.dial_timeout);
+                warn!(client, %target, "the service did not accept within {:?}", rules.config.dial_timeout);
                 let msg = format!("the service {:?} did not answer in time", req.service);
                 return refuse(&mut send, &mut recv, Status::TargetRefused, &msg).await;
             }
         };
         let _ = tcp.set_nodelay(true);
-        let io = match self.device_tls.get(req.service.as_str()) {
+        let io = match rules.device_tls.get(req.service.as_str()) {
             None => DeviceIo::Tcp(tcp),
             Some(tls) => {
                 let handshake =
-                    device::connect(tcp, target.host(), tls.clone(), self.config.dial_timeout);
+                    device::connect(tcp, target.host(), tls.clone(), rules.config.dial_timeout);
                 let done = tokio::select! {
                     r = handshake => r,
                     () = self.node.abort.cancelled() => {
@@ -381,12 +427,13 @@ impl Expose {
     /// Answers a catalog request: the services this peer may use, then the end of the stream.
     async fn answer_catalog(
         &self,
+        rules: &Rules,
         send: &mut SendStream,
         recv: &mut RecvStream,
         allowed: Option<&BTreeSet<ServiceName>>,
     ) {
         let catalog = Catalog {
-            services: self
+            services: rules
                 .config
                 .services
                 .iter()
@@ -412,6 +459,9 @@ impl Expose {
         debug!(services = catalog.services.len(), "catalog sent");
     }
 }
+
+/// No service at all: what a revoked peer may use.
+static NONE: BTreeSet<ServiceName> = BTreeSet::new();
 
 /// Answers a refusal and ends the stream: the status, a FIN, and no more reading.
 async fn refuse(send: &mut SendStream, recv: &mut RecvStream, status: Status, message: &str) {

@@ -39,6 +39,8 @@ pub struct Node {
     rendezvous: Arc<OnceLock<RendezvousClient>>,
     /// The roles that accept connections (the endpoint routes to them by ALPN, weakly).
     roles: std::sync::Mutex<Vec<Arc<dyn Serve>>>,
+    /// The exposing role, when this node exposes (for reloads).
+    exposing: OnceLock<Arc<Expose>>,
 }
 
 impl Node {
@@ -62,6 +64,7 @@ impl Node {
             },
             rendezvous: Arc::default(),
             roles: Default::default(),
+            exposing: OnceLock::new(),
         };
         node.ctx.tasks.spawn(accept_loop(
             node.ctx.transport.clone(),
@@ -97,7 +100,42 @@ impl Node {
         if self.ctx.server.set(Arc::downgrade(&server)).is_err() {
             return Err(TransportError::Quic("this node exposes already".into()));
         }
+        let _ = self.exposing.set(expose.clone());
         self.accept(crate::protocol::ALPN, expose)
+    }
+
+    /// On every SIGHUP until the node stops, takes new exposing rules from `reload` (which
+    /// reads the rules file again): new streams follow them at once, open streams keep going,
+    /// peers no longer allowed are disconnected with a reason. Rules that cannot be read or
+    /// used are reported, and the old ones stay.
+    pub fn reload_on_sighup(
+        &self,
+        mut reload: impl FnMut() -> Result<ExposeConfig, String> + Send + 'static,
+    ) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Some(expose) = self.exposing.get().cloned() else {
+            return;
+        };
+        let mut hangup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => return tracing::error!("cannot watch SIGHUP, rules will not reload: {e}"),
+        };
+        let stop = self.ctx.stop.clone();
+        self.ctx.tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = hangup.recv() => {}
+                    () = stop.cancelled() => return,
+                }
+                info!("SIGHUP: reading the rules again");
+                let reloaded =
+                    reload().and_then(|config| expose.reload(config).map_err(|e| e.to_string()));
+                match reloaded {
+                    Ok(closed) => info!(disconnected = closed, "rules reloaded"),
+                    Err(e) => tracing::error!("rules not reloaded, the old ones stay: {e}"),
+                }
+            }
+        });
     }
 
     /// Registers with the rendezvous at `server` (HOST:PORT) and stays registered. When this

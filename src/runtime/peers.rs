@@ -116,6 +116,29 @@ impl PeerTable {
         pc
     }
 
+    /// Closes, with `code` and `reason`, every live connection that a peer for which `which`
+    /// holds dialled to this node; how many. (Connections this node dialled stay: the
+    /// exposing role refuses the streams such a peer opens on them.)
+    pub(crate) fn close_dialled_by(
+        &self,
+        which: impl Fn(&PeerId) -> bool,
+        code: quinn::VarInt,
+        reason: &[u8],
+    ) -> usize {
+        let inner = self.inner();
+        let mut closed = 0;
+        for (peer, conns) in inner.conns.iter().filter(|(p, _)| which(p)) {
+            for pc in conns
+                .iter()
+                .filter(|pc| pc.initiator == *peer && pc.conn.close_reason().is_none())
+            {
+                pc.conn.close(code, reason);
+                closed += 1;
+            }
+        }
+        closed
+    }
+
     /// The connection new streams with `peer` should use.
     pub(crate) fn preferred(&self, peer: &PeerId) -> Option<PeerConn> {
         let inner = self.inner();
