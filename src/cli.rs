@@ -462,18 +462,8 @@ async fn connect(args: ConnectArgs) -> Result<(), Failure> {
             })?;
         listeners.push((listener, rule.service.clone(), *peer));
     }
-    let http = match plan.http {
-        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-            anyhow::anyhow!("cannot listen on {addr} for --http: {e}; pick another port")
-        })?),
-        None => None,
-    };
-    let rtsp = match plan.rtsp {
-        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-            anyhow::anyhow!("cannot listen on {addr} for --rtsp: {e}; pick another port")
-        })?),
-        None => None,
-    };
+    let http = bind_optional(plan.http, "--http").await?;
+    let rtsp = bind_optional(plan.rtsp, "--rtsp").await?;
     let node = Node::bind(plan.bind, identity, args.common.tuning())
         .map_err(|e| anyhow::anyhow!("{e}; choose another address with --bind ADDR"))?;
     info!(peer_id = %node.peer_id(), "this side's peer id (the other side allows it with --allow)");
@@ -528,6 +518,18 @@ async fn connect(args: ConnectArgs) -> Result<(), Failure> {
 
     node.run_until_signal(drain, (sessions, router)).await;
     Ok(())
+}
+
+/// Binds the listener of `flag` when it is given.
+async fn bind_optional(
+    addr: Option<SocketAddr>,
+    flag: &str,
+) -> Result<Option<tokio::net::TcpListener>, Failure> {
+    let Some(addr) = addr else { return Ok(None) };
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        anyhow::anyhow!("cannot listen on {addr} for {flag}: {e}; pick another port")
+    })?;
+    Ok(Some(listener))
 }
 
 async fn rendezvous(args: RendezvousArgs) -> Result<(), Failure> {

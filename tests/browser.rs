@@ -10,13 +10,12 @@
 mod common;
 
 use std::os::unix::process::CommandExt;
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::process::*;
+use common::web::*;
 
-const PYTHON: &str = "/usr/bin/python3";
 const CHROMIUM: &str = "/usr/bin/chromium";
 
 /// Chromium's flags for every run: no sandbox (containers), nothing that reaches beyond
@@ -34,34 +33,6 @@ const CHROMIUM_FLAGS: &[&str] = &[
     // the DOM is dumped when 3 s of it have passed.
     "--virtual-time-budget=3000",
 ];
-
-/// A device web UI on a free port: `(process, port)`.
-fn device(name: &str, tls: Option<(&Path, &Path)>) -> (Proc, u16) {
-    let port = free_port();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/http_device.py");
-    let mut cmd = Command::new(PYTHON);
-    cmd.arg(script).arg(port.to_string()).arg(name);
-    if let Some((cert, key)) = tls {
-        cmd.arg("--tls").arg(cert).arg(key);
-    }
-    let proc = Proc::spawn(name, &mut cmd);
-    proc.line_matching(|l| l.starts_with("ready"));
-    (proc, port)
-}
-
-/// `tunnel connect --http 127.0.0.1:0` next to one `expose` of `services`: the process pair
-/// and the `--http` port.
-fn http_pair(services: &[(&str, &str)]) -> (TunnelPair, u16) {
-    let pair = start_pair(services, &["--http", "127.0.0.1:0"]);
-    let line = pair.connect.line_matching(|l| l.contains("-> http:"));
-    let port = line
-        .split_whitespace()
-        .next()
-        .and_then(|a| a.rsplit_once(':'))
-        .and_then(|(_, p)| p.parse().ok())
-        .unwrap();
-    (pair, port)
-}
 
 /// Both tunnel processes' stderr, for failure messages.
 fn logs(pair: &TunnelPair) -> String {
@@ -171,7 +142,7 @@ fn a_redirect_to_the_devices_lan_address_lands_back_on_its_localhost_name() {
         return;
     }
     let (_nas, nas_port) = device("nas", None);
-    let (pair, port) = http_pair(&[("nas", &format!("http://127.0.0.1:{nas_port}"))]);
+    let (pair, port) = http_pair(&[("nas", &format!("http://127.0.0.1:{nas_port}"))], &[]);
     // `/` answers 302 to http://127.0.0.1:NAS/login?next=%2F; the browser must follow it to
     // the name it used, where /login's script reports `location`. By SERVICE.PEER and, the
     // name being unique, by SERVICE alone.
@@ -207,10 +178,13 @@ fn two_services_setting_the_same_cookie_name_each_keep_their_own() {
     }
     let (_nas, nas_port) = device("nas", None);
     let (_web, web_port) = device("web", None);
-    let (pair, port) = http_pair(&[
-        ("nas", &format!("http://127.0.0.1:{nas_port}")),
-        ("web", &format!("http://127.0.0.1:{web_port}")),
-    ]);
+    let (pair, port) = http_pair(
+        &[
+            ("nas", &format!("http://127.0.0.1:{nas_port}")),
+            ("web", &format!("http://127.0.0.1:{web_port}")),
+        ],
+        &[],
+    );
     // All in ONE Chromium run: a page on nas loads each service's /login in an iframe (each
     // sets `session=NAME; Domain=127.0.0.1`, which the tunnel must strip or the browser
     // refuses the cookie), then each service's /whoami.html, which fetches /whoami on its
@@ -260,37 +234,6 @@ fn two_services_setting_the_same_cookie_name_each_keep_their_own() {
     }
 }
 
-/// curl's status line and headers (`-D -`) and body for `args`.
-fn curl(args: &[&str]) -> String {
-    let out = Command::new("curl")
-        .args(["-sS", "--max-time", "60", "-D", "-"])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "curl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn status(response: &str) -> u16 {
-    response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
-}
-
-fn header<'a>(response: &'a str, name: &str) -> Option<&'a str> {
-    let head = response.split("\r\n\r\n").next()?;
-    head.lines().find_map(|l| {
-        let (n, v) = l.split_once(':')?;
-        n.eq_ignore_ascii_case(name).then(|| v.trim())
-    })
-}
-
 #[test]
 fn transmissions_web_ui_which_refuses_a_foreign_host_comes_up_through_the_tunnel() {
     if !tools() || !have("transmission-daemon") || !have("curl") {
@@ -309,7 +252,7 @@ fn transmissions_web_ui_which_refuses_a_foreign_host_comes_up_through_the_tunnel
             .args(["--no-lpd", "-P", &peer_port.to_string(), "-r", "127.0.0.1"]),
     );
     wait_connectable(&format!("127.0.0.1:{rpc}"));
-    let (pair, port) = http_pair(&[("tr", &format!("http://127.0.0.1:{rpc}"))]);
+    let (pair, port) = http_pair(&[("tr", &format!("http://127.0.0.1:{rpc}"))], &[]);
     let host = format!("tr.peer.localhost:{port}");
     let seen = |dom: &str| {
         format!(
@@ -400,10 +343,13 @@ fn a_websocket_echo_driven_by_the_pages_script_comes_back_whole() {
     let echo = Proc::spawn("ws_echo.py", Command::new(PYTHON).arg(script));
     let ready = echo.line_matching(|l| l.starts_with("ready "));
     let ws_port = ready.split_whitespace().nth(1).unwrap();
-    let (pair, port) = http_pair(&[
-        ("nas", &format!("http://127.0.0.1:{nas_port}")),
-        ("ws", &format!("http://127.0.0.1:{ws_port}")),
-    ]);
+    let (pair, port) = http_pair(
+        &[
+            ("nas", &format!("http://127.0.0.1:{nas_port}")),
+            ("ws", &format!("http://127.0.0.1:{ws_port}")),
+        ],
+        &[],
+    );
     // A page on nas opens ws://ws.peer.localhost:P/, sends a text message, then 1 MiB of
     // binary (byte i = (31 i + 7) mod 256), and writes what came back into the DOM: the
     // text, and the binary's length, whether it equals what was sent, and its SHA-256.
@@ -460,10 +406,13 @@ fn an_https_device_with_a_self_signed_certificate_is_served_as_plain_http() {
         String::from_utf8_lossy(&made.stderr)
     );
     let (_cam, cam_port) = device("cam", Some((&cert, &key)));
-    let (pair, port) = http_pair(&[(
-        "cam",
-        &format!("https://127.0.0.1:{cam_port}?tls_verify=false"),
-    )]);
+    let (pair, port) = http_pair(
+        &[(
+            "cam",
+            &format!("https://127.0.0.1:{cam_port}?tls_verify=false"),
+        )],
+        &[],
+    );
     // /login over TLS to the device, plain http to the browser on localhost.
     let host = format!("cam.peer.localhost:{port}");
     let dom = page(&format!("http://{host}/login"), &pair);
@@ -488,7 +437,7 @@ fn the_index_lists_the_peer_online_with_links_and_an_unknown_name_gets_it_on_a_4
     let (_nas, nas_port) = device("nas", None);
     let device = format!("http://127.0.0.1:{nas_port}");
     let raw = format!("127.0.0.1:{}", free_port());
-    let (pair, port) = http_pair(&[("nas", &device), ("files", &device), ("raw", &raw)]);
+    let (pair, port) = http_pair(&[("nas", &device), ("files", &device), ("raw", &raw)], &[]);
     let row = "<tr class=\"peer\" data-peer=\"peer\">";
     let check_index = |dom: &str| {
         assert!(dom.contains("<table id=\"peers\">"), "{}", seen(dom, &pair));

@@ -13,57 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::process::*;
-
-const PYTHON: &str = "/usr/bin/python3";
-
-/// A device web UI on a free port: `(process, port)`.
-fn device(name: &str, tls: Option<(&std::path::Path, &std::path::Path)>) -> (Proc, u16) {
-    let port = free_port();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/http_device.py");
-    let mut cmd = Command::new(PYTHON);
-    cmd.arg(script).arg(port.to_string()).arg(name);
-    if let Some((cert, key)) = tls {
-        cmd.arg("--tls").arg(cert).arg(key);
-    }
-    let proc = Proc::spawn(name, &mut cmd);
-    proc.line_matching(|l| l.starts_with("ready"));
-    (proc, port)
-}
-
-/// curl's output and the status/header lines it printed with `-D -`.
-fn curl(args: &[&str]) -> String {
-    let out = Command::new("curl")
-        .args(["-sS", "--max-time", "60", "-D", "-"])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "curl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn header<'a>(response: &'a str, name: &str) -> Option<&'a str> {
-    let head = response.split("\r\n\r\n").next()?;
-    head.lines().find_map(|l| {
-        let (n, v) = l.split_once(':')?;
-        n.eq_ignore_ascii_case(name).then(|| v.trim())
-    })
-}
-
-fn status(response: &str) -> u16 {
-    response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
-}
-
-fn body(response: &str) -> &str {
-    response.split_once("\r\n\r\n").map_or("", |(_, b)| b)
-}
+use common::web::*;
 
 fn tools() -> bool {
     have("curl") && have(PYTHON)
@@ -388,22 +338,6 @@ fn an_https_device_is_verified_pinned_or_trusted_as_its_rules_say() {
     assert!(body(&r).contains("not the pinned one"), "{r}");
 }
 
-/// `tunnel connect` with `--http` and the given extra arguments, next to one `expose` of
-/// `services`: the process pair and the `--http` port.
-fn http_pair(services: &[(&str, &str)], extra: &[&str]) -> (TunnelPair, u16) {
-    let mut args = vec!["--http", "127.0.0.1:0"];
-    args.extend_from_slice(extra);
-    let pair = start_pair(services, &args);
-    let line = pair.connect.line_matching(|l| l.contains("-> http:"));
-    let port = line
-        .split_whitespace()
-        .next()
-        .and_then(|a| a.rsplit_once(':'))
-        .and_then(|(_, p)| p.parse().ok())
-        .unwrap();
-    (pair, port)
-}
-
 /// Sends `raw` on one connection and reads until the server closes it (or `limit`).
 fn exchange(port: u16, raw: &[u8], limit: Duration) -> String {
     let mut tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -603,25 +537,11 @@ fn a_service_that_went_away_since_the_last_stream_gets_a_page_not_a_reset() {
     let nas = format!("http://127.0.0.1:{nas_port}");
     let mut expose = expose_on(&dir, udp, &connect_id, &[("nas", &nas)]);
     let expose_id = peer_id(&dir.path("expose.pem"));
-    let connect = Proc::spawn(
-        "tunnel connect",
-        Command::new(tunnel_bin())
-            .args([
-                "connect",
-                &format!("{expose_id}@127.0.0.1:{udp}"),
-                "--http",
-                "127.0.0.1:0",
-            ])
-            .arg("--identity")
-            .arg(dir.path("connect.pem")),
+    let (connect, port, _) = connect_http(
+        &dir.path("connect.pem"),
+        &format!("{expose_id}@127.0.0.1:{udp}"),
+        &[],
     );
-    let line = connect.line_matching(|l| l.contains("-> http:"));
-    let port: u16 = line
-        .split_whitespace()
-        .next()
-        .and_then(|a| a.rsplit_once(':'))
-        .and_then(|(_, p)| p.parse().ok())
-        .unwrap();
     let at = || {
         curl(&[
             "--resolve",
@@ -676,25 +596,11 @@ fn a_peer_at_its_stream_limit_gets_a_503_page_and_the_held_connection_still_work
         &["--max-streams", "1"],
     );
     let expose_id = peer_id(&dir.path("expose.pem"));
-    let connect = Proc::spawn(
-        "tunnel connect",
-        Command::new(tunnel_bin())
-            .args([
-                "connect",
-                &format!("{expose_id}@127.0.0.1:{udp}"),
-                "--http",
-                "127.0.0.1:0",
-            ])
-            .arg("--identity")
-            .arg(dir.path("connect.pem")),
+    let (connect, port, _) = connect_http(
+        &dir.path("connect.pem"),
+        &format!("{expose_id}@127.0.0.1:{udp}"),
+        &[],
     );
-    let line = connect.line_matching(|l| l.contains("-> http:"));
-    let port: u16 = line
-        .split_whitespace()
-        .next()
-        .and_then(|a| a.rsplit_once(':'))
-        .and_then(|(_, p)| p.parse().ok())
-        .unwrap();
     // A keep-alive browser connection holds the peer's one stream slot.
     let mut held = TcpStream::connect(("127.0.0.1", port)).unwrap();
     held.set_read_timeout(Some(Duration::from_secs(20)))
@@ -751,12 +657,7 @@ fn connect_http(
         l.contains("-> http:")
     });
     let lines = lines.into_inner();
-    let port = line
-        .split_whitespace()
-        .next()
-        .and_then(|a| a.rsplit_once(':'))
-        .and_then(|(_, p)| p.parse().ok())
-        .unwrap();
+    let port = http_port(&line);
     (connect, port, lines)
 }
 

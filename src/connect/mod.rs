@@ -115,11 +115,16 @@ pub struct Session {
     requests: mpsc::Sender<Reply>,
     node: NodeCtx,
     path: tokio::sync::watch::Receiver<Option<Path>>,
-    /// Each service's protocol, as the exposing side last answered.
-    protocols: Arc<std::sync::Mutex<HashMap<ServiceName, Protocol>>>,
-    /// Each HTTP service's device, as the exposing side last answered: later streams send
-    /// their first request without waiting for the answer.
-    http_services: Arc<std::sync::Mutex<HashMap<ServiceName, HttpService>>>,
+    /// What each service speaks, as the exposing side last answered.
+    known: Arc<std::sync::Mutex<HashMap<ServiceName, Known>>>,
+}
+
+/// What the exposing side last said a service speaks: its protocol, and for an HTTP service
+/// how to speak to its device (later streams then send their first request at once).
+#[derive(Debug, Clone)]
+struct Known {
+    protocol: Protocol,
+    http: Option<HttpService>,
 }
 
 impl Session {
@@ -147,8 +152,7 @@ impl Session {
             requests: tx,
             node,
             path,
-            protocols: Arc::default(),
-            http_services: Arc::default(),
+            known: Arc::default(),
         }
     }
 
@@ -173,16 +177,12 @@ impl Session {
             .acquire_peer_conn()
             .await
             .map_err(|e| format!("cannot reach it: {e}"))?;
-        let (mut send, mut recv) = pc.conn.open_bi().await.map_err(|e| describe_close(&e))?;
-        let header = encode_request(&OpenRequest {
+        let request = OpenRequest {
             service: String::new(),
             client_addr: None,
             op: Op::Catalog,
-        })
-        .expect("a catalog request always encodes");
-        send.write_chunk(Bytes::from(header))
-            .await
-            .map_err(|e| format!("stream failed: {e}"))?;
+        };
+        let (mut send, mut recv) = self.open_with(&pc, &request).await?;
         let _ = send.finish();
         let (_, first) = read_response(&mut recv, self.config.open_timeout)
             .await
@@ -236,7 +236,7 @@ impl Session {
     async fn serve_client(self, tcp: TcpStream, client: SocketAddr, service: ServiceName) {
         let _live = self.node.stats.stream();
         let _ = tcp.set_nodelay(true);
-        let known = self.protocols().get(&service).copied();
+        let known = self.known().get(&service).map(|k| k.protocol);
         if known == Some(Protocol::Http) {
             // Streams are opened per request by the HTTP layer.
             return self.serve_http(tcp, client, service, None).await;
@@ -257,9 +257,8 @@ impl Session {
             Some(expect) => (expect, Downstream::AwaitResponse { limit, expect }),
             None => match read_response(&mut recv, limit).await {
                 Ok((response, first)) => {
-                    self.protocols().insert(service.clone(), response.protocol);
+                    self.learn(&service, &response);
                     if let (Protocol::Http, Some(http)) = (response.protocol, response.http) {
-                        self.http_services().insert(service.clone(), http.clone());
                         let upstream = Upstream {
                             send,
                             recv,
@@ -302,14 +301,24 @@ impl Session {
         service: &ServiceName,
         client: SocketAddr,
     ) -> Result<(SendStream, RecvStream), String> {
-        let (mut send, recv) = pc.conn.open_bi().await.map_err(|e| describe_close(&e))?;
-        tracing::Span::current().record("stream", u64::from(send.id()));
-        let header = encode_request(&OpenRequest {
+        let request = OpenRequest {
             service: service.as_str().to_owned(),
             client_addr: Some(client.to_string()),
             op: Op::Open,
-        })
-        .expect("service names are validated when the rules are read");
+        };
+        self.open_with(pc, &request).await
+    }
+
+    /// Opens a stream on `pc` and writes `request` as its header.
+    async fn open_with(
+        &self,
+        pc: &PeerConn,
+        request: &OpenRequest,
+    ) -> Result<(SendStream, RecvStream), String> {
+        let (mut send, recv) = pc.conn.open_bi().await.map_err(|e| describe_close(&e))?;
+        tracing::Span::current().record("stream", u64::from(send.id()));
+        // Service names are validated when the rules are read; a catalog names none.
+        let header = encode_request(request).expect("a request of valid names encodes");
         send.write_chunk(Bytes::from(header))
             .await
             .map_err(|e| format!("stream failed: {e}"))?;
@@ -376,7 +385,7 @@ impl Session {
         client: SocketAddr,
     ) -> Option<Result<Upstream, OpenFailure>> {
         let name: ServiceName = service.parse().ok()?;
-        let http = self.http_services().get(&name).cloned()?;
+        let http = self.known().get(&name).and_then(|k| k.http.clone())?;
         let opened = self
             .open_stream(&name, client)
             .await
@@ -421,13 +430,25 @@ impl Session {
     /// Forgets what an earlier stream said of `service`: the next one asks again.
     pub(crate) fn forget(&self, service: &str) {
         if let Ok(name) = service.parse::<ServiceName>() {
-            self.protocols().remove(&name);
-            self.http_services().remove(&name);
+            self.known().remove(&name);
         }
     }
 
-    fn http_services(&self) -> std::sync::MutexGuard<'_, HashMap<ServiceName, HttpService>> {
-        self.http_services.lock().unwrap_or_else(|p| p.into_inner())
+    fn known(&self) -> std::sync::MutexGuard<'_, HashMap<ServiceName, Known>> {
+        self.known.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records what an `Ok` answer says `service` speaks.
+    fn learn(&self, service: &ServiceName, response: &OpenResponse) {
+        let http = match response.protocol {
+            Protocol::Http => response.http.clone(),
+            _ => None,
+        };
+        let known = Known {
+            protocol: response.protocol,
+            http,
+        };
+        self.known().insert(service.clone(), known);
     }
 
     /// A stream to `service`, its response header read (an `Ok` one); the failure says
@@ -447,18 +468,14 @@ impl Session {
             Err(abort) => {
                 let _ = send.reset(abort.code());
                 let _ = recv.stop(abort.code());
-                let (status, why) = http::pages::refusal(abort);
+                let (status, why) = http::pages::refusal(&abort);
                 return Err(OpenFailure {
                     status,
                     message: format!("service {service} of peer {}: {why}", self.name),
                 });
             }
         };
-        self.protocols().insert(name.clone(), response.protocol);
-        match &response.http {
-            Some(http) => self.http_services().insert(name, http.clone()),
-            None => self.http_services().remove(&name),
-        };
+        self.learn(&name, &response);
         Ok(Opened {
             pc,
             lease,
@@ -469,11 +486,6 @@ impl Session {
         })
     }
 
-    /// Each service's protocol, as the exposing side last answered.
-    fn protocols(&self) -> std::sync::MutexGuard<'_, HashMap<ServiceName, Protocol>> {
-        self.protocols.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     fn log_report(&self, service: &ServiceName, report: Report) {
         match report.abort {
             None => debug!(up = report.up, down = report.down, "stream closed"),
@@ -481,7 +493,11 @@ impl Session {
                 warn!(
                     "the service's protocol is now {now}; the client was closed and should retry"
                 );
-                self.protocols().insert(service.clone(), now);
+                let known = Known {
+                    protocol: now,
+                    http: None,
+                };
+                self.known().insert(service.clone(), known);
             }
             Some(Abort::Refused { status, message }) => {
                 warn!("the peer refused the stream ({status}): {message}")
@@ -618,6 +634,6 @@ async fn answer_http_client(tcp: &TcpStream, abort: &Abort) {
     if !matches!(crate::protocol::http::parse_request(&buf[..n]), Ok(Some(_))) {
         return;
     }
-    let (status, why) = http::pages::refusal_of(abort);
+    let (status, why) = http::pages::refusal(abort);
     let _ = crate::tunnel::splice::write_tcp(tcp, &http::pages::error(status, &why)).await;
 }

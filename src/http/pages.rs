@@ -22,15 +22,7 @@ fn reason(status: u16) -> &'static str {
 
 /// The page status and text for an open that did not give a stream: the exposing side's
 /// refusal (an unknown service is 404, a busy peer 503, anything else 502), or what failed.
-pub fn refusal(abort: Abort) -> (u16, String) {
-    match abort {
-        Abort::Refused { status, message } => (status_of(status), message),
-        other => (502, other.to_string()),
-    }
-}
-
-/// [`refusal`] of a borrowed abort.
-pub fn refusal_of(abort: &Abort) -> (u16, String) {
+pub fn refusal(abort: &Abort) -> (u16, String) {
     match abort {
         Abort::Refused { status, message } => (status_of(*status), message.clone()),
         other => (502, other.to_string()),

@@ -28,7 +28,7 @@ use tracing::{debug, info, warn};
 
 use super::rewrite::{rewrite_request, rewrite_response, Names};
 use super::{pages, route};
-use crate::protocol::header::{HttpService, Protocol, Status};
+use crate::protocol::header::{HttpService, Protocol};
 use crate::protocol::http::{
     is_upgrade, keeps_alive_request, keeps_alive_response, parse_request, parse_response,
     request_body, response_body, BodyKind, BodyTracker, HeadError, RequestHead, MAX_HEAD,
@@ -245,9 +245,12 @@ impl<U: Upstreams> Requests<'_, U> {
         let mut send = Sending(None);
         match self.requests(ready, &mut send).await {
             Ok(()) => {}
-            // An unconfirmed stream was refused: the response half answers with a page
-            // saying why and closes; this half ends with it, cleanly.
-            Err(Abort::Refused { .. }) => self.stop.cancelled().await,
+            // An unconfirmed stream was refused (the exposing side stops reading with
+            // REFUSED): the response half answers with a page saying why and closes; this
+            // half ends with it, cleanly.
+            Err(Abort::PeerStopped(code)) if code == stream_code::REFUSED => {
+                self.stop.cancelled().await
+            }
             // The device stopped taking the request (it answered early, e.g. 413, and
             // closed): no more requests; its answer may still come, and goes out.
             Err(Abort::PeerStopped(_) | Abort::PeerReset(_) | Abort::Stream(_)) => {
@@ -394,7 +397,7 @@ impl<U: Upstreams> Requests<'_, U> {
             stream
                 .write_chunk(Bytes::from(head.encode()))
                 .await
-                .map_err(toward_device)?;
+                .map_err(Abort::from_write)?;
             self.forward_body(&mut buf, body, stream).await?;
             if let Some(told) = told {
                 if told.await.unwrap_or(false) {
@@ -486,7 +489,7 @@ impl<U> Requests<'_, U> {
                 stream
                     .write_chunk(buf.split_to(fed.used).freeze())
                     .await
-                    .map_err(toward_device)?;
+                    .map_err(Abort::from_write)?;
             }
         }
         Ok(())
@@ -518,18 +521,6 @@ fn answer(request: &RequestHead, page: Vec<u8>) -> Vec<u8> {
     match request.method.eq_ignore_ascii_case("HEAD") {
         true => pages::head_only(page),
         false => page,
-    }
-}
-
-/// A failed write toward the device: the exposing side refused the stream (it stops reading
-/// with `REFUSED`; its answer says why) or the stream failed.
-fn toward_device(e: quinn::WriteError) -> Abort {
-    match e {
-        quinn::WriteError::Stopped(code) if code == stream_code::REFUSED => Abort::Refused {
-            status: Status::Other(0),
-            message: "refused".into(),
-        },
-        other => Abort::from_write(other),
     }
 }
 
@@ -767,7 +758,17 @@ impl<U: Upstreams> Responses<'_, U> {
                 }
                 return Err(Abort::Stream("the device's response was cut short".into()));
             }
-            cur.fill().await?;
+            // The buffer is all fed: body bytes go from the received chunk to the socket
+            // without a copy; only what follows the body is kept.
+            let Some(chunk) = cur.next_chunk().await? else {
+                continue;
+            };
+            let fed = body
+                .feed(&chunk)
+                .map_err(|e| Abort::BadPayload(format!("response body: {e}")))?;
+            write_tcp(self.tcp, &chunk[..fed.used]).await?;
+            bytes += fed.used as u64;
+            cur.buf.extend_from_slice(&chunk[fed.used..]);
         }
         cur.answered += 1;
         info!(
@@ -817,7 +818,7 @@ impl<U: Upstreams> Responses<'_, U> {
                     ),
                 )
             }
-            Err(abort) => pages::refusal(abort),
+            Err(abort) => pages::refusal(&abort),
         };
         let cur = self.current.as_mut()?;
         self.upstreams.forget(&cur.key);
@@ -835,16 +836,12 @@ impl<U: Upstreams> Responses<'_, U> {
         let Some(cur) = self.current.as_mut() else {
             return Ok(());
         };
-        loop {
-            if !cur.buf.is_empty() {
-                let part = cur.buf.split();
-                write_tcp(self.tcp, &part).await?;
-            }
-            if cur.ended {
-                return Ok(());
-            }
-            cur.fill().await?;
+        let held = cur.buf.split();
+        write_tcp(self.tcp, &held).await?;
+        while let Some(chunk) = cur.next_chunk().await? {
+            write_tcp(self.tcp, &chunk).await?;
         }
+        Ok(())
     }
 }
 
@@ -859,16 +856,24 @@ enum Next {
 }
 
 impl Current {
-    /// Reads more of the stream into `buf`; marks `ended` at its FIN.
+    /// Reads more of the stream into `buf` (heads); marks `ended` at its FIN.
     async fn fill(&mut self) -> Result<(), Abort> {
+        if let Some(chunk) = self.next_chunk().await? {
+            self.buf.extend_from_slice(&chunk);
+        }
+        Ok(())
+    }
+
+    /// The next chunk received (`None` at the FIN, which marks `ended`).
+    async fn next_chunk(&mut self) -> Result<Option<Bytes>, Abort> {
+        if self.ended {
+            return Ok(None);
+        }
         match self.recv.read_chunk(CHUNK, true).await {
-            Ok(Some(chunk)) => {
-                self.buf.extend_from_slice(&chunk.bytes);
-                Ok(())
-            }
+            Ok(Some(chunk)) => Ok(Some(chunk.bytes)),
             Ok(None) => {
                 self.ended = true;
-                Ok(())
+                Ok(None)
             }
             Err(e) => Err(Abort::from_read(e)),
         }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod process;
+pub mod web;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
