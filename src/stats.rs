@@ -93,6 +93,8 @@ pub struct Stats {
     pub rtp_parities: Counter,
     /// Lost RTP packets this node rebuilt from a parity.
     pub rtp_rebuilt: Counter,
+    /// Relay allocations of this node's rendezvous role alive now.
+    pub relays: Gauge,
     /// Peers registered with this node's rendezvous role now.
     pub rendezvous_peers: std::sync::atomic::AtomicUsize,
 }

@@ -349,8 +349,10 @@ impl Rendezvous {
         let idle = self.config.relay_idle;
         let cancel = self.node.abort.clone();
         let span = tracing::info_span!("relay", a = %a, b = %b, ports = ?ports);
+        let held = self.node.stats.relays.hold();
         self.node.tasks.spawn(
             async move {
+                let _held = held;
                 let forwarded = relay::run(sockets, tokens, idle, cancel).await;
                 info!(forwarded, "relay released");
                 release();

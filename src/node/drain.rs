@@ -14,6 +14,7 @@ impl Node {
     /// connections close with the rest) and drains (`Node::shutdown`). A second signal during
     /// the drain exits at once with code 130.
     pub async fn run_until_signal<H>(self, drain: Duration, handles: H) {
+        self.report_on_sigusr1();
         wait_for_signal().await;
         info!("shutting down");
         drop(handles);
@@ -41,5 +42,42 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+impl Node {
+    /// On every SIGUSR1, logs one `counters` line: the node's live tasks, connections, streams,
+    /// RTSP sessions, media flows, rendezvous registrations and relay allocations (for churn
+    /// tests and for a person asking a running process what it holds).
+    fn report_on_sigusr1(&self) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut usr1 = match signal(SignalKind::user_defined1()) {
+            Ok(s) => s,
+            Err(e) => return tracing::warn!("cannot watch SIGUSR1, no counters on demand: {e}"),
+        };
+        let ctx = self.ctx.clone();
+        self.ctx.tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = usr1.recv() => {}
+                    () = ctx.stop.cancelled() => return,
+                }
+                let s = &ctx.stats;
+                info!(
+                    tasks = ctx.tasks.len(),
+                    connections = s.connections.get(),
+                    streams = s.streams.get(),
+                    rtsp_sessions = s.rtsp_sessions.get(),
+                    media_flows = s.media_flows.get(),
+                    rendezvous_peers = s
+                        .rendezvous_peers
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                    relays = s.relays.get(),
+                    connections_opened = s.connections_opened(),
+                    streams_opened = s.streams_opened(),
+                    "counters"
+                );
+            }
+        });
     }
 }
