@@ -14,16 +14,19 @@ use clap::{Args, Parser, Subcommand};
 use tracing::{info, warn};
 
 use crate::config::{
-    ConfigError, ConnectRules, Dur, ExposeRules, LocalRule, NamedPeer, PeerAddr, PeerName,
-    RendezvousAddr, RulesFile, ServiceName, ServiceRule,
+    read_allow_file, ByteRate, ConfigError, ConnectRules, Dur, ExposeRules, LocalRule, NamedPeer,
+    PeerAddr, PeerName, RendezvousAddr, RendezvousRules, RulesFile, ServiceName, ServiceRule,
 };
 use crate::connect::router::Router;
 use crate::connect::SessionConfig;
 use crate::expose::{Authorized, ExposeConfig, PeerAccess};
 use crate::identity::{default_identity_path, Identity, PeerId};
+use crate::nat::relay::RelayLimits;
+use crate::nat::server::broker::{Admission, Limits};
 use crate::nat::server::RendezvousConfig;
 use crate::node::Node;
 use crate::quic::{Congestion, Tuning};
+use crate::time::rate::Rate;
 
 const DEFAULT_LISTEN: &str = "0.0.0.0:4433";
 const DEFAULT_DRAIN: Duration = Duration::from_secs(5);
@@ -51,7 +54,7 @@ enum Command {
     Rendezvous(RendezvousArgs),
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 struct RendezvousArgs {
     #[command(flatten)]
     common: CommonArgs,
@@ -61,6 +64,41 @@ struct RendezvousArgs {
     /// Do not relay: peers that cannot punch a direct path cannot connect.
     #[arg(long)]
     no_relay: bool,
+    /// Admit only this peer id (repeat for more; with --allow-file). Without either, anyone
+    /// may register; introductions still need the target's consent.
+    #[arg(long, value_name = "PEER_ID")]
+    allow: Vec<PeerId>,
+    /// Admit the ids in this file, one per line (`#` comments); read again on SIGHUP.
+    #[arg(long, value_name = "PATH")]
+    allow_file: Option<PathBuf>,
+    /// Registered peers at once [default: 10000].
+    #[arg(long, value_name = "N")]
+    max_peers: Option<usize>,
+    /// Registered peers at once from one source address [default: 64].
+    #[arg(long, value_name = "N")]
+    max_peers_per_ip: Option<usize>,
+    /// Registrations per source address, as N/s, N/min or N/h [default: 60/min].
+    #[arg(long, value_name = "RATE")]
+    register_rate: Option<Rate>,
+    /// Introduction requests per source address [default: 600/min].
+    #[arg(long, value_name = "RATE")]
+    connect_rate: Option<Rate>,
+    /// Relay allocations one identity may hold at once [default: 8].
+    #[arg(long, value_name = "N")]
+    max_relays_per_peer: Option<usize>,
+    /// Relay allocations the peers at one source address may hold at once [default: 32].
+    #[arg(long, value_name = "N")]
+    max_relays_per_ip: Option<usize>,
+    /// Release a relay allocation after this long with nothing forwarded [default: 60s].
+    #[arg(long, value_name = "DURATION")]
+    relay_idle: Option<Dur>,
+    /// Release any relay allocation this long after it was made [default: 12h].
+    #[arg(long, value_name = "DURATION")]
+    relay_lifetime: Option<Dur>,
+    /// Forward at most this much per relay allocation, both ways together, e.g. 100Mbit/s
+    /// or 12MB/s [default: no cap].
+    #[arg(long, value_name = "RATE")]
+    relay_rate: Option<ByteRate>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -536,19 +574,32 @@ async fn rendezvous(args: RendezvousArgs) -> Result<(), Failure> {
     let rules = load_rules(&args.common)?;
     let identity = load_identity(&args.common, &rules)?;
     let drain = rules.drain_timeout.map_or(DEFAULT_DRAIN, |d| d.0);
+    let file = rules.rendezvous_server.unwrap_or_default();
     let listen = args
         .listen
+        .or(file.listen)
         .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 3478)));
+    let config = rendezvous_config(&args, &file)?;
+    let relay = config.limits.relay;
+    let listed = match &config.admission {
+        Admission::Open => None,
+        Admission::Listed(ids) => Some(ids.len()),
+    };
     let node = Node::bind(listen, identity, args.common.tuning())
         .map_err(|e| anyhow::anyhow!("{e}; choose another port with --listen ADDR"))?;
-    let config = RendezvousConfig {
-        relay: !args.no_relay,
-        ..RendezvousConfig::default()
-    };
     node.serve_rendezvous(config)
         .context("starting the rendezvous server")?;
+    {
+        // SIGHUP: the allow list again (the file's `allow`, the allow file, the flags).
+        let args = args.clone();
+        node.reload_rendezvous_on_sighup(move || {
+            let rules = load_rules(&args.common).map_err(|f| format!("{:#}", f.error))?;
+            let file = rules.rendezvous_server.unwrap_or_default();
+            admission(&args, &file).map_err(|f| format!("{:#}", f.error))
+        });
+    }
     let local = node.local_addr().context("reading the bound address")?;
-    info!(%local, relay = !args.no_relay, "rendezvous listening");
+    info!(%local, relay, admits = listed.map_or("anyone".to_string(), |n| format!("{n} listed ids")), "rendezvous listening");
     println!("rendezvous listening on {local}");
     println!(
         "peers use: --rendezvous <this-host's-address>:{}",
@@ -556,6 +607,85 @@ async fn rendezvous(args: RendezvousArgs) -> Result<(), Failure> {
     );
     node.run_until_signal(drain, ()).await;
     Ok(())
+}
+
+/// Who may register: the ids of `--allow`, the file's `allow`, and both allow files; anyone
+/// when none is given.
+fn admission(args: &RendezvousArgs, file: &RendezvousRules) -> Result<Admission, Failure> {
+    let mut ids: HashSet<PeerId> = args.allow.iter().chain(&file.allow).copied().collect();
+    let files: Vec<&PathBuf> = args.allow_file.iter().chain(&file.allow_file).collect();
+    for path in &files {
+        ids.extend(read_allow_file(path).map_err(anyhow::Error::from)?);
+    }
+    if ids.is_empty() && files.is_empty() {
+        return Ok(Admission::Open);
+    }
+    if ids.is_empty() {
+        warn!("the allow file lists no id: no peer can register until it does");
+    }
+    Ok(Admission::Listed(ids))
+}
+
+fn rendezvous_config(
+    args: &RendezvousArgs,
+    file: &RendezvousRules,
+) -> Result<RendezvousConfig, Failure> {
+    let d = RendezvousConfig::default();
+    let (dl, dr) = (&d.limits, &d.relay);
+    let limits = Limits {
+        max_peers: args.max_peers.or(file.max_peers).unwrap_or(dl.max_peers),
+        max_peers_per_ip: args
+            .max_peers_per_ip
+            .or(file.max_peers_per_ip)
+            .unwrap_or(dl.max_peers_per_ip),
+        register_rate: args
+            .register_rate
+            .or(file.register_rate)
+            .unwrap_or(dl.register_rate),
+        connect_rate: args
+            .connect_rate
+            .or(file.connect_rate)
+            .unwrap_or(dl.connect_rate),
+        relay: !args.no_relay && file.relay.unwrap_or(true),
+        max_relays_per_peer: args
+            .max_relays_per_peer
+            .or(file.max_relays_per_peer)
+            .unwrap_or(dl.max_relays_per_peer),
+        max_relays_per_ip: args
+            .max_relays_per_ip
+            .or(file.max_relays_per_ip)
+            .unwrap_or(dl.max_relays_per_ip),
+        ..dl.clone()
+    };
+    let relay = RelayLimits {
+        idle: args.relay_idle.or(file.relay_idle).map_or(dr.idle, |d| d.0),
+        lifetime: args
+            .relay_lifetime
+            .or(file.relay_lifetime)
+            .map_or(dr.lifetime, |d| d.0),
+        bytes_per_sec: args.relay_rate.or(file.relay_rate).map(|r| r.0),
+    };
+    for (what, n) in [
+        ("--max-peers", limits.max_peers),
+        ("--max-peers-per-ip", limits.max_peers_per_ip),
+    ] {
+        if n == 0 {
+            return Err(usage(format!(
+                "{what} 0 would refuse every peer: give at least 1"
+            )));
+        }
+    }
+    if relay.idle.is_zero() || relay.lifetime.is_zero() {
+        return Err(usage(
+            "--relay-idle and --relay-lifetime must be longer than 0 (use --no-relay to turn the relay off)".into(),
+        ));
+    }
+    Ok(RendezvousConfig {
+        limits,
+        relay,
+        admission: admission(args, file)?,
+        ..d
+    })
 }
 
 /// What `connect` runs: the named peers, where each local listener goes (by peer index),

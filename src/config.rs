@@ -42,6 +42,7 @@ pub struct RulesFile {
     pub rendezvous: Option<RendezvousAddr>,
     pub expose: Option<ExposeRules>,
     pub connect: Option<ConnectRules>,
+    pub rendezvous_server: Option<RendezvousRules>,
 }
 
 impl RulesFile {
@@ -98,6 +99,102 @@ pub struct PeerRule {
     pub services: Option<Vec<ServiceName>>,
     /// Its proxied sockets at once (besides the node's `max_streams`).
     pub max_streams: Option<usize>,
+}
+
+/// `[rendezvous_server]`: what `tunnel rendezvous` admits, and its limits (flags override).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RendezvousRules {
+    /// UDP address to listen on.
+    pub listen: Option<SocketAddr>,
+    /// Relay for peers that cannot punch (default true).
+    pub relay: Option<bool>,
+    /// Only these ids may register (with `allow_file`); absent both: anyone.
+    #[serde(default)]
+    pub allow: Vec<PeerId>,
+    /// A file of ids that may register, one per line (`#` comments); read again on SIGHUP.
+    pub allow_file: Option<PathBuf>,
+    /// Registered peers at once.
+    pub max_peers: Option<usize>,
+    /// Registered peers at once from one source address.
+    pub max_peers_per_ip: Option<usize>,
+    /// Registrations per source address: `N/s`, `N/min` or `N/h`.
+    pub register_rate: Option<crate::time::rate::Rate>,
+    /// Introduction requests per source address.
+    pub connect_rate: Option<crate::time::rate::Rate>,
+    /// Relay allocations one identity may hold at once.
+    pub max_relays_per_peer: Option<usize>,
+    /// Relay allocations the peers at one source address may hold at once.
+    pub max_relays_per_ip: Option<usize>,
+    /// A relay allocation with nothing to forward for this long is released.
+    pub relay_idle: Option<Dur>,
+    /// Any relay allocation is released this long after it was made.
+    pub relay_lifetime: Option<Dur>,
+    /// Each relay allocation forwards at most this much, both ways together: `100Mbit/s`,
+    /// `12MB/s`, `500kB/s`.
+    pub relay_rate: Option<ByteRate>,
+}
+
+/// Reads an allow file: one peer id per line; blank lines and `#` comments are skipped. An
+/// error names the file and the line.
+pub fn read_allow_file(path: &Path) -> Result<Vec<PeerId>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_allow_list(&text).map_err(|message| ConfigError::Parse {
+        path: path.to_owned(),
+        message,
+    })
+}
+
+fn parse_allow_list(text: &str) -> Result<Vec<PeerId>, String> {
+    let mut ids = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let id = line.split('#').next().unwrap_or("").trim();
+        if id.is_empty() {
+            continue;
+        }
+        ids.push(
+            id.parse::<PeerId>()
+                .map_err(|e| format!("line {}: {e}", n + 1))?,
+        );
+    }
+    Ok(ids)
+}
+
+/// Bytes per second, written `100Mbit/s`, `12MB/s`, `500kB/s` or `800000B/s` (k, M, G are
+/// powers of 1000).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteRate(pub u32);
+
+impl FromStr for ByteRate {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("invalid rate {s:?}: write e.g. 100Mbit/s, 12MB/s or 500kB/s");
+        let t = s.trim().strip_suffix("/s").ok_or_else(bad)?;
+        let (t, bits) = if let Some(t) = t.strip_suffix("bit") {
+            (t, true)
+        } else if let Some(t) = t.strip_suffix('B') {
+            (t, false)
+        } else {
+            return Err(bad());
+        };
+        let (t, scale) = match t.chars().last() {
+            Some('k') => (&t[..t.len() - 1], 1e3),
+            Some('M') => (&t[..t.len() - 1], 1e6),
+            Some('G') => (&t[..t.len() - 1], 1e9),
+            _ => (t, 1.0),
+        };
+        let n: f64 = t.trim().parse().map_err(|_| bad())?;
+        let bytes = n * scale / if bits { 8.0 } else { 1.0 };
+        if !(1.0..=u32::MAX as f64).contains(&bytes) {
+            return Err(format!(
+                "invalid rate {s:?}: between 1 B/s and 4 GB/s, e.g. 100Mbit/s"
+            ));
+        }
+        Ok(ByteRate(bytes as u32))
+    }
 }
 
 /// `[connect]`: the remote peers and the local listeners.
@@ -678,11 +775,40 @@ macro_rules! deserialize_via_from_str {
         }
     )*};
 }
-deserialize_via_from_str!(ServiceName, PeerAddr, PeerName, Dur, RendezvousAddr);
+deserialize_via_from_str!(
+    ServiceName,
+    PeerAddr,
+    PeerName,
+    Dur,
+    RendezvousAddr,
+    ByteRate
+);
+
+impl<'de> Deserialize<'de> for crate::time::rate::Rate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        from_str(d)
+    }
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn byte_rates_and_allow_lists_parse() {
+        assert_eq!("100Mbit/s".parse::<ByteRate>(), Ok(ByteRate(12_500_000)));
+        assert_eq!("12MB/s".parse::<ByteRate>(), Ok(ByteRate(12_000_000)));
+        assert_eq!("500kB/s".parse::<ByteRate>(), Ok(ByteRate(500_000)));
+        assert_eq!("800B/s".parse::<ByteRate>(), Ok(ByteRate(800)));
+        for bad in ["100", "100Mbit", "x MB/s", "0B/s", "9GB/s"] {
+            assert!(bad.parse::<ByteRate>().is_err(), "{bad}");
+        }
+        let id = PeerId::from_spki(&[1; 32]);
+        let text = format!("# friends\n{id}  # dad\n\n  {id}\n");
+        assert_eq!(parse_allow_list(&text), Ok(vec![id, id]));
+        let err = parse_allow_list(&format!("{id}\nnot-an-id\n")).unwrap_err();
+        assert!(err.starts_with("line 2: invalid peer id"), "{err}");
+    }
 
     #[test]
     fn the_shipped_rules_file_parses() {

@@ -95,6 +95,8 @@ pub struct Stats {
     pub rtp_rebuilt: Counter,
     /// Relay allocations of this node's rendezvous role alive now.
     pub relays: Gauge,
+    /// Requests this node's rendezvous role refused (registrations, introductions, relays).
+    pub rendezvous_refused: Counter,
     /// Peers registered with this node's rendezvous role now.
     pub rendezvous_peers: std::sync::atomic::AtomicUsize,
 }

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::anyhow;
@@ -32,6 +33,10 @@ pub struct Introduction {
 
 type Reply = oneshot::Sender<Introduction>;
 
+/// Whether this node accepts an introduction to a peer (asked by the rendezvous when that
+/// peer asks for us): the exposing role's rules.
+pub type Consent = Arc<dyn Fn(&PeerId) -> bool + Send + Sync>;
+
 enum Cmd {
     Connect {
         peer: PeerId,
@@ -48,9 +53,14 @@ pub struct RendezvousClient {
 }
 
 impl RendezvousClient {
-    /// Starts registering with the rendezvous at `server` (HOST:PORT). Introductions that
-    /// other peers asked for arrive on the returned receiver.
-    pub(crate) fn start(server: String, node: NodeCtx) -> (Self, mpsc::Receiver<Introduction>) {
+    /// Starts registering with the rendezvous at `server` (HOST:PORT). A peer that asks for
+    /// us is introduced only if `consent` accepts it; those introductions arrive on the
+    /// returned receiver.
+    pub(crate) fn start(
+        server: String,
+        node: NodeCtx,
+        consent: Consent,
+    ) -> (Self, mpsc::Receiver<Introduction>) {
         let (cmds, rx) = mpsc::channel(64);
         let (incoming_tx, incoming_rx) = mpsc::channel(64);
         let (registered_tx, registered) = watch::channel(None);
@@ -58,6 +68,7 @@ impl RendezvousClient {
             server: server.clone(),
             node: node.clone(),
             pending: HashMap::new(),
+            consent,
             incoming: incoming_tx,
             registered: registered_tx,
         };
@@ -88,6 +99,7 @@ struct Actor {
     server: String,
     node: NodeCtx,
     pending: HashMap<PeerId, Vec<(bool, Reply)>>,
+    consent: Consent,
     incoming: mpsc::Sender<Introduction>,
     registered: watch::Sender<Option<SocketAddr>>,
 }
@@ -151,7 +163,11 @@ impl Actor {
         };
         send(ClientMsg::Register { local_addrs }).await?;
         let mut buf = BytesMut::new();
-        // Requests made while unregistered are sent now.
+        // Requests made while unregistered are sent now (those still waited for).
+        self.pending.retain(|_, waiters| {
+            waiters.retain(|(_, reply)| !reply.is_closed());
+            !waiters.is_empty()
+        });
         for (peer, waiters) in &self.pending {
             let relay = waiters.iter().any(|(r, _)| *r);
             send(ClientMsg::Connect { peer: *peer, relay }).await?;
@@ -171,13 +187,18 @@ impl Actor {
                             info!(%observed, "registered with the rendezvous");
                             self.registered.send_replace(Some(observed));
                         }
-                        ServerMsg::Presence { peer, online } => {
-                            info!(%peer, online, "presence");
-                            if online {
-                                if let Some(waiters) = self.pending.get(&peer) {
-                                    let relay = waiters.iter().any(|(r, _)| *r);
-                                    send(ClientMsg::Connect { peer, relay }).await?;
-                                }
+                        ServerMsg::Ask { peer } => {
+                            let accept = (self.consent)(&peer);
+                            if accept {
+                                debug!(%peer, "asked for by a peer we allow: accepting");
+                            } else {
+                                info!(%peer, "a peer this node does not allow asked for an introduction: refused");
+                            }
+                            send(ClientMsg::Answer { peer, accept }).await?;
+                        }
+                        ServerMsg::Unavailable { peer } => {
+                            if self.pending.contains_key(&peer) {
+                                info!(%peer, "not introduced yet: the peer is offline, or does not allow this one; waiting");
                             }
                         }
                         ServerMsg::Introduce { peer, candidates, start_in_ms, relay } => {

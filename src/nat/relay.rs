@@ -6,7 +6,9 @@
 //! An allocation has two sides, one per peer, each with its own port and secret token (handed
 //! out over the authenticated rendezvous connection). A side is *latched* to the address that
 //! sent a bind packet with its token; only packets from the latched address are forwarded, and
-//! only to the other side's latched address. An allocation with no traffic for `idle` expires.
+//! only to the other side's latched address. An allocation with no traffic for `idle`
+//! expires, and any allocation ends at its `lifetime`; an optional byte rate polices what it
+//! forwards (packets over the rate are dropped, as a congested link would).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,6 +20,35 @@ use tracing::{debug, info};
 
 use crate::protocol::rendezvous::parse_relay_bind;
 use crate::time::now;
+use crate::time::rate::{Bucket, Rate};
+
+/// The limits of one allocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayLimits {
+    /// Released after this long with nothing forwarded.
+    pub idle: Duration,
+    /// Released this long after it was made, whatever it carries.
+    pub lifetime: Duration,
+    /// Bytes per second it forwards, both ways together, at most (`None`: no cap).
+    pub bytes_per_sec: Option<u32>,
+}
+
+impl Default for RelayLimits {
+    fn default() -> Self {
+        RelayLimits {
+            idle: Duration::from_secs(60),
+            lifetime: Duration::from_secs(12 * 3600),
+            bytes_per_sec: None,
+        }
+    }
+}
+
+/// Why an allocation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    Idle,
+    Lifetime,
+}
 
 /// What to do with a packet that reached side `side` of an allocation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +59,8 @@ pub enum Action {
     Latched,
     /// Drop it (unknown source, wrong token, or the other side is not latched yet).
     Drop,
+    /// Drop it: over the allocation's byte rate.
+    Policed,
 }
 
 /// The pure forwarding state of one allocation.
@@ -36,14 +69,28 @@ pub struct Latch {
     tokens: [[u8; 16]; 2],
     addrs: [Option<SocketAddr>; 2],
     last_activity: Instant,
+    created: Instant,
+    limits: RelayLimits,
+    /// The byte-rate bucket, when capped.
+    bucket: Option<(Bucket, Rate)>,
 }
 
 impl Latch {
-    pub fn new(tokens: [[u8; 16]; 2], now: Instant) -> Self {
+    pub fn new(tokens: [[u8; 16]; 2], limits: RelayLimits, now: Instant) -> Self {
+        let bucket = limits.bytes_per_sec.map(|b| {
+            let rate = Rate {
+                count: b,
+                per: Duration::from_secs(1),
+            };
+            (Bucket::full(rate, now), rate)
+        });
         Latch {
             tokens,
             addrs: [None, None],
             last_activity: now,
+            created: now,
+            limits,
+            bucket,
         }
     }
 
@@ -59,17 +106,32 @@ impl Latch {
         if self.addrs[side] != Some(src) {
             return Action::Drop;
         }
-        match self.addrs[1 - side] {
-            Some(dest) => {
-                self.last_activity = now;
-                Action::Forward { dest }
+        let Some(dest) = self.addrs[1 - side] else {
+            return Action::Drop;
+        };
+        if let Some((bucket, rate)) = &mut self.bucket {
+            if !bucket.take(data.len() as f64, *rate, now) {
+                return Action::Policed;
             }
-            None => Action::Drop,
+        }
+        self.last_activity = now;
+        Action::Forward { dest }
+    }
+
+    /// Whether the allocation has ended by `now`, and why.
+    pub fn expired(&self, now: Instant) -> Option<Expiry> {
+        if now.saturating_duration_since(self.created) >= self.limits.lifetime {
+            Some(Expiry::Lifetime)
+        } else if now.saturating_duration_since(self.last_activity) >= self.limits.idle {
+            Some(Expiry::Idle)
+        } else {
+            None
         }
     }
 
-    pub fn expired(&self, now: Instant, idle: Duration) -> bool {
-        now.duration_since(self.last_activity) >= idle
+    /// When [`expired`](Self::expired) can next become true.
+    pub fn next_deadline(&self) -> Instant {
+        (self.created + self.limits.lifetime).min(self.last_activity + self.limits.idle)
     }
 }
 
@@ -91,40 +153,58 @@ pub async fn bind_pair(ip: std::net::IpAddr) -> std::io::Result<[Arc<UdpSocket>;
     Ok([Arc::new(a), Arc::new(b)])
 }
 
-/// Forwards between the two ports until the allocation is idle for `idle` or `cancel` fires.
-/// The sockets are closed when this returns. Returns the number of packets forwarded.
+/// What an allocation did, when it ended.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Forwarded {
+    pub packets: u64,
+    pub bytes: u64,
+    /// Packets dropped for the byte rate.
+    pub policed: u64,
+    /// Why it ended (`None`: cancelled).
+    pub expiry: Option<Expiry>,
+}
+
+/// Forwards between the two ports until the allocation expires or `cancel` fires. The
+/// sockets are closed when this returns.
 pub async fn run(
     sockets: [Arc<UdpSocket>; 2],
     tokens: [[u8; 16]; 2],
-    idle: Duration,
+    limits: RelayLimits,
     cancel: CancellationToken,
-) -> u64 {
-    let mut latch = Latch::new(tokens, now());
+) -> Forwarded {
+    let mut latch = Latch::new(tokens, limits, now());
     let mut bufs = [vec![0u8; 65536], vec![0u8; 65536]];
-    let mut forwarded = 0u64;
-    let mut check = tokio::time::interval(idle / 4);
+    let mut done = Forwarded::default();
     loop {
         let [buf0, buf1] = &mut bufs;
+        // Checked at most a quarter of the idle timeout late (traffic moves the deadline).
+        let check = latch
+            .next_deadline()
+            .min(now() + limits.idle / 4)
+            .max(now());
         let (side, len, src) = tokio::select! {
             r = sockets[0].recv_from(buf0) => match r { Ok((n, src)) => (0, n, src), Err(_) => continue },
             r = sockets[1].recv_from(buf1) => match r { Ok((n, src)) => (1, n, src), Err(_) => continue },
-            _ = check.tick() => {
-                if latch.expired(now(), idle) {
-                    debug!(forwarded, "relay allocation expired");
-                    return forwarded;
+            () = tokio::time::sleep_until(check.into()) => {
+                if let Some(expiry) = latch.expired(now()) {
+                    debug!(?expiry, packets = done.packets, "relay allocation ended");
+                    done.expiry = Some(expiry);
+                    return done;
                 }
                 continue;
             }
-            () = cancel.cancelled() => return forwarded,
+            () = cancel.cancelled() => return done,
         };
         match latch.on_packet(side, src, &bufs[side][..len], now()) {
             Action::Forward { dest } => {
-                forwarded += 1;
+                done.packets += 1;
+                done.bytes += len as u64;
                 // UDP: a full socket buffer drops the packet, as the network would.
                 let _ = sockets[1 - side].try_send_to(&bufs[side][..len], dest);
             }
             Action::Latched => info!(side, %src, "relay side bound"),
             Action::Drop => {}
+            Action::Policed => done.policed += 1,
         }
     }
 }
@@ -144,7 +224,7 @@ mod tests {
         let tokens = [[1u8; 16], [2u8; 16]];
         let bind = |side: usize| relay_bind_packet(&tokens[side]);
         let quic = b"quic".to_vec();
-        let mut l = Latch::new(tokens, t0);
+        let mut l = Latch::new(tokens, RelayLimits::default(), t0);
         // (side the packet reaches, its source, the packet, what the latch does, why)
         let script = [
             (
@@ -214,15 +294,62 @@ mod tests {
         let t0 = Instant::now();
         let tokens = [[1u8; 16], [2u8; 16]];
         let idle = Duration::from_secs(30);
-        let mut l = Latch::new(tokens, t0);
+        let limits = RelayLimits {
+            idle,
+            lifetime: Duration::from_secs(100),
+            bytes_per_sec: None,
+        };
+        let mut l = Latch::new(tokens, limits, t0);
         l.on_packet(0, addr(1), &relay_bind_packet(&tokens[0]), t0);
         l.on_packet(1, addr(2), &relay_bind_packet(&tokens[1]), t0);
         let t1 = t0 + Duration::from_secs(20);
         l.on_packet(0, addr(1), b"keepalive", t1);
-        assert!(!l.expired(t0 + Duration::from_secs(40), idle));
-        assert!(l.expired(t1 + idle, idle));
+        assert_eq!(l.expired(t0 + Duration::from_secs(40)), None);
+        assert_eq!(l.next_deadline(), t1 + idle);
+        assert_eq!(l.expired(t1 + idle), Some(Expiry::Idle));
         // Dropped packets do not keep it alive.
         l.on_packet(0, addr(9), b"noise", t1 + Duration::from_secs(29));
-        assert!(l.expired(t1 + idle, idle));
+        assert_eq!(l.expired(t1 + idle), Some(Expiry::Idle));
+        // Traffic does not outlive the lifetime.
+        for s in (30..100).step_by(10) {
+            let t = t0 + Duration::from_secs(s);
+            assert!(matches!(
+                l.on_packet(0, addr(1), b"q", t),
+                Action::Forward { .. }
+            ));
+        }
+        assert_eq!(l.next_deadline(), t0 + Duration::from_secs(100));
+        assert_eq!(
+            l.expired(t0 + Duration::from_secs(100)),
+            Some(Expiry::Lifetime)
+        );
+    }
+
+    #[test]
+    fn a_byte_rate_polices_what_is_forwarded() {
+        let t0 = Instant::now();
+        let tokens = [[1u8; 16], [2u8; 16]];
+        let limits = RelayLimits {
+            bytes_per_sec: Some(10_000),
+            ..RelayLimits::default()
+        };
+        let mut l = Latch::new(tokens, limits, t0);
+        l.on_packet(0, addr(1), &relay_bind_packet(&tokens[0]), t0);
+        l.on_packet(1, addr(2), &relay_bind_packet(&tokens[1]), t0);
+        let packet = [0u8; 1000];
+        let forwarded = (0..20)
+            .filter(|_| matches!(l.on_packet(0, addr(1), &packet, t0), Action::Forward { .. }))
+            .count();
+        assert_eq!(forwarded, 10, "one second's worth at once");
+        assert_eq!(
+            l.on_packet(1, addr(2), &packet, t0),
+            Action::Policed,
+            "both ways share it"
+        );
+        let t1 = t0 + Duration::from_millis(500);
+        let forwarded = (0..20)
+            .filter(|_| matches!(l.on_packet(1, addr(2), &packet, t1), Action::Forward { .. }))
+            .count();
+        assert_eq!(forwarded, 5, "then the rate");
     }
 }

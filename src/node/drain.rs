@@ -73,6 +73,7 @@ impl Node {
                         .rendezvous_peers
                         .load(std::sync::atomic::Ordering::Relaxed),
                     relays = s.relays.get(),
+                    refused = s.rendezvous_refused.get(),
                     connections_opened = s.connections_opened(),
                     streams_opened = s.streams_opened(),
                     "counters"

@@ -22,8 +22,9 @@ use crate::connect::router::Router;
 use crate::connect::{Session, SessionConfig};
 use crate::expose::{Authorized, Expose, ExposeConfig};
 use crate::identity::{Identity, PeerId};
-use crate::nat::client::RendezvousClient;
+use crate::nat::client::{Consent, RendezvousClient};
 use crate::nat::dial::punch;
+use crate::nat::server::broker::Admission;
 use crate::nat::server::{Rendezvous, RendezvousConfig};
 use crate::protocol::close_code;
 use crate::quic::accept::{accept_loop, Serve};
@@ -41,6 +42,8 @@ pub struct Node {
     roles: std::sync::Mutex<Vec<Arc<dyn Serve>>>,
     /// The exposing role, when this node exposes (for reloads).
     exposing: OnceLock<Arc<Expose>>,
+    /// The rendezvous role, when this node is one (for reloads).
+    rendezvous_role: OnceLock<Arc<Rendezvous>>,
 }
 
 impl Node {
@@ -65,6 +68,7 @@ impl Node {
             rendezvous: Arc::default(),
             roles: Default::default(),
             exposing: OnceLock::new(),
+            rendezvous_role: OnceLock::new(),
         };
         node.ctx.tasks.spawn(accept_loop(
             node.ctx.transport.clone(),
@@ -112,10 +116,32 @@ impl Node {
         &self,
         mut reload: impl FnMut() -> Result<ExposeConfig, String> + Send + 'static,
     ) {
-        use tokio::signal::unix::{signal, SignalKind};
         let Some(expose) = self.exposing.get().cloned() else {
             return;
         };
+        self.on_sighup(move || {
+            let closed = reload().and_then(|c| expose.reload(c).map_err(|e| e.to_string()))?;
+            Ok(closed)
+        });
+    }
+
+    /// On every SIGHUP until the node stops, takes the rendezvous's new admission rules from
+    /// `reload` (the allow list read again): peers no longer admitted are disconnected. A
+    /// list that cannot be read is reported, and the old one stays.
+    pub fn reload_rendezvous_on_sighup(
+        &self,
+        mut reload: impl FnMut() -> Result<Admission, String> + Send + 'static,
+    ) {
+        let Some(server) = self.rendezvous_role.get().cloned() else {
+            return;
+        };
+        self.on_sighup(move || Ok(server.set_admission(reload()?)));
+    }
+
+    /// Runs `apply` on every SIGHUP until the node stops; it returns how many peers it
+    /// disconnected, or why nothing changed.
+    fn on_sighup(&self, mut apply: impl FnMut() -> Result<usize, String> + Send + 'static) {
+        use tokio::signal::unix::{signal, SignalKind};
         let mut hangup = match signal(SignalKind::hangup()) {
             Ok(s) => s,
             Err(e) => return tracing::error!("cannot watch SIGHUP, rules will not reload: {e}"),
@@ -128,9 +154,7 @@ impl Node {
                     () = stop.cancelled() => return,
                 }
                 info!("SIGHUP: reading the rules again");
-                let reloaded =
-                    reload().and_then(|config| expose.reload(config).map_err(|e| e.to_string()));
-                match reloaded {
+                match apply() {
                     Ok(closed) => info!(disconnected = closed, "rules reloaded"),
                     Err(e) => tracing::error!("rules not reloaded, the old ones stay: {e}"),
                 }
@@ -142,7 +166,11 @@ impl Node {
     /// node exposes, peers it allows can then reach it through their NATs: each introduction
     /// they ask for makes this node punch toward them.
     pub fn register(&self, server: String) -> RendezvousClient {
-        let (client, mut introductions) = RendezvousClient::start(server, self.ctx.clone());
+        let rules = self.ctx.clone();
+        let consent: Consent =
+            Arc::new(move |peer: &PeerId| rules.server().is_some_and(|s| s.allows(peer)));
+        let (client, mut introductions) =
+            RendezvousClient::start(server, self.ctx.clone(), consent);
         let _ = self.rendezvous.set(client.clone());
         let ctx = self.ctx.clone();
         self.ctx.tasks.spawn(async move {
@@ -157,7 +185,8 @@ impl Node {
                         info!(peer = %intro.peer, candidates = ?intro.candidates, relay = intro.relay.is_some(), "introduced: punching");
                         ctx.tasks.spawn(punch(ctx.transport.clone(), Arc::new(intro)));
                     }
-                    Some(false) => tracing::warn!(peer = %intro.peer, "introduced to a peer that is not allowed here: ignored"),
+                    // Accepted, then the rules changed (a reload) before the introduction came.
+                    Some(false) => tracing::info!(peer = %intro.peer, "introduced to a peer no longer allowed here: ignored"),
                     None => tracing::debug!(peer = %intro.peer, "introduction ignored: this node exposes nothing"),
                 }
             }
@@ -169,6 +198,11 @@ impl Node {
     pub fn serve_rendezvous(&self, config: RendezvousConfig) -> Result<(), TransportError> {
         let server = Rendezvous::new(config, self.ctx.clone())
             .map_err(|e| TransportError::Quic(e.to_string()))?;
+        if self.rendezvous_role.set(server.clone()).is_err() {
+            return Err(TransportError::Quic(
+                "this node is a rendezvous already".into(),
+            ));
+        }
         self.accept(crate::protocol::rendezvous::ALPN, server)
     }
 

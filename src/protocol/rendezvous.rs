@@ -12,8 +12,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::identity::PeerId;
 
-/// ALPN of the rendezvous protocol.
-pub const ALPN: &[u8] = b"tunnel-rendezvous/1";
+/// ALPN of the rendezvous protocol. Version 2: introductions by consent (version 1 introduced
+/// any two registered peers and told anyone the presence of any id).
+pub const ALPN: &[u8] = b"tunnel-rendezvous/2";
 /// Largest frame payload.
 pub const MAX_FRAME: usize = 16 * 1024;
 /// Most local addresses a peer may register.
@@ -25,9 +26,12 @@ pub const MAX_LOCAL_ADDRS: usize = 16;
 pub enum ClientMsg {
     /// I am online; these are my local (LAN) addresses. Sent first, and again after changes.
     Register { local_addrs: Vec<SocketAddr> },
-    /// Introduce me to `peer`: give us each other's candidates and a start time. When `peer`
-    /// is offline the answer is `Presence { online: false }`, then `online: true` when it comes.
+    /// Introduce me to `peer`. The rendezvous asks `peer` (now, or when it comes online) and
+    /// introduces us only if it accepts; until then the answer is `Unavailable`, the same for
+    /// an offline, unknown or refusing peer. The request stays open while I am registered.
     Connect { peer: PeerId, relay: bool },
+    /// My answer to `Ask { peer }`: whether `peer` may be introduced to me.
+    Answer { peer: PeerId, accept: bool },
 }
 
 /// Rendezvous → peer.
@@ -36,8 +40,12 @@ pub enum ClientMsg {
 pub enum ServerMsg {
     /// Registration accepted; `observed` is your address as the rendezvous sees it.
     Registered { observed: SocketAddr },
-    /// `peer` went online or offline (you asked to connect to it).
-    Presence { peer: PeerId, online: bool },
+    /// `peer` asks to be introduced to you: answer with `Answer`. It learns nothing of you
+    /// (not even that you are online) unless you accept.
+    Ask { peer: PeerId },
+    /// No introduction to `peer` now (it is offline, unknown, or does not accept you: the
+    /// same answer, after the same delay). Your request stays open while you are registered.
+    Unavailable { peer: PeerId },
     /// Punch toward `peer` now (after `start_in_ms`), at these candidates. `relay` is your end
     /// of a relay allocation, when one was asked for.
     Introduce {
@@ -141,8 +149,8 @@ mod tests {
     fn any_server_msg() -> impl Strategy<Value = ServerMsg> {
         prop_oneof![
             any_addr().prop_map(|observed| ServerMsg::Registered { observed }),
-            (any_peer(), any::<bool>())
-                .prop_map(|(peer, online)| ServerMsg::Presence { peer, online }),
+            any_peer().prop_map(|peer| ServerMsg::Ask { peer }),
+            any_peer().prop_map(|peer| ServerMsg::Unavailable { peer }),
             (
                 any_peer(),
                 proptest::collection::vec(any_addr(), 0..8),
@@ -180,7 +188,7 @@ mod tests {
 
         #[test]
         fn client_messages_round_trip(addrs in proptest::collection::vec(any_addr(), 0..8), peer in any_peer(), relay in any::<bool>()) {
-            for msg in [ClientMsg::Register { local_addrs: addrs.clone() }, ClientMsg::Connect { peer, relay }] {
+            for msg in [ClientMsg::Register { local_addrs: addrs.clone() }, ClientMsg::Connect { peer, relay }, ClientMsg::Answer { peer, accept: relay }] {
                 let (back, _) = decode::<ClientMsg>(&encode(&msg)).unwrap().unwrap();
                 prop_assert_eq!(back, msg);
             }

@@ -6,6 +6,7 @@
 //! reads `std::time::Instant::now()` directly.
 
 pub mod backoff;
+pub mod rate;
 
 use std::time::Instant;
 

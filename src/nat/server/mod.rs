@@ -1,0 +1,464 @@
+//! The rendezvous role (`tunnel rendezvous`): peers register over QUIC, authenticated by their
+//! identity key; the server records each one's observed (reflexive) and local addresses,
+//! introduces two peers to each other (each other's candidates and a common start time) only
+//! when the one asked for accepts the one asking, and allocates relays within quotas. The
+//! decisions are in [`broker`] (pure, with its limits in [`limits`]); this is its driver.
+
+pub mod broker;
+pub mod limits;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use quinn::Connection;
+use tokio::sync::{mpsc, Notify};
+use tracing::{info, warn, Instrument};
+
+use crate::identity::PeerId;
+use crate::nat::relay::RelayLimits;
+use crate::nat::{read_frame, relay, write_frames};
+use crate::protocol::close_code;
+use crate::protocol::rendezvous::{token_hex, ClientMsg, RelayGrant, ServerMsg, MAX_LOCAL_ADDRS};
+use crate::quic::accept::Serve;
+use crate::quic::tls;
+use crate::runtime::NodeCtx;
+use crate::time::{now, sleep_until_opt};
+
+use broker::{Action, Admission, Broker, Limits, Refusal, RelayTicket};
+
+/// Limits and switches of the rendezvous server.
+#[derive(Debug, Clone)]
+pub struct RendezvousConfig {
+    /// Registrations, requests and relay quotas.
+    pub limits: Limits,
+    /// Each relay allocation's idle timeout, lifetime and byte rate.
+    pub relay: RelayLimits,
+    /// Who may register.
+    pub admission: Admission,
+    /// How long a peer has to register after connecting.
+    pub register_timeout: Duration,
+}
+
+impl Default for RendezvousConfig {
+    fn default() -> Self {
+        RendezvousConfig {
+            limits: Limits::default(),
+            relay: RelayLimits::default(),
+            admission: Admission::Open,
+            register_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What a refused registration is told: why, and what to do.
+fn registration_refused(refusal: Refusal, peer: &PeerId, limits: &Limits) -> String {
+    match refusal {
+        Refusal::NotListed => format!(
+            "this rendezvous admits only the peers it lists, and {peer} is not one: ask its operator to add this id"
+        ),
+        Refusal::Full => format!(
+            "the rendezvous is full ({} peers registered): try again later",
+            limits.max_peers
+        ),
+        Refusal::AddressFull => format!(
+            "{} peers are registered from your address already, the most this rendezvous takes: stop one, or try again later",
+            limits.max_peers_per_ip
+        ),
+        Refusal::RegisterRate => format!(
+            "too many registrations from your address (the limit is {}): retrying later",
+            limits.register_rate
+        ),
+        other => other.reason().to_string(),
+    }
+}
+
+struct Entry {
+    /// `stable_id` of the connection this registration belongs to.
+    conn_id: usize,
+    conn: Connection,
+    tx: mpsc::Sender<ServerMsg>,
+    observed: SocketAddr,
+    local_addrs: Vec<SocketAddr>,
+    rtt: Duration,
+}
+
+struct Inner {
+    broker: Broker,
+    entries: HashMap<PeerId, Entry>,
+}
+
+impl Inner {
+    fn send(&self, to: &PeerId, msg: ServerMsg) {
+        if let Some(entry) = self.entries.get(to) {
+            // A peer that does not read its control stream loses messages rather than
+            // making the server buffer without end.
+            if entry.tx.try_send(msg).is_err() {
+                warn!(peer = %to, "control stream full: message dropped");
+            }
+        }
+    }
+}
+
+impl Serve for Rendezvous {
+    fn serve(self: Arc<Self>, conn: Connection) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        Box::pin(self.serve_peer(conn))
+    }
+}
+
+pub(crate) struct Rendezvous {
+    config: RendezvousConfig,
+    inner: Mutex<Inner>,
+    node: NodeCtx,
+    relay_ip: IpAddr,
+    /// Wakes the timer when a request adds a deadline.
+    wake: Notify,
+}
+
+impl Rendezvous {
+    pub(crate) fn new(config: RendezvousConfig, node: NodeCtx) -> std::io::Result<Arc<Self>> {
+        let relay_ip = node.transport.local_addr()?.ip();
+        let broker = Broker::new(config.limits.clone(), config.admission.clone(), now());
+        let this = Arc::new(Rendezvous {
+            config,
+            inner: Mutex::new(Inner {
+                broker,
+                entries: HashMap::new(),
+            }),
+            node,
+            relay_ip,
+            wake: Notify::new(),
+        });
+        this.node.tasks.spawn(this.clone().answer_due());
+        Ok(this)
+    }
+
+    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Answers requests that came to nothing, on the broker's deadlines.
+    async fn answer_due(self: Arc<Self>) {
+        loop {
+            let next = self.inner().broker.next_deadline();
+            tokio::select! {
+                () = sleep_until_opt(next) => {
+                    let actions = self.inner().broker.poll(now());
+                    self.run(actions);
+                }
+                () = self.wake.notified() => {}
+                () = self.node.abort.cancelled() => return,
+            }
+        }
+    }
+
+    /// Carries out the broker's actions.
+    fn run(self: &Arc<Self>, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Send { to, msg } => self.inner().send(&to, msg),
+                Action::Introduce {
+                    asker,
+                    target,
+                    relay,
+                } => {
+                    let this = self.clone();
+                    self.node
+                        .tasks
+                        .spawn(async move { this.introduce(asker, target, relay).await });
+                }
+                Action::Refused {
+                    refusal,
+                    peer,
+                    ip,
+                    log,
+                } => {
+                    self.node.stats.rendezvous_refused.add(1);
+                    if log {
+                        info!(reason = refusal.reason(), %peer, %ip, "refused");
+                    }
+                }
+                Action::Disconnect { peer } => {
+                    if let Some(entry) = self.inner().entries.get(&peer) {
+                        info!(%peer, "no longer admitted: disconnecting");
+                        entry.conn.close(
+                            close_code::PROTOCOL_ERROR,
+                            b"no longer admitted by this rendezvous",
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// New admission rules (a reload); peers no longer admitted are disconnected. Returns
+    /// how many.
+    pub(crate) fn set_admission(self: &Arc<Self>, admission: Admission) -> usize {
+        let actions = self.inner().broker.set_admission(admission);
+        let n = actions.len();
+        self.run(actions);
+        n
+    }
+
+    fn count_peers(&self, inner: &Inner) {
+        self.node.stats.rendezvous_peers.store(
+            inner.broker.registered(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    async fn serve_peer(self: Arc<Self>, conn: Connection) {
+        let Some(peer) = tls::peer_id_of(&conn) else {
+            conn.close(close_code::PROTOCOL_ERROR, b"no peer certificate");
+            return;
+        };
+        tracing::Span::current().record("peer", tracing::field::display(peer));
+        let (send, mut recv) =
+            match tokio::time::timeout(self.config.register_timeout, conn.accept_bi()).await {
+                Ok(Ok(pair)) => pair,
+                _ => {
+                    conn.close(close_code::PROTOCOL_ERROR, b"no control stream");
+                    return;
+                }
+            };
+        let (tx, rx) = mpsc::channel(256);
+        let writer = self.node.tasks.spawn(write_frames(send, rx));
+        let mut buf = BytesMut::new();
+        let mut registered = false;
+        let ip = conn.remote_address().ip();
+        let end = loop {
+            let msg = tokio::select! {
+                m = read_frame::<ClientMsg>(&mut recv, &mut buf) => m,
+                () = self.node.abort.cancelled() => break "shutting down".to_string(),
+                r = conn.closed() => break crate::quic::close::describe_close(&r),
+            };
+            let msg = match msg {
+                Ok(Some(msg)) => msg,
+                Ok(None) => break "control stream finished".into(),
+                Err(e) => {
+                    let e = e.to_string();
+                    conn.close(close_code::PROTOCOL_ERROR, e.as_bytes());
+                    break e;
+                }
+            };
+            match msg {
+                ClientMsg::Register { mut local_addrs } => {
+                    local_addrs.truncate(MAX_LOCAL_ADDRS);
+                    if let Err(message) = self.register(peer, &conn, &tx, local_addrs) {
+                        let _ = tx.try_send(ServerMsg::Error {
+                            message: message.clone(),
+                        });
+                        break message;
+                    }
+                    registered = true;
+                }
+                ClientMsg::Connect {
+                    peer: target,
+                    relay,
+                } => {
+                    if !registered {
+                        let _ = tx.try_send(ServerMsg::Error {
+                            message: "register first".into(),
+                        });
+                        continue;
+                    }
+                    let actions = self.inner().broker.connect(peer, target, relay, ip, now());
+                    self.run(actions);
+                    self.wake.notify_one();
+                }
+                ClientMsg::Answer {
+                    peer: asker,
+                    accept,
+                } => {
+                    let actions = self.inner().broker.answer(peer, asker, accept);
+                    self.run(actions);
+                }
+            }
+        };
+        info!("peer left: {end}");
+        self.unregister(peer, conn.stable_id());
+        drop(tx);
+        let _ = writer.await;
+    }
+
+    /// Registers `peer`; `Err` is what to tell it.
+    fn register(
+        self: &Arc<Self>,
+        peer: PeerId,
+        conn: &Connection,
+        tx: &mpsc::Sender<ServerMsg>,
+        local_addrs: Vec<SocketAddr>,
+    ) -> Result<(), String> {
+        let observed = conn.remote_address();
+        let actions = {
+            let mut inner = self.inner();
+            let actions = match inner
+                .broker
+                .register(peer, conn.stable_id(), observed.ip(), now())
+            {
+                Ok(actions) => actions,
+                Err((refusal, action)) => {
+                    let message = registration_refused(refusal, &peer, &self.config.limits);
+                    drop(inner);
+                    self.run(vec![action]);
+                    return Err(message);
+                }
+            };
+            let entry = Entry {
+                conn_id: conn.stable_id(),
+                conn: conn.clone(),
+                tx: tx.clone(),
+                observed,
+                local_addrs,
+                rtt: conn.rtt(),
+            };
+            inner.entries.insert(peer, entry);
+            self.count_peers(&inner);
+            actions
+        };
+        let _ = tx.try_send(ServerMsg::Registered { observed });
+        info!(%observed, "peer registered");
+        self.run(actions);
+        Ok(())
+    }
+
+    fn unregister(&self, peer: PeerId, conn_id: usize) {
+        let mut inner = self.inner();
+        inner.broker.unregister(peer, conn_id);
+        if inner
+            .entries
+            .get(&peer)
+            .is_some_and(|e| e.conn_id == conn_id)
+        {
+            inner.entries.remove(&peer);
+        }
+        self.count_peers(&inner);
+    }
+
+    /// Introduces two peers the target accepted: each gets the other's candidates, a start
+    /// time, and its end of a relay when the ticket holds one.
+    async fn introduce(
+        self: Arc<Self>,
+        asker: PeerId,
+        target: PeerId,
+        ticket: Option<RelayTicket>,
+    ) {
+        let planned = {
+            let inner = self.inner();
+            match (inner.entries.get(&asker), inner.entries.get(&target)) {
+                (Some(a), Some(b)) => {
+                    // Both start at the same moment: the nearer peer waits for the farther
+                    // one's message to arrive (half the difference of their round trips).
+                    let (ha, hb) = (a.rtt / 2, b.rtt / 2);
+                    let start_a = hb.saturating_sub(ha).as_millis() as u64;
+                    let start_b = ha.saturating_sub(hb).as_millis() as u64;
+                    Some((candidates(a), candidates(b), start_a, start_b))
+                }
+                _ => None,
+            }
+        };
+        let Some((asker_cands, target_cands, start_asker, start_target)) = planned else {
+            if let Some(ticket) = ticket {
+                self.inner().broker.release_relay(&ticket);
+            }
+            return;
+        };
+        let grants = match ticket {
+            Some(ticket) => self.allocate_relay(ticket).await,
+            None => None,
+        };
+        let (grant_asker, grant_target) = match grants {
+            Some((a, b)) => (Some(a), Some(b)),
+            None => (None, None),
+        };
+        let inner = self.inner();
+        info!(%asker, %target, relay = grant_asker.is_some(), "introducing");
+        inner.send(
+            &asker,
+            ServerMsg::Introduce {
+                peer: target,
+                candidates: target_cands,
+                start_in_ms: start_asker,
+                relay: grant_asker,
+            },
+        );
+        inner.send(
+            &target,
+            ServerMsg::Introduce {
+                peer: asker,
+                candidates: asker_cands,
+                start_in_ms: start_target,
+                relay: grant_target,
+            },
+        );
+    }
+
+    /// Binds the two ports of a relay allocation and forwards on them until it ends, holding
+    /// `ticket`'s quota meanwhile.
+    async fn allocate_relay(
+        self: &Arc<Self>,
+        ticket: RelayTicket,
+    ) -> Option<(RelayGrant, RelayGrant)> {
+        let [a, b] = ticket.peers;
+        let sockets = match relay::bind_pair(self.relay_ip).await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!("cannot bind relay ports: {e}");
+                self.inner().broker.release_relay(&ticket);
+                return None;
+            }
+        };
+        let ports = match (sockets[0].local_addr(), sockets[1].local_addr()) {
+            (Ok(x), Ok(y)) => [x.port(), y.port()],
+            _ => {
+                self.inner().broker.release_relay(&ticket);
+                return None;
+            }
+        };
+        let tokens = relay::new_tokens();
+        let limits = self.config.relay;
+        let cancel = self.node.abort.clone();
+        let span = tracing::info_span!("relay", a = %a, b = %b, ports = ?ports);
+        let held = self.node.stats.relays.hold();
+        let this = self.clone();
+        self.node.tasks.spawn(
+            async move {
+                let _held = held;
+                let done = relay::run(sockets, tokens, limits, cancel).await;
+                info!(
+                    packets = done.packets,
+                    bytes = done.bytes,
+                    policed = done.policed,
+                    ended = ?done.expiry,
+                    "relay released"
+                );
+                this.inner().broker.release_relay(&ticket);
+            }
+            .instrument(span),
+        );
+        Some((
+            RelayGrant {
+                port: ports[0],
+                token: token_hex(&tokens[0]),
+            },
+            RelayGrant {
+                port: ports[1],
+                token: token_hex(&tokens[1]),
+            },
+        ))
+    }
+}
+
+fn candidates(entry: &Entry) -> Vec<SocketAddr> {
+    let mut out = vec![entry.observed];
+    for addr in &entry.local_addrs {
+        if !out.contains(addr) {
+            out.push(*addr);
+        }
+    }
+    out
+}
