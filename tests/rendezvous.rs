@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::process::{peer_id, tunnel_bin, Proc, TempDir};
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -245,4 +246,210 @@ async fn one_node_serves_as_rendezvous_and_exposes_on_one_endpoint() {
     echo_round_trip(local, b"still served").await;
     drop(session);
     stop(vec![cli, other, both]).await;
+}
+
+fn rendezvous_with(config: RendezvousConfig) -> Node {
+    let node = Node::bind(loopback(), identity(), Tuning::default()).unwrap();
+    node.serve_rendezvous(config).unwrap();
+    node
+}
+
+/// Waits until `pred` holds, polling; bounded by `WAIT`.
+async fn until(what: &str, mut pred: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !pred() {
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A client through `local` that the tunnel could not serve: the socket is closed on it with
+/// nothing sent back.
+async fn refused(local: SocketAddr) {
+    let mut tcp = TcpStream::connect(local).await.unwrap();
+    let _ = tcp.write_all(b"x").await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(WAIT, tcp.read_to_end(&mut out))
+        .await
+        .expect("the client was closed, not left hanging");
+    assert!(out.is_empty());
+}
+
+/// A peer the exposing node does not allow asks the rendezvous for it: it is never
+/// introduced (the exposing node sees no connection, not even an attempt), the rendezvous
+/// counts the refusal, and an allowed peer asking at the same time is introduced at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_is_never_introduced_and_an_allowed_peer_is() {
+    let echo = echo_server().await;
+    let rz = rendezvous_at(loopback());
+    let rz_addr = rz.local_addr().unwrap();
+    let friend = identity();
+    let exp = exposer(rz_addr, echo.addr, friend.peer_id());
+    let short = SessionConfig {
+        connect_timeout: Duration::from_secs(3),
+        ..SessionConfig::default()
+    };
+    let (stranger, s_session, s_local) =
+        connector(identity(), rz_addr, exp.peer_id(), short.clone()).await;
+    // A fourth id nobody holds, asked for the same way.
+    let (lost, l_session, l_local) =
+        connector(identity(), rz_addr, identity().peer_id(), short).await;
+    let (cli, session, local) =
+        connector(friend, rz_addr, exp.peer_id(), SessionConfig::default()).await;
+    let (a, b, ()) = tokio::join!(
+        refused(s_local),
+        refused(l_local),
+        echo_round_trip(local, b"friends only")
+    );
+    let _ = (a, b);
+    assert_eq!(session.path().map(|p| p.kind()), Some("direct"));
+    assert_eq!(s_session.path(), None, "the stranger has no path");
+    assert_eq!(l_session.path(), None);
+    assert_eq!(
+        exp.stats().connections_opened(),
+        1,
+        "the exposing node saw the friend's connection and no other"
+    );
+    until("the refusal counted", || {
+        rz.stats().rendezvous_refused.get() >= 1
+    })
+    .await;
+    drop((session, s_session, l_session));
+    stop(vec![cli, stranger, lost, exp, rz]).await;
+}
+
+/// A stranger on another address (127.0.0.2) registers as many identities as the
+/// rendezvous takes from one address and holds every relay allocation its address may: an
+/// allowed pair on 127.0.0.1 still registers, and still gets a relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_exhausting_its_quotas_does_not_stop_an_allowed_pair() {
+    let mut config = RendezvousConfig::default();
+    config.limits.max_peers_per_ip = 2;
+    config.limits.max_relays_per_ip = 1;
+    let rz = rendezvous_with(config);
+    let rz_addr = rz.local_addr().unwrap();
+    let echo = echo_server().await;
+    let elsewhere: SocketAddr = "127.0.0.2:0".parse().unwrap();
+    // The stranger's two identities, one exposing to the other, take its relay.
+    let (s1_id, s2_id) = (identity(), identity());
+    let s1 = Node::bind(elsewhere, s1_id, Tuning::default()).unwrap();
+    expose_echo(&s1, echo.addr, s2_id.peer_id());
+    s1.register(rz_addr.to_string()).registered().await.unwrap();
+    let s2 = Node::bind(elsewhere, s2_id, Tuning::default()).unwrap();
+    s2.register(rz_addr.to_string());
+    let relayed = SessionConfig {
+        force_relay: true,
+        ..SessionConfig::default()
+    };
+    let s_session = s2.connect(
+        PeerAddr {
+            id: s1.peer_id(),
+            addr: None,
+        },
+        relayed.clone(),
+    );
+    let s_local = listen_through(&s2, &s_session).await;
+    echo_round_trip(s_local, b"the stranger's own relay").await;
+    assert_eq!(rz.stats().relays.get(), 1);
+    // A third identity from the same address is refused.
+    let s3 = Node::bind(elsewhere, identity(), Tuning::default()).unwrap();
+    s3.register(rz_addr.to_string());
+    until("the third registration refused", || {
+        rz.stats().rendezvous_refused.get() >= 1
+    })
+    .await;
+    assert_eq!(rz.rendezvous_peers(), 2);
+
+    // The allowed pair, on 127.0.0.1: registered, introduced, relayed.
+    let friend = identity();
+    let exp = exposer(rz_addr, echo.addr, friend.peer_id());
+    let (cli, session, local) = connector(friend, rz_addr, exp.peer_id(), relayed).await;
+    echo_round_trip(local, &random_bytes(256 << 10)).await;
+    assert_eq!(session.path().map(|p| p.kind()), Some("relay"));
+    assert_eq!(rz.stats().relays.get(), 2);
+    assert_eq!(rz.rendezvous_peers(), 4);
+    drop((session, s_session));
+    stop(vec![cli, exp, s3, s2, s1, rz]).await;
+}
+
+/// `tunnel rendezvous --allow-file`: an id not in the file is refused with a message that
+/// says so; SIGHUP after adding it admits it (the peer retries by itself) and its tunnel
+/// works; SIGHUP after removing the other peer's id disconnects that peer with a reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_allow_file_admits_and_a_reload_grants_and_revokes() {
+    let echo = echo_server().await;
+    let dir = TempDir::new("rz-allow");
+    let (e_pem, c_pem) = (dir.path("expose.pem"), dir.path("connect.pem"));
+    let (e_id, c_id) = (peer_id(&e_pem), peer_id(&c_pem));
+    let allow = dir.path("allowed-peers");
+    std::fs::write(
+        &allow,
+        format!("# who may register\n{e_id}  # the camera host\n"),
+    )
+    .unwrap();
+    let rz = Proc::spawn(
+        "rendezvous",
+        std::process::Command::new(tunnel_bin())
+            .args(["rendezvous", "--listen", "127.0.0.1:0", "--allow-file"])
+            .arg(&allow)
+            .arg("--identity")
+            .arg(dir.path("rz.pem")),
+    );
+    let line = rz.line_matching(|l| l.starts_with("rendezvous listening on "));
+    let rz_addr = line.rsplit(' ').next().unwrap().to_owned();
+    let expose = Proc::spawn(
+        "expose",
+        std::process::Command::new(tunnel_bin())
+            .args([
+                "expose",
+                "--listen",
+                "127.0.0.1:0",
+                "--rendezvous",
+                &rz_addr,
+            ])
+            .args(["--allow", &c_id, "--service"])
+            .arg(format!("echo={}", echo.addr))
+            .arg("--identity")
+            .arg(&e_pem),
+    );
+    expose.line_matching(|l| l.trim_start().starts_with("tunnel connect "));
+    let connect = Proc::spawn(
+        "connect",
+        std::process::Command::new(tunnel_bin())
+            .args(["connect", &e_id, "--rendezvous", &rz_addr])
+            .args(["--local", "127.0.0.1:0=echo", "--identity"])
+            .arg(&c_pem),
+    );
+    let line = connect.line_matching(|l| l.contains(" -> echo on "));
+    let local: SocketAddr = line.split_whitespace().next().unwrap().parse().unwrap();
+    let says = |p: &Proc, what: &str| {
+        let deadline = std::time::Instant::now() + WAIT;
+        while !p.stderr().contains(what) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} never said {what:?}:\n{}",
+                p.name,
+                p.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    says(&connect, "admits only the peers it lists");
+    says(&rz, "reason=\"not_listed\"");
+
+    std::fs::write(&allow, format!("{e_id}\n{c_id}\n")).unwrap();
+    rz.signal("HUP");
+    says(&rz, "rules reloaded disconnected=0");
+    // The connecting side registers again by itself (backoff of at most 5 s); a client that
+    // comes meanwhile waits for the connection (up to its 10 s), so it gets through.
+    echo_round_trip(local, b"admitted").await;
+
+    std::fs::write(&allow, format!("{c_id}\n")).unwrap();
+    rz.signal("HUP");
+    says(&rz, "rules reloaded disconnected=1");
+    says(&expose, "no longer admitted by this rendezvous");
+    // A broken file is reported with its line, and the old list stays.
+    std::fs::write(&allow, format!("{c_id}\nnot-an-id\n")).unwrap();
+    rz.signal("HUP");
+    says(&rz, "line 2: invalid peer id");
 }

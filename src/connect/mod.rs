@@ -82,7 +82,7 @@ pub enum ConnectError {
         "no connection within {0:?}: is `tunnel expose` running there, and does UDP reach it?"
     )]
     Timeout(Duration),
-    #[error("no path to {peer} within {limit:?}: is `tunnel expose` running there with the same --rendezvous?")]
+    #[error("no path to {peer} within {limit:?}: the rendezvous has not introduced it; is `tunnel expose` running there with the same --rendezvous, and does it allow this peer's id?")]
     NoPath { peer: PeerId, limit: Duration },
     #[error("shutting down")]
     ShuttingDown,
