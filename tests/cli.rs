@@ -273,3 +273,43 @@ fn a_peer_rule_naming_a_service_not_exposed_is_refused_with_what_is() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("line 5") && err.contains("servises"), "{err}");
 }
+
+#[test]
+fn rendezvous_limits_that_cannot_work_are_refused_with_the_fix() {
+    let dir = TempDir::new("rzflags");
+    let id = dir.path("id.pem");
+    let id = id.to_str().unwrap();
+    let base = ["rendezvous", "--listen", "127.0.0.1:0", "--identity", id];
+    let with = |extra: &[&str]| {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    let (code, err) = with(&["--register-rate", "60"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("N/s, N/min or N/h"), "{err}");
+    let (code, err) = with(&["--relay-rate", "100Mbps"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("100Mbit/s"), "{err}");
+    let (code, err) = with(&["--max-peers-per-ip", "0"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("at least 1"), "{err}");
+    let (code, err) = with(&["--relay-idle", "0s"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--no-relay"), "{err}");
+    // An allow file that does not exist, or holds a bad id, is named with its line.
+    let (code, err) = with(&["--allow-file", dir.path("nope").to_str().unwrap()]);
+    assert_ne!(code, Some(0), "{err}");
+    assert!(err.contains("nope"), "{err}");
+    let bad = dir.path("allowed");
+    std::fs::write(&bad, "# ids\nnot-an-id\n").unwrap();
+    let (code, err) = with(&["--allow-file", bad.to_str().unwrap()]);
+    assert_ne!(code, Some(0), "{err}");
+    assert!(err.contains("line 2") && err.contains("allowed"), "{err}");
+    // The same limits in the rules file: an unknown key is named.
+    let rules = dir.path("rules.toml");
+    std::fs::write(&rules, "[rendezvous_server]\nmax_peer = 5\n").unwrap();
+    let (code, err) = with(&["--config", rules.to_str().unwrap()]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("max_peer") && err.contains("line 2"), "{err}");
+}

@@ -687,6 +687,149 @@ fn one_connect_reaches_two_peers_each_behind_its_own_nat() {
     println!("natlab mp: one connect, two peers behind two cone NATs, both direct; 3 MiB from each at once in {both:?} (curl {took:?})");
 }
 
+/// Counts, in namespace `ns`, the packets arriving on its WAN link from each of `sources`:
+/// an nftables table of its own (it goes with the namespace).
+fn watch_wan(lab: &Lab, ns: &str, sources: &[&str]) {
+    let mut script = String::from(
+        "add table ip tlwatch\nadd chain ip tlwatch pre { type filter hook prerouting priority -400; }\n",
+    );
+    for src in sources {
+        script.push_str(&format!(
+            "add rule ip tlwatch pre iifname \"wan0\" ip saddr {src} counter comment \"from {src}\"\n"
+        ));
+    }
+    let mut nft = lab
+        .cmd(ns, "nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    nft.stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    assert!(nft.wait().unwrap().success(), "nft rules in {ns}");
+}
+
+/// The packets counted by [`watch_wan`] in `ns` from `src`.
+fn wan_packets(lab: &Lab, ns: &str, src: &str) -> u64 {
+    let out = lab
+        .cmd(ns, "nft")
+        .args(["list", "chain", "ip", "tlwatch", "pre"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find(|l| l.contains(&format!("comment \"from {src}\"")))
+        .and_then(|l| l.split("packets ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no counter for {src} in {ns}:\n{text}"))
+}
+
+/// A stranger in hC asks the rendezvous for B, which allows only A, and for an id nobody
+/// holds, while A connects to B. The stranger learns no address: not one packet from C's NAT
+/// reaches B's NAT, nor from B's NAT C's (B never punches toward it); it is told the same for
+/// B as for the id nobody holds; and A gets through (its packets are counted: the counters
+/// work).
+#[test]
+fn a_stranger_learns_no_address_and_no_packet_of_it_reaches_the_peer() {
+    if !lab_available() {
+        return;
+    }
+    let lab = Lab::up3("st", ["cone", "cone", "cone"]);
+    let dir = TempDir::new("natlab-st");
+    let (nat_a, nat_b, nat_c) = ("198.51.100.10", "198.51.100.20", "198.51.100.40");
+    watch_wan(&lab, "natB", &[nat_a, nat_c]);
+    watch_wan(&lab, "natC", &[nat_b]);
+    let rendezvous = start_rendezvous(&lab, &dir);
+    let www = dir.path("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("blob"), b"for A only").unwrap();
+    let _http = http_server(&lab, "hB", &www);
+    let id_a = peer_id(&dir.path("a.pem"));
+    let (expose, id_b) = expose(&lab, "hB", "web=127.0.0.1:8000", &id_a, &dir.path("b.pem"));
+    let nobody = peer_id(&dir.path("nobody.pem"));
+    let connect_in = |host: &str, name: &str, peer: &str, port: u16, identity: &str| {
+        let p = Proc::spawn(
+            name,
+            lab.cmd(host, tunnel_bin())
+                .args(["connect", peer, "--rendezvous", RENDEZVOUS])
+                .args(["--local", &format!("127.0.0.1:{port}=web")])
+                .args(["--connect-timeout", "5s", "--identity"])
+                .arg(dir.path(identity)),
+        );
+        p.line_matching(|l| l.contains("-> web on"));
+        p
+    };
+    let stranger = connect_in("hC", "stranger", &id_b, 8080, "c.pem");
+    let lost = connect_in("hC", "asks for nobody", &nobody, 8081, "c2.pem");
+    let friend = connect_in("hA", "friend", &id_b, 8080, "a.pem");
+    let curl = |host: &str, port: u16| {
+        lab.cmd(host, "curl")
+            .args(["-sS", "--max-time", "30", "-o", "-"])
+            .arg(format!("http://127.0.0.1:{port}/blob"))
+            .output()
+            .unwrap()
+    };
+    let logs = || {
+        [&stranger, &lost, &friend, &expose, &rendezvous]
+            .iter()
+            .map(|p| format!("--- {} ---\n{}", p.name, p.stderr()))
+            .collect::<String>()
+    };
+    let (s, l) = std::thread::scope(|scope| {
+        let s = scope.spawn(|| curl("hC", 8080));
+        let l = scope.spawn(|| curl("hC", 8081));
+        let f = curl("hA", 8080);
+        assert!(f.status.success(), "A's fetch failed\n{}", logs());
+        assert_eq!(f.stdout, b"for A only");
+        (s.join().unwrap(), l.join().unwrap())
+    });
+    assert!(
+        !s.status.success() && s.stdout.is_empty(),
+        "the stranger got nothing"
+    );
+    assert!(!l.status.success() && l.stdout.is_empty());
+    // The same words for B as for an id nobody holds (but for the id itself).
+    for p in [&stranger, &lost] {
+        let log = p.stderr();
+        assert!(
+            log.contains("not introduced yet: the peer is offline, or does not allow this one")
+                && log.contains("the rendezvous has not introduced it"),
+            "{}\n{}",
+            p.name,
+            logs()
+        );
+        assert!(!log.contains("introduced: punching") && !log.contains(" connected "));
+    }
+    assert!(
+        wan_packets(&lab, "natB", nat_a) > 0,
+        "A's packets are counted"
+    );
+    assert_eq!(
+        wan_packets(&lab, "natB", nat_c),
+        0,
+        "a packet from the stranger's NAT reached B's\n{}",
+        logs()
+    );
+    assert_eq!(
+        wan_packets(&lab, "natC", nat_b),
+        0,
+        "B sent toward the stranger\n{}",
+        logs()
+    );
+    assert!(
+        expose
+            .stderr()
+            .contains("does not allow asked for an introduction: refused"),
+        "B refused the stranger by itself\n{}",
+        logs()
+    );
+}
+
 /// Waits until `pred` holds for the process's stderr so far.
 fn wait_stderr(proc: &Proc, pred: impl Fn(&str) -> bool) {
     wait_stderr_for(proc, WAIT, pred)
