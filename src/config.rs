@@ -826,6 +826,36 @@ mod tests {
         }
     }
 
+    /// The shipped file's commented `[rendezvous_server]` block, uncommented, is valid.
+    #[test]
+    fn the_shipped_rendezvous_example_parses_uncommented() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy-rules.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let block: String = text
+            .lines()
+            .skip_while(|l| !l.starts_with("# [rendezvous_server]"))
+            .take_while(|l| l.starts_with("# "))
+            .map(|l| {
+                l.trim_start_matches("# ")
+                    .split("  #")
+                    .next()
+                    .unwrap()
+                    .to_owned()
+                    + "\n"
+            })
+            .collect::<String>()
+            .replace("<peer-id>", &"a".repeat(32));
+        let rules = RulesFile::parse(&block).unwrap_or_else(|e| panic!("{e}\n{block}"));
+        let rz = rules.rendezvous_server.expect("the block");
+        assert_eq!(rz.max_peers_per_ip, Some(64));
+        assert_eq!(rz.relay_rate, Some(ByteRate(12_500_000)));
+        assert_eq!(
+            rz.register_rate.map(|r| r.to_string()).as_deref(),
+            Some("60/min")
+        );
+        assert_eq!(rz.allow.len(), 1);
+    }
+
     #[test]
     fn a_full_file_parses_into_types() {
         let id = "a".repeat(32);
