@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Runs every fuzz target for RUNS executions each (default 100,000; the benchmark runner
-# uses 10,000,000), starting from an empty corpus in a temporary directory, and fails on
-# the first crash. cargo-fuzz needs a nightly compiler's -Z flags: RUSTC_BOOTSTRAP=1 lets
+# uses 10,000,000), from the seeds in fuzz/seeds/TARGET (real traffic: fuzz/seed.sh) into a
+# fresh corpus in a temporary directory, and fails on the first crash. cargo-fuzz needs a nightly compiler's -Z flags: RUSTC_BOOTSTRAP=1 lets
 # the machine's stable toolchain accept them. Prints each target's executions and time.
 set -euo pipefail
 cd "$(dirname "$0")"
 runs="${1:-100000}"
+# Seconds a target may run at most (a slow one stops there): FUZZ_MAX_TIME, default 600.
+max_time="${FUZZ_MAX_TIME:-600}"
 command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
 export RUSTC_BOOTSTRAP=1
 cargo fuzz build
@@ -19,7 +21,9 @@ for target in $(cargo fuzz list); do
   dict=()
   [ -f "$target.dict" ] && dict=(-dict="$PWD/$target.dict")
   # -max_total_time bounds a slow target; a crash exits non-zero and stops the script.
-  cargo fuzz run "$target" "$work/$target" -- -runs="$runs" -max_total_time=600 "${dict[@]}" \
+  seeds=()
+  [ -d "seeds/$target" ] && seeds=("$PWD/seeds/$target")
+  cargo fuzz run "$target" "$work/$target" "${seeds[@]}" -- -runs="$runs" -max_total_time="$max_time" "${dict[@]}" \
     > "$work/$target.log" 2>&1 || { tail -40 "$work/$target.log"; exit 1; }
   took=$((SECONDS - start))
   done_line=$(grep -E '^Done [0-9]+ runs' "$work/$target.log" | tail -1)
