@@ -163,6 +163,14 @@ pub enum Action {
     Disconnect { peer: PeerId },
 }
 
+/// An open request for an introduction.
+struct Wish {
+    /// The asker wants a relay too.
+    relay: bool,
+    /// When the target was last asked (`None`: it was offline).
+    asked: Option<Instant>,
+}
+
 struct Registration {
     conn: usize,
     ip: IpAddr,
@@ -176,8 +184,8 @@ pub struct Broker {
     per_ip: Counts<IpAddr>,
     register_rate: PerAddress,
     connect_rate: PerAddress,
-    /// Target → asker → whether the asker wants a relay.
-    wishes: HashMap<PeerId, HashMap<PeerId, bool>>,
+    /// Target → asker → its request.
+    wishes: HashMap<PeerId, HashMap<PeerId, Wish>>,
     /// Asker → its targets (to drop its wishes when it leaves, and to cap them).
     wished: HashMap<PeerId, HashSet<PeerId>>,
     /// Requests to answer `Unavailable` unless introduced by then, in deadline order (the
@@ -283,16 +291,21 @@ impl Broker {
         }
         self.per_ip.add(ip);
         // Everyone who asked for it while it was away is asked about now.
-        let asks = self
-            .wishes
-            .get(&peer)
-            .into_iter()
-            .flat_map(|w| w.keys())
-            .map(|asker| Action::Send {
+        let mut asks = Vec::new();
+        for (asker, wish) in self.wishes.get_mut(&peer).into_iter().flatten() {
+            wish.asked = Some(now);
+            asks.push(Action::Send {
                 to: peer,
                 msg: ServerMsg::Ask { peer: *asker },
-            })
-            .collect();
+            });
+        }
+        asks.sort_by_key(|a| match a {
+            Action::Send {
+                msg: ServerMsg::Ask { peer },
+                ..
+            } => *peer,
+            _ => unreachable!(),
+        });
         Ok(asks)
     }
 
@@ -348,9 +361,23 @@ impl Broker {
             self.due
                 .push_back((now + self.limits.answer_delay, asker, target));
         }
-        if let Some(want) = self.wishes.get_mut(&target).and_then(|w| w.get_mut(&asker)) {
-            // Asked already; the target has not answered yet.
-            *want |= relay;
+        let online = self.peers.contains_key(&target);
+        let delay = self.limits.answer_delay;
+        if let Some(wish) = self.wishes.get_mut(&target).and_then(|w| w.get_mut(&asker)) {
+            // Asked already and not answered: the target is asked again only once the last
+            // ask is as old as an answer may take (it may have been lost), not per request.
+            wish.relay |= relay;
+            if online
+                && wish
+                    .asked
+                    .is_none_or(|at| now.saturating_duration_since(at) >= delay)
+            {
+                wish.asked = Some(now);
+                out.push(Action::Send {
+                    to: target,
+                    msg: ServerMsg::Ask { peer: asker },
+                });
+            }
             return out;
         }
         let mine = self.wished.entry(asker).or_default();
@@ -361,8 +388,12 @@ impl Broker {
         }
         self.over_wishes.remove(&asker);
         mine.insert(target);
-        self.wishes.entry(target).or_default().insert(asker, relay);
-        if self.peers.contains_key(&target) {
+        let wish = Wish {
+            relay,
+            asked: online.then_some(now),
+        };
+        self.wishes.entry(target).or_default().insert(asker, wish);
+        if online {
             out.push(Action::Send {
                 to: target,
                 msg: ServerMsg::Ask { peer: asker },
@@ -373,7 +404,8 @@ impl Broker {
 
     /// `target` answers whether `asker` may be introduced to it.
     pub fn answer(&mut self, target: PeerId, asker: PeerId, accept: bool) -> Vec<Action> {
-        let Some(relay) = self.wishes.get_mut(&target).and_then(|w| w.remove(&asker)) else {
+        let Some(Wish { relay, .. }) = self.wishes.get_mut(&target).and_then(|w| w.remove(&asker))
+        else {
             // Nobody asked (or the asker left): nothing to do.
             return Vec::new();
         };
@@ -621,8 +653,14 @@ mod tests {
         let actions = b.connect(a, t, true, ip(1), t0);
         assert_eq!(sent(&actions), vec![(t, ask(a))]);
         assert_eq!(introduced(&actions), None, "nothing before consent");
-        // Asking again while the target has not answered does not ask it twice.
+        // Asking again while the target has not answered does not ask it twice...
         assert!(sent(&b.connect(a, t, false, ip(1), t0)).is_empty());
+        // ...until the last ask is as old as an answer may take (it may have been lost).
+        let later = t0 + DELAY;
+        assert_eq!(
+            sent(&b.connect(a, t, false, ip(1), later)),
+            vec![(t, ask(a))]
+        );
         let actions = b.answer(t, a, true);
         assert_eq!(introduced(&actions), Some((a, t, true)), "relay kept");
         // Introduced: no `Unavailable` later.
