@@ -180,7 +180,12 @@ impl Actor {
                     send(ClientMsg::Connect { peer, relay }).await?;
                 }
                 msg = read_frame::<ServerMsg>(&mut recv, &mut buf) => {
-                    let msg = msg?.ok_or_else(|| anyhow!("the rendezvous closed the control stream"))?;
+                    // A stream that fails because the connection closed: the close's reason.
+                    let msg = match msg {
+                        Err(e) => return Err(conn.close_reason().map_or_else(|| anyhow!(e), |r| anyhow!(describe_close(&r)))),
+                        Ok(m) => m,
+                    };
+                    let msg = msg.ok_or_else(|| anyhow!(conn.close_reason().map_or("the rendezvous closed the control stream".into(), |r| describe_close(&r))))?;
                     match msg {
                         ServerMsg::Registered { observed } => {
                             backoff.succeeded();

@@ -42,6 +42,8 @@ pub mod close_code {
     pub const NOT_AUTHORISED: VarInt = VarInt::from_u32(2);
     /// The peer broke the protocol.
     pub const PROTOCOL_ERROR: VarInt = VarInt::from_u32(3);
+    /// The rendezvous refused (or no longer admits) the registration; the reason says why.
+    pub const REFUSED: VarInt = VarInt::from_u32(4);
 
     /// A short name for a close code, for logs.
     pub fn name(code: VarInt) -> &'static str {
@@ -50,6 +52,7 @@ pub mod close_code {
             1 => "shutdown",
             2 => "not authorised",
             3 => "protocol error",
+            4 => "refused",
             _ => "unknown",
         }
     }

@@ -186,7 +186,7 @@ impl Rendezvous {
                     if let Some(entry) = self.inner().entries.get(&peer) {
                         info!(%peer, "no longer admitted: disconnecting");
                         entry.conn.close(
-                            close_code::PROTOCOL_ERROR,
+                            close_code::REFUSED,
                             b"no longer admitted by this rendezvous",
                         );
                     }
@@ -229,6 +229,7 @@ impl Rendezvous {
         let writer = self.node.tasks.spawn(write_frames(send, rx));
         let mut buf = BytesMut::new();
         let mut registered = false;
+        let mut refused = None;
         let ip = conn.remote_address().ip();
         let end = loop {
             let msg = tokio::select! {
@@ -252,6 +253,7 @@ impl Rendezvous {
                         let _ = tx.try_send(ServerMsg::Error {
                             message: message.clone(),
                         });
+                        refused = Some(message.clone());
                         break message;
                     }
                     registered = true;
@@ -283,6 +285,10 @@ impl Rendezvous {
         self.unregister(peer, conn.stable_id());
         drop(tx);
         let _ = writer.await;
+        if let Some(why) = refused {
+            // After the error frame went out; the close carries the reason too.
+            conn.close(close_code::REFUSED, why.as_bytes());
+        }
     }
 
     /// Registers `peer`; `Err` is what to tell it.
