@@ -25,6 +25,7 @@ use crate::nat::relay::RelayLimits;
 use crate::nat::server::broker::{Admission, Limits};
 use crate::nat::server::RendezvousConfig;
 use crate::node::Node;
+use crate::protocol::control::{decode_answer, encode_request, Command as ControlCommand};
 use crate::quic::{Congestion, Tuning};
 use crate::time::rate::Rate;
 
@@ -52,6 +53,10 @@ enum Command {
     Connect(ConnectArgs),
     /// Introduce peers behind NATs to each other, and relay when punching fails.
     Rendezvous(RendezvousArgs),
+    /// Ask a running tunnel process (over its control socket) what it is doing.
+    Status(StatusArgs),
+    /// Make a running tunnel process read its rules again (as SIGHUP does).
+    Reload(ControlArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -113,6 +118,30 @@ struct CommonArgs {
     /// for congestion (docs/architecture.md); `cubic` is quinn's own default.
     #[arg(long, env = "TUNNEL_CONGESTION", value_enum, default_value_t = CongestionArg::Bbr)]
     congestion: CongestionArg,
+    /// Control socket for `tunnel status` and `tunnel reload` [default: beside the identity,
+    /// IDENTITY-STEM.ROLE.sock].
+    #[arg(long, env = "TUNNEL_CONTROL", value_name = "PATH")]
+    control: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct ControlArgs {
+    /// Identity file of the process to ask (its control socket is beside it)
+    /// [default: ~/.config/tunnel/identity.pem].
+    #[arg(long, env = "TUNNEL_IDENTITY", value_name = "PATH")]
+    identity: Option<PathBuf>,
+    /// The process's control socket (as given to it with --control).
+    #[arg(long, env = "TUNNEL_CONTROL", value_name = "PATH")]
+    control: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    control: ControlArgs,
+    /// Print the status as one JSON object (documented in docs/status.md).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -277,6 +306,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Expose(args) => runtime.block_on(expose(args)),
         Command::Connect(args) => runtime.block_on(connect(args)),
         Command::Rendezvous(args) => runtime.block_on(rendezvous(args)),
+        Command::Status(args) => runtime.block_on(status(args)),
+        Command::Reload(args) => runtime.block_on(reload(args)),
     }
 }
 
@@ -287,13 +318,39 @@ fn load_rules(common: &CommonArgs) -> Result<RulesFile, Failure> {
     }
 }
 
-fn load_identity(common: &CommonArgs, rules: &RulesFile) -> Result<Arc<Identity>, Failure> {
-    let path = common
-        .identity
-        .clone()
+fn identity_path(flag: Option<&PathBuf>, rules: &RulesFile) -> Result<PathBuf, Failure> {
+    flag.cloned()
         .or_else(|| rules.identity.clone())
         .or_else(default_identity_path)
-        .ok_or_else(|| usage("no identity path: set HOME, or give --identity PATH".into()))?;
+        .ok_or_else(|| usage("no identity path: set HOME, or give --identity PATH".into()))
+}
+
+/// A role's control socket: `--control`, else beside the identity (`id.pem` →
+/// `id.expose.sock`).
+fn control_path(identity: &std::path::Path, role: &str) -> PathBuf {
+    let stem = identity
+        .file_stem()
+        .map_or("identity".into(), |s| s.to_string_lossy().into_owned());
+    identity.with_file_name(format!("{stem}.{role}.sock"))
+}
+
+/// Opens the role's control socket; a process without one still runs (the warning says
+/// why `tunnel status` will not reach it).
+fn serve_control(node: &Node, common: &CommonArgs, rules: &RulesFile, role: &'static str) {
+    let path = match &common.control {
+        Some(p) => p.clone(),
+        None => match identity_path(common.identity.as_ref(), rules) {
+            Ok(id) => control_path(&id, role),
+            Err(_) => return,
+        },
+    };
+    if let Err(e) = node.serve_control(path, role) {
+        warn!("{e}; `tunnel status` and `tunnel reload` cannot reach this process");
+    }
+}
+
+fn load_identity(common: &CommonArgs, rules: &RulesFile) -> Result<Arc<Identity>, Failure> {
+    let path = identity_path(common.identity.as_ref(), rules)?;
     let (identity, created) = Identity::load_or_create(&path).map_err(anyhow::Error::from)?;
     if created {
         info!(path = %path.display(), "created a new identity");
@@ -365,6 +422,7 @@ async fn expose(args: ExposeArgs) -> Result<(), Failure> {
     println!("peer id: {}", node.peer_id());
     println!("on the other side, run:\n  {command}");
 
+    serve_control(&node, &args.common, &rules, "expose");
     node.run_until_signal(drain, ()).await;
     Ok(())
 }
@@ -554,6 +612,7 @@ async fn connect(args: ConnectArgs) -> Result<(), Failure> {
         node.serve_http(router.clone(), listener);
     }
 
+    serve_control(&node, &args.common, &rules, "connect");
     node.run_until_signal(drain, (sessions, router)).await;
     Ok(())
 }
@@ -571,10 +630,10 @@ async fn bind_optional(
 }
 
 async fn rendezvous(args: RendezvousArgs) -> Result<(), Failure> {
-    let rules = load_rules(&args.common)?;
+    let mut rules = load_rules(&args.common)?;
     let identity = load_identity(&args.common, &rules)?;
     let drain = rules.drain_timeout.map_or(DEFAULT_DRAIN, |d| d.0);
-    let file = rules.rendezvous_server.unwrap_or_default();
+    let file = rules.rendezvous_server.take().unwrap_or_default();
     let listen = args
         .listen
         .or(file.listen)
@@ -605,6 +664,7 @@ async fn rendezvous(args: RendezvousArgs) -> Result<(), Failure> {
         "peers use: --rendezvous <this-host's-address>:{}",
         local.port()
     );
+    serve_control(&node, &args.common, &rules, "rendezvous");
     node.run_until_signal(drain, ()).await;
     Ok(())
 }
@@ -827,4 +887,155 @@ fn hostname() -> Option<String> {
     let name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
     let name = name.trim();
     (!name.is_empty()).then(|| name.to_owned())
+}
+
+/// The control sockets `tunnel status`/`reload` ask: `--control`, else those beside the
+/// identity that exist (one per role running with it).
+fn control_targets(args: &ControlArgs) -> Result<Vec<PathBuf>, Failure> {
+    if let Some(p) = &args.control {
+        return Ok(vec![p.clone()]);
+    }
+    let identity = identity_path(args.identity.as_ref(), &RulesFile::default())?;
+    let found: Vec<PathBuf> = ["expose", "connect", "rendezvous"]
+        .iter()
+        .map(|role| control_path(&identity, role))
+        .filter(|p| p.exists())
+        .collect();
+    if found.is_empty() {
+        return Err(Failure {
+            code: 1,
+            error: anyhow::anyhow!(
+                "no tunnel process with the identity {} is running here (no control socket beside it): give --identity or --control PATH",
+                identity.display()
+            ),
+        });
+    }
+    Ok(found)
+}
+
+/// One request to a control socket; its result.
+async fn ask(path: &std::path::Path, cmd: ControlCommand) -> anyhow::Result<serde_json::Value> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::UnixStream::connect(path).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot reach the control socket {}: {e} (is the process running?)",
+            path.display()
+        )
+    })?;
+    stream.write_all(&encode_request(cmd)).await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        (&mut stream).take(16 << 20).read_to_end(&mut answer),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("{}: no answer within 10 s", path.display()))??;
+    let line = answer.strip_suffix(b"\n").unwrap_or(&answer);
+    decode_answer(line).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+async fn status(args: StatusArgs) -> Result<(), Failure> {
+    let targets = control_targets(&args.control)?;
+    let mut all = Vec::new();
+    for path in &targets {
+        all.push(ask(path, ControlCommand::Status).await?);
+    }
+    if args.json {
+        // One object: the process's status, or (several processes) an array of them.
+        let out = if all.len() == 1 {
+            all.pop().expect("one")
+        } else {
+            serde_json::Value::Array(all)
+        };
+        println!("{out}");
+    } else {
+        for s in &all {
+            print!("{}", render_status(s));
+        }
+    }
+    Ok(())
+}
+
+async fn reload(args: ControlArgs) -> Result<(), Failure> {
+    let targets = control_targets(&args)?;
+    let mut failed = None;
+    for path in &targets {
+        match ask(path, ControlCommand::Reload).await {
+            Ok(r) => println!(
+                "{}: rules reloaded, {} peer(s) disconnected",
+                path.display(),
+                r["disconnected"]
+            ),
+            Err(e) => {
+                eprintln!("{e:#}");
+                failed = Some(e);
+            }
+        }
+    }
+    match failed {
+        Some(e) => Err(Failure { code: 1, error: e }),
+        None => Ok(()),
+    }
+}
+
+/// `tunnel status` for a person.
+fn render_status(s: &serde_json::Value) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let c = &s["counters"];
+    let _ = writeln!(
+        out,
+        "{} {}  up {:.0} s",
+        s["role"].as_str().unwrap_or("?"),
+        s["peer_id"].as_str().unwrap_or("?"),
+        s["uptime_s"].as_f64().unwrap_or(0.0)
+    );
+    let _ = writeln!(
+        out,
+        "  connections {} (opened {}), streams {} (opened {}), rtsp sessions {}, tasks {}",
+        c["connections"],
+        c["connections_opened"],
+        c["streams"],
+        c["streams_opened"],
+        c["rtsp_sessions"],
+        c["tasks"]
+    );
+    for conn in s["connections"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "  peer {}  {} {} (IPv{})  rtt {:.1} ms  cwnd {} KiB  lost {}  sent {:.1} MiB  received {:.1} MiB  streams {}  up {:.0} s",
+            conn["peer"].as_str().unwrap_or("?"),
+            conn["path"].as_str().unwrap_or("?"),
+            conn["remote"].as_str().unwrap_or("?"),
+            conn["ip_version"],
+            conn["rtt_ms"].as_f64().unwrap_or(0.0),
+            conn["cwnd_bytes"].as_u64().unwrap_or(0) / 1024,
+            conn["lost_packets"],
+            conn["sent_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
+            conn["received_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
+            conn["streams"],
+            conn["uptime_s"].as_f64().unwrap_or(0.0),
+        );
+    }
+    if let Some(rz) = s.get("rendezvous") {
+        let refused: Vec<String> = rz["refused"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(_, n)| n.as_u64() != Some(0))
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        let _ = writeln!(
+            out,
+            "  rendezvous: {} registered, {} relays, refused: {}",
+            rz["registered"],
+            rz["relays"],
+            if refused.is_empty() {
+                "none".into()
+            } else {
+                refused.join(", ")
+            }
+        );
+    }
+    out
 }

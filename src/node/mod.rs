@@ -6,7 +6,14 @@
 //! to finish, then `abort` resets what is left, the endpoint closes every connection with a
 //! reason, and the node waits for its tasks and for the close to reach the peers.
 
+mod control;
 mod drain;
+
+pub use control::ControlError;
+
+/// What reloads the rules (SIGHUP, `tunnel reload`): how many peers it disconnected, or why
+/// nothing changed.
+type Reloader = Arc<std::sync::Mutex<Option<Box<dyn FnMut() -> Result<usize, String> + Send>>>>;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
@@ -44,6 +51,9 @@ pub struct Node {
     exposing: OnceLock<Arc<Expose>>,
     /// The rendezvous role, when this node is one (for reloads).
     rendezvous_role: OnceLock<Arc<Rendezvous>>,
+    /// The role's reload, once it has one.
+    reloader: Reloader,
+    started: std::time::Instant,
 }
 
 impl Node {
@@ -69,6 +79,8 @@ impl Node {
             roles: Default::default(),
             exposing: OnceLock::new(),
             rendezvous_role: OnceLock::new(),
+            reloader: Reloader::default(),
+            started: std::time::Instant::now(),
         };
         node.ctx.tasks.spawn(accept_loop(
             node.ctx.transport.clone(),
@@ -138,15 +150,17 @@ impl Node {
         self.on_sighup(move || Ok(server.set_admission(reload()?)));
     }
 
-    /// Runs `apply` on every SIGHUP until the node stops; it returns how many peers it
-    /// disconnected, or why nothing changed.
-    fn on_sighup(&self, mut apply: impl FnMut() -> Result<usize, String> + Send + 'static) {
+    /// Makes `apply` the node's reload, run on every SIGHUP until the node stops and on
+    /// `tunnel reload`; it returns how many peers it disconnected, or why nothing changed.
+    fn on_sighup(&self, apply: impl FnMut() -> Result<usize, String> + Send + 'static) {
         use tokio::signal::unix::{signal, SignalKind};
+        *self.reloader.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(apply));
         let mut hangup = match signal(SignalKind::hangup()) {
             Ok(s) => s,
             Err(e) => return tracing::error!("cannot watch SIGHUP, rules will not reload: {e}"),
         };
         let stop = self.ctx.stop.clone();
+        let reloader = self.reloader.clone();
         self.ctx.tasks.spawn(async move {
             loop {
                 tokio::select! {
@@ -154,6 +168,10 @@ impl Node {
                     () = stop.cancelled() => return,
                 }
                 info!("SIGHUP: reading the rules again");
+                let mut apply = reloader.lock().unwrap_or_else(|p| p.into_inner());
+                let Some(apply) = apply.as_mut() else {
+                    continue;
+                };
                 match apply() {
                     Ok(closed) => info!(disconnected = closed, "rules reloaded"),
                     Err(e) => tracing::error!("rules not reloaded, the old ones stay: {e}"),

@@ -2,6 +2,7 @@
 //! Documented in `docs/protocol.md`; nothing here does I/O.
 
 pub mod catalog;
+pub mod control;
 pub mod header;
 pub mod http;
 pub mod media;

@@ -34,6 +34,8 @@ pub(crate) struct PeerConn {
     pub media: Arc<MediaMux>,
     /// Order of registration here.
     seq: u64,
+    /// When it was recorded here.
+    pub opened: std::time::Instant,
 }
 
 /// Which of a peer's connections new streams should use: the ones dialled by the lower peer
@@ -102,6 +104,7 @@ impl PeerTable {
                 path,
                 streams: Gauge::default(),
                 seq: inner.seq,
+                opened: crate::time::now(),
             };
             inner.conns.entry(peer).or_default().push(pc.clone());
             pc
@@ -137,6 +140,19 @@ impl PeerTable {
             }
         }
         closed
+    }
+
+    /// Every live connection, with its peer (for status).
+    pub(crate) fn snapshot(&self) -> Vec<(PeerId, PeerConn)> {
+        let inner = self.inner();
+        let mut out: Vec<(PeerId, PeerConn)> = inner
+            .conns
+            .iter()
+            .flat_map(|(peer, conns)| conns.iter().map(|pc| (*peer, pc.clone())))
+            .filter(|(_, pc)| pc.conn.close_reason().is_none())
+            .collect();
+        out.sort_by_key(|(peer, pc)| (*peer, pc.seq));
+        out
     }
 
     /// The connection new streams with `peer` should use.

@@ -204,6 +204,15 @@ impl Rendezvous {
         n
     }
 
+    /// Refusals so far, by reason (for status).
+    pub(crate) fn refusals(&self) -> serde_json::Map<String, serde_json::Value> {
+        self.inner()
+            .broker
+            .refusals()
+            .map(|(r, n)| (r.reason().to_string(), n.into()))
+            .collect()
+    }
+
     fn count_peers(&self, inner: &Inner) {
         self.node.stats.rendezvous_peers.store(
             inner.broker.registered(),

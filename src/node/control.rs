@@ -1,0 +1,215 @@
+//! The control socket: a Unix socket (mode 0600) on which `tunnel status` and `tunnel
+//! reload` talk to a running process (`protocol::control`: one JSON request line, one JSON
+//! answer line). A client that sends garbage, sends nothing, or goes away mid-answer costs a
+//! task for at most the read timeout and changes nothing.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tracing::{debug, info, warn};
+
+use super::Node;
+use crate::protocol::control::{decode_request, encode_answer, Command, MAX_REQUEST};
+use crate::runtime::NodeCtx;
+
+/// How long a client has to send its request.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why the control socket could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error(
+        "control socket {0}: another tunnel process is using it; give this one --control PATH"
+    )]
+    InUse(PathBuf),
+    #[error("control socket {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Binds `path`: a socket file left by a process that is gone is replaced; one that answers
+/// belongs to a live process and is left alone.
+fn bind(path: &Path) -> Result<UnixListener, ControlError> {
+    let io = |source| ControlError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    match std::os::unix::net::UnixListener::bind(path) {
+        Ok(l) => return finish(l, path).map_err(io),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {}
+        Err(e) => return Err(io(e)),
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(ControlError::InUse(path.to_owned()));
+    }
+    std::fs::remove_file(path).map_err(io)?;
+    let l = std::os::unix::net::UnixListener::bind(path).map_err(io)?;
+    finish(l, path).map_err(io)
+}
+
+fn finish(l: std::os::unix::net::UnixListener, path: &Path) -> std::io::Result<UnixListener> {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    l.set_nonblocking(true)?;
+    UnixListener::from_std(l)
+}
+
+impl Node {
+    /// Serves the control socket at `path` until the node stops, then removes it. `role`
+    /// names the process in status answers.
+    pub fn serve_control(&self, path: PathBuf, role: &'static str) -> Result<(), ControlError> {
+        let listener = bind(&path)?;
+        info!(path = %path.display(), "control socket: `tunnel status` and `tunnel reload` talk here");
+        let ctx = self.ctx.clone();
+        let node = self.control_view(role);
+        self.ctx.tasks.spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    a = listener.accept() => a,
+                    () = ctx.stop.cancelled() => break,
+                };
+                match accepted {
+                    Ok((stream, _)) => {
+                        let node = node.clone();
+                        ctx.tasks.spawn(async move { node.answer(stream).await });
+                    }
+                    Err(e) => {
+                        warn!("control socket: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+            let _ = std::fs::remove_file(&path);
+        });
+        Ok(())
+    }
+
+    fn control_view(&self, role: &'static str) -> ControlView {
+        ControlView {
+            ctx: self.ctx.clone(),
+            role,
+            started: self.started,
+            reloader: self.reloader.clone(),
+            rendezvous: self.rendezvous_role.get().cloned(),
+        }
+    }
+}
+
+/// What a control client may see and do.
+#[derive(Clone)]
+struct ControlView {
+    ctx: NodeCtx,
+    role: &'static str,
+    started: std::time::Instant,
+    reloader: super::Reloader,
+    rendezvous: Option<std::sync::Arc<crate::nat::server::Rendezvous>>,
+}
+
+impl ControlView {
+    async fn answer(self, stream: UnixStream) {
+        let (read, mut write) = stream.into_split();
+        let mut line = Vec::new();
+        let mut reader = BufReader::new(read).take(MAX_REQUEST as u64);
+        let read = tokio::time::timeout(READ_TIMEOUT, reader.read_until(b'\n', &mut line)).await;
+        let result = match read {
+            Err(_) => Err(format!("no request within {READ_TIMEOUT:?}")),
+            Ok(Err(e)) => Err(format!("reading the request: {e}")),
+            Ok(Ok(_)) if !line.ends_with(b"\n") => Err(format!(
+                "no request line (at most {MAX_REQUEST} bytes, ending in a newline)"
+            )),
+            Ok(Ok(_)) => decode_request(&line[..line.len() - 1]).and_then(|cmd| self.run(cmd)),
+        };
+        if let Err(e) = &result {
+            debug!("control request refused: {e}");
+        }
+        // A client that left mid-answer is no concern of ours.
+        let _ = write.write_all(&encode_answer(result)).await;
+        let _ = write.shutdown().await;
+    }
+
+    fn run(&self, cmd: Command) -> Result<serde_json::Value, String> {
+        match cmd {
+            Command::Status => Ok(self.status()),
+            Command::Reload => {
+                let mut reloader = self.reloader.lock().unwrap_or_else(|p| p.into_inner());
+                let reload = reloader
+                    .as_mut()
+                    .ok_or_else(|| format!("this {} has no rules to reload", self.role))?;
+                info!("control socket: reading the rules again");
+                match reload() {
+                    Ok(n) => {
+                        info!(disconnected = n, "rules reloaded");
+                        Ok(serde_json::json!({ "reloaded": true, "disconnected": n }))
+                    }
+                    Err(e) => {
+                        tracing::error!("rules not reloaded, the old ones stay: {e}");
+                        Err(format!("rules not reloaded, the old ones stay: {e}"))
+                    }
+                }
+            }
+        }
+    }
+
+    /// The status answer (`docs/status.md`).
+    fn status(&self) -> serde_json::Value {
+        let s = &self.ctx.stats;
+        let connections: Vec<serde_json::Value> = self
+            .ctx
+            .peers
+            .snapshot()
+            .into_iter()
+            .map(|(peer, pc)| {
+                let st = pc.conn.stats();
+                let remote = pc.conn.remote_address();
+                serde_json::json!({
+                    "peer": peer.to_string(),
+                    "dialled_by_us": pc.initiator != peer,
+                    "path": pc.path.kind(),
+                    "remote": remote.to_string(),
+                    "ip_version": if remote.is_ipv4() { 4 } else { 6 },
+                    "rtt_ms": st.path.rtt.as_secs_f64() * 1000.0,
+                    "cwnd_bytes": st.path.cwnd,
+                    "lost_packets": st.path.lost_packets,
+                    "sent_packets": st.path.sent_packets,
+                    "sent_bytes": st.udp_tx.bytes,
+                    "received_bytes": st.udp_rx.bytes,
+                    "streams": pc.streams.get(),
+                    "uptime_s": pc.opened.elapsed().as_secs_f64(),
+                })
+            })
+            .collect();
+        let mut status = serde_json::json!({
+            "role": self.role,
+            "peer_id": self.ctx.transport.identity().peer_id().to_string(),
+            "uptime_s": self.started.elapsed().as_secs_f64(),
+            "counters": {
+                "tasks": self.ctx.tasks.len(),
+                "connections": s.connections.get(),
+                "connections_opened": s.connections_opened(),
+                "streams": s.streams.get(),
+                "streams_opened": s.streams_opened(),
+                "rtsp_sessions": s.rtsp_sessions.get(),
+                "media_flows": s.media_flows.get(),
+                "media_datagrams": s.media_datagrams.get(),
+                "rtp_requested": s.rtp_requested.get(),
+                "rtp_resent": s.rtp_resent.get(),
+                "rtp_repaired": s.rtp_repaired.get(),
+                "rtp_rebuilt": s.rtp_rebuilt.get(),
+            },
+            "connections": connections,
+        });
+        if let Some(rz) = &self.rendezvous {
+            status["rendezvous"] = serde_json::json!({
+                "registered": s.rendezvous_peers.load(Ordering::Relaxed),
+                "relays": s.relays.get(),
+                "refused": rz.refusals(),
+            });
+        }
+        status
+    }
+}
