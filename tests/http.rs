@@ -763,20 +763,6 @@ fn per_peer_rules_give_each_peer_only_its_services_and_its_own_cap() {
     assert_eq!(status(&at(dad_port, "nas")), 200);
 }
 
-/// Waits until `proc`'s stderr contains `text` (bounded by the process helpers' WAIT).
-fn wait_log(proc: &Proc, text: &str) {
-    let deadline = std::time::Instant::now() + WAIT;
-    while !proc.stderr().contains(text) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{}: no {text:?} in its log:\n{}",
-            proc.name,
-            proc.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn sighup_reloads_the_rules_granting_and_revoking_and_a_broken_file_keeps_the_old() {
     if !tools() {
@@ -832,8 +818,8 @@ fn sighup_reloads_the_rules_granting_and_revoking_and_a_broken_file_keeps_the_ol
         "[[expose.peer]]\nid = \"{dad_id}\"\nservices = [\"nas\", \"web\"]\n"
     ));
     expose.signal("HUP");
-    wait_log(&expose, "rules reloaded");
-    wait_log(&kid_c, "access revoked by the rules");
+    expose.wait_log("rules reloaded");
+    kid_c.wait_log("access revoked by the rules");
     let r = at(kid_port, "web");
     assert!([502, 504].contains(&status(&r)), "{r}");
     assert!(body(&r).contains("not authorised"), "{r}");
@@ -845,7 +831,7 @@ fn sighup_reloads_the_rules_granting_and_revoking_and_a_broken_file_keeps_the_ol
     // A broken file is reported with its line, and the rules in force stay.
     std::fs::write(&rules, "[expose]\nlisten = 5\n").unwrap();
     expose.signal("HUP");
-    wait_log(&expose, "rules not reloaded, the old ones stay");
+    expose.wait_log("rules not reloaded, the old ones stay");
     assert!(expose.stderr().contains("line 2"), "{}", expose.stderr());
     assert_eq!(status(&at(dad_port, "web")), 200);
 }

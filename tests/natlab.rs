@@ -268,7 +268,8 @@ fn scenario(tag: &str, mode_a: &str, mode_b: &str, loss: u32, delay_ms: u32) -> 
     if loss > 0 && path == "relay" {
         // A lost handshake packet can let the relay win the first 600 ms; the direct
         // handshakes go on and the connection moves to the direct path when one completes.
-        wait_stderr(&run.connect, |log| log.contains("path changed"));
+        run.connect
+            .wait_stderr_for(WAIT, |log| log.contains("path changed"));
         path = run
             .connect
             .stderr()
@@ -387,13 +388,14 @@ fn a_rendezvous_restart_mid_session_leaves_the_stream_alone_and_registration_rec
     let mut run = Running::start("rr", "cone", "cone", 0, 0);
     // A slow download (about 4 s) is in flight while the rendezvous restarts.
     let slow = run.curl("slow", &["--limit-rate", "500k"]);
-    wait_stderr(&run.connect, |log| log.contains(" connected"));
+    run.connect
+        .wait_stderr_for(WAIT, |log| log.contains(" connected"));
     run.rendezvous.signal("TERM");
     assert_eq!(run.rendezvous.wait_exit(Duration::from_secs(5)), Some(0));
     run.rendezvous = start_rendezvous(&run.lab, &run.dir);
     let registered = |log: &str| log.matches("registered with the rendezvous").count() >= 2;
-    wait_stderr(&run.expose, registered);
-    wait_stderr(&run.connect, registered);
+    run.expose.wait_stderr_for(WAIT, registered);
+    run.connect.wait_stderr_for(WAIT, registered);
     run.check(slow, "slow");
     // The connection is still the one made before the restart: one "connected" line.
     assert_eq!(
@@ -440,25 +442,25 @@ fn relay_then_direct(tag: &str, opening: Opening) {
     let introductions = |log: &str| log.matches("introducing").count();
     let first = run.curl("first", &[]);
     match opening {
-        Opening::WhileTheFirstDialRuns => {
-            wait_stderr(&run.connect, |log| log.contains("connected path=relay"))
-        }
+        Opening::WhileTheFirstDialRuns => run
+            .connect
+            .wait_stderr_for(WAIT, |log| log.contains("connected path=relay")),
         // The background punch asks for a second introduction only after the first
         // dial's handshakes gave up (5 s) and the retry interval (10 s) passed.
-        Opening::AtTheBackgroundPunch => {
-            wait_stderr_for(&run.rendezvous, 2 * WAIT, |log| introductions(log) >= 2)
-        }
+        Opening::AtTheBackgroundPunch => run
+            .rendezvous
+            .wait_stderr_for(2 * WAIT, |log| introductions(log) >= 2),
     }
     nft("delete table inet fw");
     run.check(first, "first");
     assert_eq!(run.path(), "relay", "{}", run.connect.stderr());
-    wait_stderr(&run.connect, |log| log.contains("path changed"));
+    run.connect
+        .wait_stderr_for(WAIT, |log| log.contains("path changed"));
     let second = run.curl("second", &[]);
     run.check(second, "second");
     // The relayed connection had no stream left: it was closed as a duplicate.
-    wait_stderr(&run.connect, |log| {
-        log.contains("closing a duplicate connection")
-    });
+    run.connect
+        .wait_stderr_for(WAIT, |log| log.contains("closing a duplicate connection"));
     let changed = run
         .connect
         .stderr()
@@ -828,24 +830,6 @@ fn a_stranger_learns_no_address_and_no_packet_of_it_reaches_the_peer() {
         "B refused the stranger by itself\n{}",
         logs()
     );
-}
-
-/// Waits until `pred` holds for the process's stderr so far.
-fn wait_stderr(proc: &Proc, pred: impl Fn(&str) -> bool) {
-    wait_stderr_for(proc, WAIT, pred)
-}
-
-fn wait_stderr_for(proc: &Proc, limit: Duration, pred: impl Fn(&str) -> bool) {
-    let deadline = Instant::now() + limit;
-    while !pred(&proc.stderr()) {
-        assert!(
-            Instant::now() < deadline,
-            "{} never logged what was expected:\n{}",
-            proc.name,
-            proc.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]

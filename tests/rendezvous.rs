@@ -422,34 +422,22 @@ async fn the_allow_file_admits_and_a_reload_grants_and_revokes() {
     );
     let line = connect.line_matching(|l| l.contains(" -> echo on "));
     let local: SocketAddr = line.split_whitespace().next().unwrap().parse().unwrap();
-    let says = |p: &Proc, what: &str| {
-        let deadline = std::time::Instant::now() + WAIT;
-        while !p.stderr().contains(what) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{} never said {what:?}:\n{}",
-                p.name,
-                p.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
-    says(&connect, "admits only the peers it lists");
-    says(&rz, "reason=\"not_listed\"");
+    connect.wait_log("admits only the peers it lists");
+    rz.wait_log("reason=\"not_listed\"");
 
     std::fs::write(&allow, format!("{e_id}\n{c_id}\n")).unwrap();
     rz.signal("HUP");
-    says(&rz, "rules reloaded disconnected=0");
+    rz.wait_log("rules reloaded disconnected=0");
     // The connecting side registers again by itself (backoff of at most 5 s); a client that
     // comes meanwhile waits for the connection (up to its 10 s), so it gets through.
     echo_round_trip(local, b"admitted").await;
 
     std::fs::write(&allow, format!("{c_id}\n")).unwrap();
     rz.signal("HUP");
-    says(&rz, "rules reloaded disconnected=1");
-    says(&expose, "no longer admitted by this rendezvous");
+    rz.wait_log("rules reloaded disconnected=1");
+    expose.wait_log("no longer admitted by this rendezvous");
     // A broken file is reported with its line, and the old list stays.
     std::fs::write(&allow, format!("{c_id}\nnot-an-id\n")).unwrap();
     rz.signal("HUP");
-    says(&rz, "line 2: invalid peer id");
+    rz.wait_log("line 2: invalid peer id");
 }

@@ -82,6 +82,25 @@ impl Proc {
         self.stderr.lock().unwrap().clone()
     }
 
+    /// Waits until the stderr so far satisfies `pred`, at most `limit`.
+    pub fn wait_stderr_for(&self, limit: Duration, pred: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + limit;
+        while !pred(&self.stderr()) {
+            assert!(
+                Instant::now() < deadline,
+                "{} never logged what was expected:\n{}",
+                self.name,
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until the stderr so far contains `text`, at most `WAIT`.
+    pub fn wait_log(&self, text: &str) {
+        self.wait_stderr_for(WAIT, |log| log.contains(text))
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

@@ -829,7 +829,7 @@ mod tests {
             let at = if n == 5 { ip(5) } else { ip(1) };
             b.register(id(n), n as usize, at, t0).unwrap();
         }
-        let mut relay_for = |b: &mut Broker, n: u8| {
+        let relay_for = |b: &mut Broker, n: u8| {
             let at = if n == 5 { ip(5) } else { ip(1) };
             b.connect(id(n), target, true, at, t0);
             let actions = b.answer(target, id(n), true);
