@@ -98,6 +98,12 @@ async fn peers_known_only_by_id_meet_through_the_rendezvous() {
         "straight to the exposing node"
     );
     assert_eq!(rz.rendezvous_peers(), 2);
+    // The relay allocated with the introduction was not needed: it is released at once, not
+    // at its idle timeout a minute later.
+    assert!(
+        rz.stats().relays.wait_for(WAIT, |n| *n == 0).await,
+        "the unused relay allocation was released"
+    );
     drop(session);
     stop(vec![cli, exp, rz]).await;
 }

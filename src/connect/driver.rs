@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use quinn::Connection;
 use tokio::sync::{mpsc, watch};
@@ -245,14 +246,14 @@ impl Driver {
         Box::pin(async move {
             match &peer.addr {
                 Some(addr) => dial_address(&node.transport, peer.id, addr).await,
-                None => dial_rendezvous(&node.transport, rendezvous, peer.id, relay, direct).await,
+                None => dial_rendezvous(&node, rendezvous, peer.id, relay, direct).await,
             }
         })
     }
 }
 
 async fn dial_rendezvous(
-    transport: &Transport,
+    node: &NodeCtx,
     rendezvous: Option<RendezvousClient>,
     peer: PeerId,
     relay: bool,
@@ -267,9 +268,29 @@ async fn dial_rendezvous(
         .introduce(peer, relay)
         .await
         .ok_or(ConnectError::ShuttingDown)?;
-    let (conn, path, later) = dial_introduced(transport.clone(), intro, DIRECT_DEADLINE, direct)
-        .await
-        .map_err(|e| ConnectError::Failed(e.to_string().into()))?;
+    // The relay allocation is released as soon as it is not needed: at once when the dial
+    // went direct or failed, else when the relayed connection closes (its quota is free
+    // again then, not a minute later at the relay's idle timeout).
+    let relay_token = intro.relay.map(|(_, token)| token);
+    let dialled = dial_introduced(node.transport.clone(), intro, DIRECT_DEADLINE, direct).await;
+    if let Some(token) = relay_token {
+        match &dialled {
+            Ok((conn, Path::Relay(_), _)) => {
+                let conn = conn.clone();
+                node.tasks.spawn(async move {
+                    conn.closed().await;
+                    // The close's own packets cross the relay first (or the peer would
+                    // wait for its idle timeout): a few round trips, then the release.
+                    let linger =
+                        (conn.rtt() * 3 + Duration::from_millis(20)).min(Duration::from_secs(2));
+                    tokio::time::sleep(linger).await;
+                    rendezvous.release(token);
+                });
+            }
+            _ => rendezvous.release(token),
+        }
+    }
+    let (conn, path, later) = dialled.map_err(|e| ConnectError::Failed(e.to_string().into()))?;
     let direct_later = later.map(|later| -> Boxed<(Connection, Path)> {
         Box::pin(async move {
             later

@@ -15,7 +15,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::identity::PeerId;
 use crate::nat::{read_frame, write_frames};
-use crate::protocol::rendezvous::{token_from_hex, ClientMsg, ServerMsg};
+use crate::protocol::rendezvous::{token_from_hex, token_hex, ClientMsg, ServerMsg};
 use crate::quic::close::describe_close;
 use crate::quic::Transport;
 use crate::runtime::NodeCtx;
@@ -42,6 +42,9 @@ enum Cmd {
         peer: PeerId,
         relay: bool,
         reply: Reply,
+    },
+    Release {
+        token: [u8; 16],
     },
 }
 
@@ -85,6 +88,15 @@ impl RendezvousClient {
             .await
             .ok()?;
         rx.await.ok()
+    }
+
+    /// Tells the rendezvous that the relay allocation of our grant `token` is no longer
+    /// needed (the dial went direct, or the relayed connection closed). Best effort: an
+    /// allocation not released ends at its idle timeout.
+    pub fn release(&self, token: [u8; 16]) {
+        if self.cmds.try_send(Cmd::Release { token }).is_err() {
+            debug!("relay release not sent: the rendezvous client is busy or gone");
+        }
     }
 
     /// Waits until registered; our address as the rendezvous observes it.
@@ -175,9 +187,16 @@ impl Actor {
         loop {
             tokio::select! {
                 cmd = cmds.recv() => {
-                    let Some(Cmd::Connect { peer, relay, reply }) = cmd else { return Ok(()) };
-                    self.pending.entry(peer).or_default().push((relay, reply));
-                    send(ClientMsg::Connect { peer, relay }).await?;
+                    match cmd {
+                        None => return Ok(()),
+                        Some(Cmd::Connect { peer, relay, reply }) => {
+                            self.pending.entry(peer).or_default().push((relay, reply));
+                            send(ClientMsg::Connect { peer, relay }).await?;
+                        }
+                        Some(Cmd::Release { token }) => {
+                            send(ClientMsg::Release { token: token_hex(&token) }).await?;
+                        }
+                    }
                 }
                 msg = read_frame::<ServerMsg>(&mut recv, &mut buf) => {
                     // A stream that fails because the connection closed: the close's reason.

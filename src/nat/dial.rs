@@ -19,7 +19,7 @@ use crate::time::{now, sleep_until_opt};
 /// Why no connection came of an introduction.
 #[derive(Debug, thiserror::Error)]
 pub enum DialFailure {
-    #[error("the rendezvous granted no relay (is it running with --no-relay?)")]
+    #[error("the rendezvous granted no relay: it runs with --no-relay, or a relay quota of this pair is used up (its log and `tunnel status` say which)")]
     NoRelay,
     #[error("no candidate answered")]
     NoAnswer,

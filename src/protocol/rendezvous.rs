@@ -32,6 +32,9 @@ pub enum ClientMsg {
     Connect { peer: PeerId, relay: bool },
     /// My answer to `Ask { peer }`: whether `peer` may be introduced to me.
     Answer { peer: PeerId, accept: bool },
+    /// I am done with the relay allocation whose grant (my side's) carried `token`: release
+    /// it now rather than at its idle timeout (its quota is free again at once).
+    Release { token: String },
 }
 
 /// Rendezvous → peer.
@@ -188,7 +191,7 @@ mod tests {
 
         #[test]
         fn client_messages_round_trip(addrs in proptest::collection::vec(any_addr(), 0..8), peer in any_peer(), relay in any::<bool>()) {
-            for msg in [ClientMsg::Register { local_addrs: addrs.clone() }, ClientMsg::Connect { peer, relay }, ClientMsg::Answer { peer, accept: relay }] {
+            for msg in [ClientMsg::Register { local_addrs: addrs.clone() }, ClientMsg::Connect { peer, relay }, ClientMsg::Answer { peer, accept: relay }, ClientMsg::Release { token: token_hex(&[relay as u8; 16]) }] {
                 let (back, _) = decode::<ClientMsg>(&encode(&msg)).unwrap().unwrap();
                 prop_assert_eq!(back, msg);
             }

@@ -203,6 +203,14 @@ impl Transport {
             &identity.derive_secret("quic stateless reset"),
         );
         let mut config = quinn::EndpointConfig::new(Arc::new(reset_key));
+        // So are the connection ids: quinn drops a packet whose id its generator did not
+        // make before it would answer with a reset, and the default generator's key is new
+        // in every process (measured: a restarted rendezvous took 37 s to be found again).
+        let cid_secret = identity.derive_secret("quic connection id");
+        let cid_key = u64::from_le_bytes(cid_secret[..8].try_into().expect("8 bytes"));
+        config.cid_generator(move || {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+        });
         config
             .max_udp_payload_size(MAX_UDP_PAYLOAD)
             .expect("a valid UDP payload size");

@@ -17,13 +17,16 @@ use std::time::Duration;
 use bytes::BytesMut;
 use quinn::Connection;
 use tokio::sync::{mpsc, Notify};
-use tracing::{info, warn, Instrument};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument};
 
 use crate::identity::PeerId;
 use crate::nat::relay::RelayLimits;
 use crate::nat::{read_frame, relay, write_frames};
 use crate::protocol::close_code;
-use crate::protocol::rendezvous::{token_hex, ClientMsg, RelayGrant, ServerMsg, MAX_LOCAL_ADDRS};
+use crate::protocol::rendezvous::{
+    token_from_hex, token_hex, ClientMsg, RelayGrant, ServerMsg, MAX_LOCAL_ADDRS,
+};
 use crate::quic::accept::Serve;
 use crate::quic::tls;
 use crate::runtime::NodeCtx;
@@ -90,6 +93,9 @@ struct Entry {
 struct Inner {
     broker: Broker,
     entries: HashMap<PeerId, Entry>,
+    /// Each live relay allocation under both its sides' tokens: the side's peer, and what
+    /// ends the allocation.
+    allocations: HashMap<[u8; 16], (PeerId, CancellationToken)>,
 }
 
 impl Inner {
@@ -128,6 +134,7 @@ impl Rendezvous {
             inner: Mutex::new(Inner {
                 broker,
                 entries: HashMap::new(),
+                allocations: HashMap::new(),
             }),
             node,
             relay_ip,
@@ -288,6 +295,17 @@ impl Rendezvous {
                     let actions = self.inner().broker.answer(peer, asker, accept);
                     self.run(actions);
                 }
+                ClientMsg::Release { token } => {
+                    // Only a side of the allocation may end it.
+                    let inner = self.inner();
+                    let side = token_from_hex(&token).and_then(|t| inner.allocations.get(&t));
+                    match side {
+                        Some((owner, end)) if *owner == peer => end.cancel(),
+                        _ => {
+                            debug!("release of a relay allocation that is not this peer's: ignored")
+                        }
+                    }
+                }
             }
         };
         info!("peer left: {end}");
@@ -436,7 +454,12 @@ impl Rendezvous {
         };
         let tokens = relay::new_tokens();
         let limits = self.config.relay;
-        let cancel = self.node.abort.clone();
+        let cancel = self.node.abort.child_token();
+        {
+            let mut inner = self.inner();
+            inner.allocations.insert(tokens[0], (a, cancel.clone()));
+            inner.allocations.insert(tokens[1], (b, cancel.clone()));
+        }
         let span = tracing::info_span!("relay", a = %a, b = %b, ports = ?ports);
         let held = self.node.stats.relays.hold();
         let this = self.clone();
@@ -444,11 +467,20 @@ impl Rendezvous {
             async move {
                 let _held = held;
                 let done = relay::run(sockets, tokens, limits, cancel).await;
+                {
+                    let mut inner = this.inner();
+                    for t in &tokens {
+                        inner.allocations.remove(t);
+                    }
+                }
                 info!(
                     packets = done.packets,
                     bytes = done.bytes,
                     policed = done.policed,
-                    ended = ?done.expiry,
+                    ended = done.expiry.map_or("released", |e| match e {
+                        relay::Expiry::Idle => "idle",
+                        relay::Expiry::Lifetime => "lifetime",
+                    }),
                     "relay released"
                 );
                 this.inner().broker.release_relay(&ticket);
