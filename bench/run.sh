@@ -35,6 +35,10 @@ python3 bench/rtsp_bench.py target/release/tunnel
 # Web: a 60-asset page in headless Chromium over 20 ms + 1% loss: direct, --http, a byte
 # service, rathole (docs/bench/http.md).
 python3 bench/http_bench.py target/release/tunnel
+# Churn at full scale (1,000 QUIC connections, 1,000 ffmpeg plays, 200 relayed sessions,
+# 200 registrations; CI runs a tenth): figures in docs/bench/churn.log (docs/bench/churn.md).
+TUNNEL_CHURN_SCALE=1 cargo test --test churn -- --nocapture --test-threads 1 2>&1 \
+  | grep -E '^(test |[0-9]+ |.*(before|after|rss):)' > docs/bench/churn.log
 # Every fuzz target, 10 million executions each (docs/protocol.md, "Fuzzing").
 # (rtsp_stream needs about 25 minutes for its 10 M: the cap is raised to 40.)
 FUZZ_MAX_TIME=2400 bash fuzz/run.sh 10000000 | tee docs/bench/fuzz.log
