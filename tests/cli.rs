@@ -313,3 +313,41 @@ fn rendezvous_limits_that_cannot_work_are_refused_with_the_fix() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("max_peer") && err.contains("line 2"), "{err}");
 }
+
+#[test]
+fn json_logs_are_one_object_per_line_with_the_span_fields() {
+    let dir = TempDir::new("jsonlog");
+    let id = dir.path("id.pem");
+    let expose = Proc::spawn(
+        "expose",
+        Command::new(tunnel_bin())
+            .args(["--log-format", "json", "expose", "--listen", "127.0.0.1:0"])
+            .args(["--allow-any", "--service", "web=127.0.0.1:9", "--identity"])
+            .arg(&id),
+    );
+    expose.line_matching(|l| l.trim_start().starts_with("tunnel connect "));
+    expose.wait_log("control socket");
+    let log = expose.stderr();
+    let mut lines = 0;
+    for line in log.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
+        lines += 1;
+    }
+    assert!(lines >= 3, "{log}");
+    assert!(
+        log.contains("\"message\":\"created a new identity\""),
+        "{log}"
+    );
+    // The environment chooses it too, and a wrong name is a usage error naming the choices.
+    let out = Command::new(tunnel_bin())
+        .env("TUNNEL_LOG_FORMAT", "xml")
+        .args(["id", "--identity"])
+        .arg(&id)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("text") && err.contains("json"), "{err}");
+}
