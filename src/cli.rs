@@ -392,7 +392,13 @@ async fn expose(args: ExposeArgs) -> Result<(), Failure> {
         .iter()
         .map(|(n, t)| (n.clone(), t.clone()))
         .collect();
+    let names: Vec<(PeerId, String)> = config
+        .peers
+        .iter()
+        .filter_map(|(id, access)| Some((*id, access.name.clone()?)))
+        .collect();
     node.expose(config).context("starting the QUIC server")?;
+    node.name_peers(names);
     {
         // SIGHUP: the rules file again, the flags on top, as at start.
         let args = args.clone();
@@ -594,6 +600,7 @@ async fn connect(args: ConnectArgs) -> Result<(), Failure> {
             (name.to_string(), session)
         })
         .collect();
+    node.name_peers(plan.peers.iter().map(|(name, p)| (p.id, name.to_string())));
     for (listener, service, peer) in listeners {
         let addr = listener
             .local_addr()
@@ -1016,10 +1023,22 @@ fn render_status(s: &serde_json::Value) -> String {
         c["rtsp_sessions"],
         c["tasks"]
     );
+    for p in s["peers"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "  peer {} {}  {}",
+            p["name"].as_str().unwrap_or("-"),
+            p["id"].as_str().unwrap_or("?"),
+            match p["path"].as_str() {
+                Some(path) => format!("connected, {path}"),
+                None => "not connected".into(),
+            }
+        );
+    }
     for conn in s["connections"].as_array().into_iter().flatten() {
         let _ = writeln!(
             out,
-            "  peer {}  {} {} (IPv{})  rtt {:.1} ms  cwnd {} KiB  lost {}  sent {:.1} MiB  received {:.1} MiB  streams {}  up {:.0} s",
+            "  connection {}  {} {} (IPv{})  rtt {:.1} ms  cwnd {} KiB  lost {}  sent {:.1} MiB  received {:.1} MiB  streams {}  up {:.0} s",
             conn["peer"].as_str().unwrap_or("?"),
             conn["path"].as_str().unwrap_or("?"),
             conn["remote"].as_str().unwrap_or("?"),

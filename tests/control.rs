@@ -99,11 +99,22 @@ fn status_reports_the_connection_its_path_and_bytes_and_streams_back_to_zero() {
             "{role} {bytes_key} {bytes} for {moved}"
         );
         assert_eq!(s["counters"]["streams_opened"], 1);
+        if role == "connect" {
+            // The positional peer's name, connected, with its path.
+            assert_eq!(s["peers"][0]["name"], "peer", "{s:#}");
+            assert_eq!(s["peers"][0]["connected"], true);
+            assert_eq!(s["peers"][0]["path"], "direct");
+            assert_eq!(conn["name"], "peer");
+        }
         assert!(conn["rtt_ms"].as_f64().unwrap() > 0.0);
     }
     let (code, text, err) = run(&["status", "--identity", c_id.to_str().unwrap()]);
     assert_eq!(code, Some(0), "{err}");
     assert!(text.starts_with("connect "), "{text}");
+    assert!(
+        text.contains("  peer peer ") && text.contains("connected, direct"),
+        "{text}"
+    );
     assert!(
         text.contains(" direct 127.0.0.1:") && text.contains("streams 0"),
         "{text}"

@@ -95,6 +95,7 @@ impl Node {
             role,
             started: self.started,
             reloader: self.reloader.clone(),
+            names: self.names.clone(),
             rendezvous: self.rendezvous_role.get().cloned(),
         }
     }
@@ -107,6 +108,7 @@ struct ControlView {
     role: &'static str,
     started: std::time::Instant,
     reloader: super::Reloader,
+    names: super::Names,
     rendezvous: Option<std::sync::Arc<crate::nat::server::Rendezvous>>,
 }
 
@@ -158,16 +160,45 @@ impl ControlView {
     /// The status answer (`docs/status.md`).
     fn status(&self) -> serde_json::Value {
         let s = &self.ctx.stats;
-        let connections: Vec<serde_json::Value> = self
-            .ctx
-            .peers
-            .snapshot()
+        let names = self.names.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let name_of = |peer: &crate::identity::PeerId| {
+            names
+                .iter()
+                .find(|(id, _)| id == peer)
+                .map(|(_, n)| n.clone())
+        };
+        let live = self.ctx.peers.snapshot();
+        // Every named peer, connected or not; then any other peer with a connection.
+        let mut peers: Vec<serde_json::Value> = names
+            .iter()
+            .map(|(id, name)| {
+                let conn = live.iter().find(|(p, _)| p == id);
+                serde_json::json!({
+                    "name": name,
+                    "id": id.to_string(),
+                    "connected": conn.is_some(),
+                    "path": conn.map(|(_, pc)| pc.path.kind()),
+                })
+            })
+            .collect();
+        for (peer, pc) in &live {
+            if name_of(peer).is_none() && !peers.iter().any(|p| p["id"] == peer.to_string()) {
+                peers.push(serde_json::json!({
+                    "name": null,
+                    "id": peer.to_string(),
+                    "connected": true,
+                    "path": pc.path.kind(),
+                }));
+            }
+        }
+        let connections: Vec<serde_json::Value> = live
             .into_iter()
             .map(|(peer, pc)| {
                 let st = pc.conn.stats();
                 let remote = pc.conn.remote_address();
                 serde_json::json!({
                     "peer": peer.to_string(),
+                    "name": name_of(&peer),
                     "dialled_by_us": pc.initiator != peer,
                     "path": pc.path.kind(),
                     "remote": remote.to_string(),
@@ -201,6 +232,7 @@ impl ControlView {
                 "rtp_repaired": s.rtp_repaired.get(),
                 "rtp_rebuilt": s.rtp_rebuilt.get(),
             },
+            "peers": peers,
             "connections": connections,
         });
         if let Some(rz) = &self.rendezvous {

@@ -15,6 +15,9 @@ pub use control::ControlError;
 /// nothing changed.
 type Reloader = Arc<std::sync::Mutex<Option<Box<dyn FnMut() -> Result<usize, String> + Send>>>>;
 
+/// Peer names by id, in the order the role gave them.
+type Names = Arc<std::sync::Mutex<Vec<(PeerId, String)>>>;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -53,6 +56,8 @@ pub struct Node {
     rendezvous_role: OnceLock<Arc<Rendezvous>>,
     /// The role's reload, once it has one.
     reloader: Reloader,
+    /// What the role calls its peers (connect's `--peer NAME=`, expose's rules), for status.
+    names: Names,
     started: std::time::Instant,
 }
 
@@ -80,6 +85,7 @@ impl Node {
             exposing: OnceLock::new(),
             rendezvous_role: OnceLock::new(),
             reloader: Reloader::default(),
+            names: Names::default(),
             started: std::time::Instant::now(),
         };
         node.ctx.tasks.spawn(accept_loop(
@@ -232,6 +238,11 @@ impl Node {
             .unwrap_or_else(|p| p.into_inner())
             .push(role);
         Ok(())
+    }
+
+    /// Names the role's peers for `tunnel status` (replacing earlier names).
+    pub fn name_peers(&self, names: impl IntoIterator<Item = (PeerId, String)>) {
+        *self.names.lock().unwrap_or_else(|p| p.into_inner()) = names.into_iter().collect();
     }
 
     /// Who dialled each live connection with `peer` (normally one).
