@@ -152,6 +152,9 @@ struct StatusArgs {
     /// Print the status as one JSON object (documented in docs/status.md).
     #[arg(long)]
     json: bool,
+    /// Ask again every 2 s until interrupted (with --json, one object per line).
+    #[arg(long)]
+    watch: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -959,24 +962,35 @@ async fn ask(path: &std::path::Path, cmd: ControlCommand) -> anyhow::Result<serd
 
 async fn status(args: StatusArgs) -> Result<(), Failure> {
     let targets = control_targets(&args.control)?;
-    let mut all = Vec::new();
-    for path in &targets {
-        all.push(ask(path, ControlCommand::Status).await?);
-    }
-    if args.json {
-        // One object: the process's status, or (several processes) an array of them.
-        let out = if all.len() == 1 {
-            all.pop().expect("one")
-        } else {
-            serde_json::Value::Array(all)
-        };
-        println!("{out}");
-    } else {
-        for s in &all {
-            print!("{}", render_status(s));
+    loop {
+        let mut all = Vec::new();
+        for path in &targets {
+            all.push(ask(path, ControlCommand::Status).await?);
         }
+        if args.json {
+            // One object: the process's status, or (several processes) an array of them.
+            let out = if all.len() == 1 {
+                all.pop().expect("one")
+            } else {
+                serde_json::Value::Array(all)
+            };
+            println!("{out}");
+        } else {
+            if args.watch {
+                // Home and clear, as `watch` does.
+                print!("\x1b[H\x1b[2J");
+            }
+            for s in &all {
+                print!("{}", render_status(s));
+            }
+        }
+        if !args.watch {
+            return Ok(());
+        }
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        tokio::time::sleep(Duration::from_secs(2)).await;
     }
-    Ok(())
 }
 
 async fn reload(args: ControlArgs) -> Result<(), Failure> {

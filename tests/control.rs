@@ -108,6 +108,19 @@ fn status_reports_the_connection_its_path_and_bytes_and_streams_back_to_zero() {
         }
         assert!(conn["rtt_ms"].as_f64().unwrap() > 0.0);
     }
+    // --watch asks again and again: one JSON object per line.
+    let watch = Proc::spawn(
+        "status --watch",
+        Command::new(tunnel_bin())
+            .args(["status", "--watch", "--json", "--identity"])
+            .arg(&c_id),
+    );
+    for _ in 0..2 {
+        let line = watch.line_matching(|l| l.starts_with('{'));
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["role"], "connect");
+    }
+    drop(watch);
     let (code, text, err) = run(&["status", "--identity", c_id.to_str().unwrap()]);
     assert_eq!(code, Some(0), "{err}");
     assert!(text.starts_with("connect "), "{text}");
