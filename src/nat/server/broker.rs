@@ -202,8 +202,7 @@ pub struct Broker {
 }
 
 impl Broker {
-    pub fn new(limits: Limits, admission: Admission, now: Instant) -> Self {
-        let _ = now;
+    pub fn new(limits: Limits, admission: Admission) -> Self {
         Broker {
             register_rate: PerAddress::new(limits.register_rate),
             connect_rate: PerAddress::new(limits.connect_rate),
@@ -553,12 +552,12 @@ mod tests {
 
     const DELAY: Duration = Duration::from_secs(2);
 
-    fn broker(t0: Instant) -> Broker {
+    fn broker() -> Broker {
         let limits = Limits {
             answer_delay: DELAY,
             ..Limits::default()
         };
-        Broker::new(limits, Admission::Open, t0)
+        Broker::new(limits, Admission::Open)
     }
 
     fn ask(asker: PeerId) -> ServerMsg {
@@ -590,7 +589,7 @@ mod tests {
     /// tell apart: the messages it gets, and when.
     fn what_the_asker_sees(case: &str) -> Vec<(Duration, ServerMsg)> {
         let t0 = Instant::now();
-        let mut b = broker(t0);
+        let mut b = broker();
         let (asker, target) = (id(1), id(2));
         b.register(asker, 1, ip(1), t0).unwrap();
         match case {
@@ -646,7 +645,7 @@ mod tests {
     #[test]
     fn the_target_is_asked_and_its_acceptance_introduces_both_at_once() {
         let t0 = Instant::now();
-        let mut b = broker(t0);
+        let mut b = broker();
         let (a, t) = (id(1), id(2));
         b.register(a, 1, ip(1), t0).unwrap();
         b.register(t, 2, ip(2), t0).unwrap();
@@ -673,7 +672,7 @@ mod tests {
     #[test]
     fn a_request_for_an_offline_peer_is_asked_when_it_comes_online() {
         let t0 = Instant::now();
-        let mut b = broker(t0);
+        let mut b = broker();
         let (a, t) = (id(1), id(2));
         b.register(a, 1, ip(1), t0).unwrap();
         assert!(sent(&b.connect(a, t, false, ip(1), t0)).is_empty());
@@ -690,7 +689,7 @@ mod tests {
     #[test]
     fn a_requester_that_leaves_takes_its_requests_with_it() {
         let t0 = Instant::now();
-        let mut b = broker(t0);
+        let mut b = broker();
         let (a, t) = (id(1), id(2));
         b.register(a, 1, ip(1), t0).unwrap();
         b.connect(a, t, false, ip(1), t0);
@@ -712,7 +711,6 @@ mod tests {
         let mut b = Broker::new(
             Limits::default(),
             Admission::Listed([a, c].into_iter().collect()),
-            t0,
         );
         b.register(a, 1, ip(1), t0).unwrap();
         b.register(c, 3, ip(3), t0).unwrap();
@@ -731,7 +729,7 @@ mod tests {
             max_peers_per_ip: 2,
             ..Limits::default()
         };
-        let mut b = Broker::new(limits, Admission::Open, t0);
+        let mut b = Broker::new(limits, Admission::Open);
         b.register(id(1), 1, ip(1), t0).unwrap();
         b.register(id(2), 2, ip(1), t0).unwrap();
         let (r, _) = b.register(id(3), 3, ip(1), t0).unwrap_err();
@@ -758,7 +756,7 @@ mod tests {
             connect_rate: Rate::per_minute(2),
             ..Limits::default()
         };
-        let mut b = Broker::new(limits, Admission::Open, t0);
+        let mut b = Broker::new(limits, Admission::Open);
         for n in 1..=3 {
             b.register(id(n), n as usize, ip(1), t0).unwrap();
         }
@@ -794,7 +792,7 @@ mod tests {
             max_wishes_per_peer: 2,
             ..Limits::default()
         };
-        let mut b = Broker::new(limits, Admission::Open, t0);
+        let mut b = Broker::new(limits, Admission::Open);
         b.register(id(1), 1, ip(1), t0).unwrap();
         b.connect(id(1), id(10), false, ip(1), t0);
         b.connect(id(1), id(11), false, ip(1), t0);
@@ -821,7 +819,7 @@ mod tests {
             max_relays_per_ip: 3,
             ..Limits::default()
         };
-        let mut b = Broker::new(limits, Admission::Open, t0);
+        let mut b = Broker::new(limits, Admission::Open);
         // One target at ip 9; askers 1..=4 share ip 1, asker 5 is at ip 5.
         let target = id(9);
         b.register(target, 9, ip(9), t0).unwrap();
@@ -856,7 +854,7 @@ mod tests {
             max_relays_per_ip: 2,
             ..Limits::default()
         };
-        let mut b = Broker::new(limits, Admission::Open, t0);
+        let mut b = Broker::new(limits, Admission::Open);
         b.register(target, 9, ip(9), t0).unwrap();
         for n in 1..=5 {
             let at = if n == 5 { ip(5) } else { ip(1) };

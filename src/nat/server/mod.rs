@@ -128,7 +128,7 @@ pub(crate) struct Rendezvous {
 impl Rendezvous {
     pub(crate) fn new(config: RendezvousConfig, node: NodeCtx) -> std::io::Result<Arc<Self>> {
         let relay_ip = node.transport.local_addr()?.ip();
-        let broker = Broker::new(config.limits.clone(), config.admission.clone(), now());
+        let broker = Broker::new(config.limits.clone(), config.admission.clone());
         let this = Arc::new(Rendezvous {
             config,
             inner: Mutex::new(Inner {
