@@ -132,6 +132,19 @@ struct CommonArgs {
     /// IDENTITY-STEM.ROLE.sock].
     #[arg(long, env = "TUNNEL_CONTROL", value_name = "PATH")]
     control: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics; a bare PORT means 127.0.0.1:PORT
+    /// [default: off].
+    #[arg(long, value_name = "[ADDR:]PORT", value_parser = metrics_addr)]
+    metrics: Option<SocketAddr>,
+}
+
+/// `--metrics`: ADDR:PORT, or a bare PORT on loopback.
+fn metrics_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    s.parse()
+        .map_err(|_| format!("{s:?} is neither PORT nor ADDR:PORT (e.g. 9464 or 127.0.0.1:9464)"))
 }
 
 #[derive(Debug, Args)]
@@ -353,8 +366,22 @@ fn control_path(identity: &std::path::Path, role: &str) -> PathBuf {
     identity.with_file_name(format!("{stem}.{role}.sock"))
 }
 
-/// Opens the role's control socket; a process without one still runs (the warning says
-/// why `tunnel status` will not reach it).
+/// Opens the role's control socket and, with `--metrics`, its metrics listener. A process
+/// without a control socket still runs (the warning says why `tunnel status` will not reach
+/// it); a metrics address that cannot be bound is an error.
+async fn serve_status(
+    node: &Node,
+    common: &CommonArgs,
+    rules: &RulesFile,
+    role: &'static str,
+) -> Result<(), Failure> {
+    serve_control(node, common, rules, role);
+    if let Some(listener) = bind_optional(common.metrics, "--metrics").await? {
+        node.serve_metrics(listener, role);
+    }
+    Ok(())
+}
+
 fn serve_control(node: &Node, common: &CommonArgs, rules: &RulesFile, role: &'static str) {
     let path = match &common.control {
         Some(p) => p.clone(),
@@ -447,7 +474,7 @@ async fn expose(args: ExposeArgs) -> Result<(), Failure> {
     println!("peer id: {}", node.peer_id());
     println!("on the other side, run:\n  {command}");
 
-    serve_control(&node, &args.common, &rules, "expose");
+    serve_status(&node, &args.common, &rules, "expose").await?;
     node.run_until_signal(drain, ()).await;
     Ok(())
 }
@@ -638,7 +665,7 @@ async fn connect(args: ConnectArgs) -> Result<(), Failure> {
         node.serve_http(router.clone(), listener);
     }
 
-    serve_control(&node, &args.common, &rules, "connect");
+    serve_status(&node, &args.common, &rules, "connect").await?;
     node.run_until_signal(drain, (sessions, router)).await;
     Ok(())
 }
@@ -690,7 +717,7 @@ async fn rendezvous(args: RendezvousArgs) -> Result<(), Failure> {
         "peers use: --rendezvous <this-host's-address>:{}",
         local.port()
     );
-    serve_control(&node, &args.common, &rules, "rendezvous");
+    serve_status(&node, &args.common, &rules, "rendezvous").await?;
     node.run_until_signal(drain, ()).await;
     Ok(())
 }

@@ -282,3 +282,97 @@ fn hostile_control_clients_do_not_harm_the_process() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A real Prometheus (Debian's) scrapes `--metrics` of a connect while a download runs
+/// through it; its HTTP API then has the series, with the bytes the download moved.
+#[test]
+fn a_real_prometheus_scrapes_the_metrics() {
+    if !have("prometheus") {
+        return;
+    }
+    let body = random_bytes(3 << 20);
+    let target = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = target.local_addr().unwrap().to_string();
+    let served = body.clone();
+    std::thread::spawn(move || {
+        for tcp in target.incoming().take(1) {
+            let _ = tcp.unwrap().write_all(&served);
+        }
+    });
+    let pair = start_pair(&[("blob", &addr)], &["--metrics", "127.0.0.1:0"]);
+    let line = pair
+        .connect
+        .stderr()
+        .lines()
+        .find(|l| l.contains("metrics: http://"))
+        .map(str::to_owned);
+    let line = line.unwrap_or_else(|| {
+        pair.connect.wait_log("metrics: http://");
+        pair.connect.stderr()
+    });
+    let metrics = line
+        .split("metrics: http://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .unwrap()
+        .to_owned();
+    // Bytes through the tunnel, then Prometheus.
+    let mut tcp = std::net::TcpStream::connect(&pair.locals[0]).unwrap();
+    let mut got = Vec::new();
+    tcp.read_to_end(&mut got).unwrap();
+    assert_eq!(got.len(), body.len());
+    let dir = TempDir::new("prometheus");
+    let web = format!("127.0.0.1:{}", free_port());
+    std::fs::write(
+        dir.path("prometheus.yml"),
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: tunnel\n    static_configs:\n      - targets: ['{metrics}']\n"
+        ),
+    )
+    .unwrap();
+    let _prometheus = Proc::spawn(
+        "prometheus",
+        Command::new("prometheus")
+            .arg(format!(
+                "--config.file={}",
+                dir.path("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path("data").display()
+            ))
+            .arg(format!("--web.listen-address={web}")),
+    );
+    let query = |q: &str| -> Option<f64> {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "5", "--get", "--data-urlencode"])
+            .arg(format!("query={q}"))
+            .arg(format!("http://{web}/api/v1/query"))
+            .output()
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let received = loop {
+        if let Some(v) =
+            query("sum(tunnel_connection_received_bytes_total{peer=\"peer\",path=\"direct\"})")
+        {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "Prometheus never had the series");
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert!(
+        received >= body.len() as f64,
+        "{received} bytes for {}",
+        body.len()
+    );
+    assert_eq!(query("tunnel_streams_opened_total"), Some(1.0));
+    assert_eq!(query("tunnel_peer_connected{peer=\"peer\"}"), Some(1.0));
+    assert_eq!(
+        query("up{job=\"tunnel\"}"),
+        Some(1.0),
+        "the scrape itself succeeded"
+    );
+}

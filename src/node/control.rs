@@ -89,7 +89,7 @@ impl Node {
         Ok(())
     }
 
-    fn control_view(&self, role: &'static str) -> ControlView {
+    pub(super) fn control_view(&self, role: &'static str) -> ControlView {
         ControlView {
             ctx: self.ctx.clone(),
             role,
@@ -103,7 +103,7 @@ impl Node {
 
 /// What a control client may see and do.
 #[derive(Clone)]
-struct ControlView {
+pub(super) struct ControlView {
     ctx: NodeCtx,
     role: &'static str,
     started: std::time::Instant,
@@ -158,7 +158,7 @@ impl ControlView {
     }
 
     /// The status answer (`docs/status.md`).
-    fn status(&self) -> serde_json::Value {
+    pub(super) fn status(&self) -> serde_json::Value {
         let s = &self.ctx.stats;
         let names = self.names.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let name_of = |peer: &crate::identity::PeerId| {

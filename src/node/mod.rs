@@ -8,6 +8,7 @@
 
 mod control;
 mod drain;
+mod metrics;
 
 pub use control::ControlError;
 
