@@ -854,3 +854,49 @@ fn namespaces_are_removed_after_a_scenario() {
         "left behind: {left:?}"
     );
 }
+
+/// `tunnel status --json` of both processes after a 2 MB fetch through the lab: the path each
+/// side reports is the one the NATs allow (direct for cone/cone, relay for
+/// symmetric/symmetric), the UDP bytes cover what curl moved, and the streams are back to 0.
+#[test]
+fn status_reports_the_path_and_the_bytes_through_real_nats() {
+    if !lab_available() {
+        return;
+    }
+    for (tag, mode, want) in [("sd", "cone", "direct"), ("sr", "sym", "relay")] {
+        let run = Running::start(tag, mode, mode, 0, 0);
+        let child = run.curl("got", &[]);
+        run.check(child, "got");
+        for (pem, bytes_key) in [("a.pem", "received_bytes"), ("b.pem", "sent_bytes")] {
+            let identity = run.dir.path(pem);
+            let deadline = Instant::now() + WAIT;
+            let status = loop {
+                let out = Command::new(tunnel_bin())
+                    .args(["status", "--json", "--identity"])
+                    .arg(&identity)
+                    .output()
+                    .unwrap();
+                let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+                let settled = s["counters"]["streams"] == 0
+                    && s["connections"].as_array().is_some_and(|c| c.len() == 1);
+                if settled {
+                    break s;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{pem} ({mode}): no settled status: {s:#} {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            };
+            let conn = &status["connections"][0];
+            assert_eq!(conn["path"], want, "{pem} ({mode}): {status:#}");
+            assert!(
+                conn[bytes_key].as_u64().unwrap_or(0) >= run.body.len() as u64,
+                "{pem} ({mode}): {bytes_key} {} for {} bytes fetched",
+                conn[bytes_key],
+                run.body.len()
+            );
+        }
+    }
+}

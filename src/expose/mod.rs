@@ -28,7 +28,6 @@ use crate::protocol::header::{
 };
 use crate::protocol::{close_code, stream_code};
 use crate::quic::accept::Serve;
-use crate::quic::path::Path;
 use crate::quic::tls;
 use crate::rtsp::policy::Facing;
 use crate::runtime::forward::forward;
@@ -206,11 +205,8 @@ impl Expose {
         }
         let _live = self.node.stats.connection();
         info!("peer connected");
-        let remote = conn.remote_address();
-        let pc = self
-            .node
-            .peers
-            .add(&self.node, peer, conn, peer, Path::Direct(remote));
+        let path = self.node.peers.path_to(conn.remote_address());
+        let pc = self.node.peers.add(&self.node, peer, conn, peer, path);
         self.serve_streams(pc, peer).await;
     }
 

@@ -208,6 +208,9 @@ impl Node {
                 match ctx.server().map(|s| s.allows(&intro.peer)) {
                     Some(true) => {
                         info!(peer = %intro.peer, candidates = ?intro.candidates, relay = intro.relay.is_some(), "introduced: punching");
+                        if let Some((relay, _)) = intro.relay {
+                            ctx.peers.note_relay(relay);
+                        }
                         ctx.tasks.spawn(punch(ctx.transport.clone(), Arc::new(intro)));
                     }
                     // Accepted, then the rules changed (a reload) before the introduction came.

@@ -58,6 +58,9 @@ struct Inner {
 pub(crate) struct PeerTable {
     me: PeerId,
     inner: Mutex<Inner>,
+    /// The relay ports this node was introduced through lately (so an accepted connection
+    /// from one is known to be relayed), the newest last.
+    relays: Mutex<std::collections::VecDeque<std::net::SocketAddr>>,
     changed: watch::Sender<u64>,
 }
 
@@ -66,12 +69,38 @@ impl PeerTable {
         PeerTable {
             me,
             inner: Mutex::default(),
+            relays: Mutex::default(),
             changed: watch::Sender::new(0),
         }
     }
 
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Relay ports remembered: far more than a node holds allocations at once.
+    const RELAYS_KEPT: usize = 256;
+
+    /// Remembers a relay port this node was introduced through.
+    pub(crate) fn note_relay(&self, addr: std::net::SocketAddr) {
+        let mut relays = self.relays.lock().unwrap_or_else(|p| p.into_inner());
+        if !relays.contains(&addr) {
+            if relays.len() == Self::RELAYS_KEPT {
+                relays.pop_front();
+            }
+            relays.push_back(addr);
+        }
+    }
+
+    /// The path of a connection accepted from `remote`: relayed when it is a relay port this
+    /// node was introduced through, else direct.
+    pub(crate) fn path_to(&self, remote: std::net::SocketAddr) -> Path {
+        let relays = self.relays.lock().unwrap_or_else(|p| p.into_inner());
+        if relays.contains(&remote) {
+            Path::Relay(remote)
+        } else {
+            Path::Direct(remote)
+        }
     }
 
     pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
