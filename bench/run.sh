@@ -40,7 +40,7 @@ python3 bench/http_bench.py target/release/tunnel
 TUNNEL_CHURN_SCALE=1 cargo test --test churn -- --nocapture --test-threads 1 2>&1 \
   | grep -E '^(test |[0-9]+ |.*(before|after|rss):)' > docs/bench/churn.log
 # Every fuzz target, 10 million executions each (docs/protocol.md, "Fuzzing").
-# (rtsp_stream needs about 25 minutes for its 10 M: the cap is raised to 40.)
-FUZZ_MAX_TIME=2400 bash fuzz/run.sh 10000000 | tee docs/bench/fuzz.log
+# (rtsp_stream needs about 45 minutes for its 10 M: the cap is raised to 60.)
+FUZZ_MAX_TIME=3600 bash fuzz/run.sh 10000000 | tee docs/bench/fuzz.log
 python3 bench/charts.py
 echo "report: docs/bench/report.md"
