@@ -359,7 +359,18 @@ fn a_websocket_echo_driven_by_the_pages_script_comes_back_whole() {
         "http://nas.peer.localhost:{port}/ws.html?url={}&n={n}",
         query(&ws)
     );
-    let dom = page(&url, &pair);
+    // Chromium's virtual clock does not stand still for a WebSocket handshake (it is no
+    // pending fetch): on a loaded machine the budget can run out while the tunnel's 101 is on
+    // its way, and the page is dumped still "connecting" (seen once in CI, with the 101 in
+    // connect's log). That one state is tried again, twice; any other outcome is judged.
+    let mut dom = page(&url, &pair);
+    for _ in 0..2 {
+        if text_of(&dom, "state") != Some("connecting") {
+            break;
+        }
+        eprintln!("the page was dumped before the WebSocket opened: loading it again");
+        dom = page(&url, &pair);
+    }
     assert_eq!(
         text_of(&dom, "echo"),
         Some("hello through the tunnel"),
