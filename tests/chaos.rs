@@ -108,20 +108,6 @@ fn expose_peer(expose: &Proc) -> String {
     line.split_whitespace().nth(2).unwrap().to_owned()
 }
 
-/// Waits until `pred` holds for `proc`'s stderr so far (at most `limit`).
-fn wait_log(proc: &Proc, limit: Duration, what: &str, pred: impl Fn(&str) -> bool) {
-    let deadline = Instant::now() + limit;
-    while !pred(&proc.stderr()) {
-        assert!(
-            Instant::now() < deadline,
-            "{} never logged {what}:\n{}",
-            proc.name,
-            tail(&proc.stderr())
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// The gist of what connect tells a person when its peer dies: the connection is lost
 /// because the peer stopped answering, and the stream that was running is aborted.
 fn assert_peer_loss_explained(connect: &Proc) {
@@ -174,12 +160,9 @@ fn expose_killed_mid_stream_closes_the_client_and_a_restart_serves_the_next() {
     );
     assert!(end.got < 64 << 20, "the download cannot have completed");
     // The stream's abort and the connection's loss are logged by two tasks, in either order.
-    wait_log(
-        &connect,
-        SETTLE,
-        "the aborted stream and the lost connection",
-        |l| l.contains("stream aborted") && l.contains("connection lost"),
-    );
+    connect.wait_stderr_for(SETTLE, |l| {
+        l.contains("stream aborted") && l.contains("connection lost")
+    });
     assert_peer_loss_explained(&connect);
     settle(&connect, "after the peer died", no_connections);
 
@@ -245,9 +228,7 @@ fn a_restarted_expose_resets_the_old_connection_at_once() {
         end.error,
         killed_at.map(|t| t.elapsed())
     );
-    wait_log(&connect, SETTLE, "the lost connection", |l| {
-        l.contains("connection lost")
-    });
+    connect.wait_stderr_for(SETTLE, |l| l.contains("connection lost"));
     let log = connect.stderr();
     let lost = log.lines().find(|l| l.contains("connection lost")).unwrap();
     assert!(
@@ -296,9 +277,7 @@ fn the_rendezvous_killed_under_a_direct_session_leaves_it_running_and_dials_reco
     let peer = expose_peer(&expose);
     let peer = peer.split('@').next().unwrap().to_owned();
     let registered = "registered with the rendezvous";
-    wait_log(&expose, SETTLE, "its registration", |l| {
-        l.contains(registered)
-    });
+    expose.wait_stderr_for(SETTLE, |l| l.contains(registered));
     let (c1, local) = connect_via(&rz_addr, &peer, &id_1, "c1");
 
     let mut tcp = TcpStream::connect(&local).unwrap();
@@ -331,12 +310,9 @@ fn the_rendezvous_killed_under_a_direct_session_leaves_it_running_and_dials_reco
     // their old connections are gone; they register again and a new peer dials through it.
     let restarted = Instant::now();
     let (rz2, _) = rendezvous(&rz_identity, &rz_addr);
-    wait_log(
-        &expose,
-        Duration::from_secs(60),
-        "a second registration",
-        |l| l.matches(registered).count() >= 2,
-    );
+    expose.wait_stderr_for(Duration::from_secs(60), |l| {
+        l.matches(registered).count() >= 2
+    });
     println!(
         "expose registered again {:.1} s after the restart",
         restarted.elapsed().as_secs_f64()
