@@ -12,7 +12,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{info, warn};
+use tracing::info;
 
 use super::control::ControlView;
 use super::Node;
@@ -30,23 +30,12 @@ impl Node {
         if let Ok(addr) = listener.local_addr() {
             info!(%addr, "metrics: http://{addr}/metrics");
         }
+        let tasks = self.ctx.tasks.clone();
         self.ctx.tasks.spawn(async move {
-            loop {
-                let accepted = tokio::select! {
-                    a = listener.accept() => a,
-                    () = ctx.stop.cancelled() => return,
-                };
-                match accepted {
-                    Ok((tcp, _)) => {
-                        let view = view.clone();
-                        ctx.tasks.spawn(async move { answer(tcp, view).await });
-                    }
-                    Err(e) => {
-                        warn!("metrics listener: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
-            }
+            crate::connect::accept_clients(listener, &ctx, |tcp, _| {
+                tasks.spawn(answer(tcp, view.clone()));
+            })
+            .await
         });
     }
 }
