@@ -631,22 +631,28 @@ async fn connect(args: ConnectArgs) -> Result<(), Failure> {
         })
         .collect();
     node.name_peers(plan.peers.iter().map(|(name, p)| (p.id, name.to_string())));
+    let mut entrances = crate::connect::router::Entrances::default();
     for (listener, service, peer) in listeners {
         let addr = listener
             .local_addr()
             .context("reading a listener's address")?;
+        entrances
+            .locals
+            .push((addr, service.as_str().to_owned(), peer));
         let (name, session) = &sessions[peer];
         println!("{addr} -> {service} on {}", session.peer().id);
         info!(%addr, %service, peer = %name, "local listener");
         node.serve_local(session, listener, service);
     }
     let mut router = Router::new(sessions.clone());
+    router.status = Some(node.status_source("connect"));
     let rtsp = match rtsp {
         Some(listener) => {
             let addr = listener
                 .local_addr()
                 .context("reading the --rtsp listener's address")?;
             router.rtsp = Some(addr);
+            entrances.rtsp = Some(addr);
             println!("{addr} -> rtsp: rtsp://{addr}/SERVICE.PEER/PATH");
             Some(listener)
         }
@@ -661,11 +667,13 @@ async fn connect(args: ConnectArgs) -> Result<(), Failure> {
             .local_addr()
             .context("reading the --http listener's address")?;
         let port = addr.port();
+        entrances.http_port = Some(port);
         println!("{addr} -> http: index http://localhost:{port}/, services http://SERVICE.PEER.localhost:{port}/");
         node.serve_http(router.clone(), listener);
     }
 
     serve_status(&node, &args.common, &rules, "connect").await?;
+    node.announce_ready(router.clone(), entrances);
     node.run_until_signal(drain, (sessions, router)).await;
     Ok(())
 }
@@ -1070,9 +1078,15 @@ fn render_status(s: &serde_json::Value) -> String {
             "  peer {} {}  {}",
             p["name"].as_str().unwrap_or("-"),
             p["id"].as_str().unwrap_or("?"),
-            match p["path"].as_str() {
-                Some(path) => format!("connected, {path}"),
-                None => "not connected".into(),
+            match (p["path"].as_str(), p["presence"].as_str()) {
+                (Some(path), _) => format!("connected, {path}"),
+                (None, Some("unreachable")) =>
+                    format!("unreachable: {}", p["last_error"].as_str().unwrap_or("?")),
+                (None, Some("seen")) => format!(
+                    "not connected, last seen {:.0} s ago",
+                    p["last_seen_s"].as_f64().unwrap_or(0.0)
+                ),
+                _ => "not connected".into(),
             }
         );
     }
@@ -1091,6 +1105,51 @@ fn render_status(s: &serde_json::Value) -> String {
             conn["received_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
             conn["streams"],
             conn["uptime_s"].as_f64().unwrap_or(0.0),
+        );
+    }
+    for svc in s["services"].as_array().into_iter().flatten() {
+        let name = match svc["peer"].as_str() {
+            Some(peer) => format!("{}.{peer}", svc["service"].as_str().unwrap_or("?")),
+            None => svc["service"].as_str().unwrap_or("?").to_owned(),
+        };
+        let open = &svc["open_seconds"];
+        let _ = writeln!(
+            out,
+            "  service {name}  open {}  done {}  failed {}{}  up {:.1} MiB  down {:.1} MiB{}",
+            svc["open"],
+            svc["done"],
+            svc["failed"],
+            match svc["requests"].as_u64() {
+                Some(n) if n > 0 => format!("  requests {n}"),
+                _ => String::new(),
+            },
+            svc["bytes_up"].as_f64().unwrap_or(0.0) / 1048576.0,
+            svc["bytes_down"].as_f64().unwrap_or(0.0) / 1048576.0,
+            match open["p50_le"].as_f64() {
+                Some(p50) => format!(
+                    "  open p50 <= {} ms, p99 <= {} ms",
+                    p50 * 1000.0,
+                    open["p99_le"].as_f64().unwrap_or(p50) * 1000.0
+                ),
+                None => String::new(),
+            }
+        );
+    }
+    for r in s["rtsp"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "  rtsp {} ({} side)  sessions {}  flows {}  datagrams sent {} delivered {}  repaired {}  resent {}  requested {}  rebuilt {}  up {:.0} s",
+            r["service"].as_str().unwrap_or("?"),
+            r["facing"].as_str().unwrap_or("?"),
+            r["sessions"],
+            r["flows"],
+            r["datagrams_sent"],
+            r["delivered"],
+            r["rtp_repaired"],
+            r["rtp_resent"],
+            r["rtp_requested"],
+            r["rtp_rebuilt"],
+            r["uptime_s"].as_f64().unwrap_or(0.0),
         );
     }
     if let Some(rz) = s.get("rendezvous") {

@@ -15,7 +15,7 @@ use tunnel::http::proxy::{serve, HttpCtx, Key, OpenFailure, Routed, Upstream, Up
 struct Unreachable;
 
 impl Upstreams for Unreachable {
-    async fn route(&self, _host: Option<&str>) -> Routed {
+    async fn route(&self, _host: Option<&str>, _target: &str) -> Routed {
         Routed::To(Key {
             peer: "home".into(),
             service: "nas".into(),
@@ -34,7 +34,7 @@ impl Upstreams for Unreachable {
 struct Pages;
 
 impl Upstreams for Pages {
-    async fn route(&self, _host: Option<&str>) -> Routed {
+    async fn route(&self, _host: Option<&str>, _target: &str) -> Routed {
         Routed::Page(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec())
     }
 

@@ -56,6 +56,8 @@ pub(super) struct Driver {
 struct Io {
     replies: HashMap<u64, Reply>,
     dial: Option<Boxed<Outcome>>,
+    /// When the dial in progress started (its time goes into the node's histogram).
+    dial_started: Option<std::time::Instant>,
     upgrade: Option<Boxed<(Connection, Path)>>,
     ended: mpsc::UnboundedSender<u64>,
 }
@@ -74,6 +76,7 @@ impl Driver {
         });
         let mut io = Io {
             replies: HashMap::new(),
+            dial_started: None,
             dial: None,
             upgrade: None,
             ended,
@@ -103,6 +106,9 @@ impl Driver {
                 }
                 result = async { io.dial.as_mut().expect("guarded").await }, if io.dial.is_some() => {
                     io.dial = None;
+                    if let (Ok(_), Some(started)) = (&result, io.dial_started.take()) {
+                        self.node.stats.dial_time.observe(started.elapsed());
+                    }
                     let result = result.map(|o| {
                         info!(path = %o.path.kind(), remote = %o.path.addr(), "connected");
                         let direct_later = o.direct_later.is_some();
@@ -113,6 +119,7 @@ impl Driver {
                     });
                     if let Err(e) = &result {
                         warn!("cannot connect to {}: {e}", self.peer);
+                        self.node.peers.note_failure(self.peer.id, e.to_string());
                     }
                     machine.dialled(now(), result)
                 }
@@ -152,7 +159,10 @@ impl Driver {
     fn apply(&self, io: &mut Io, actions: Vec<Action<Handle>>) {
         for action in actions {
             match action {
-                Action::Dial => io.dial = Some(self.dial(true)),
+                Action::Dial => {
+                    io.dial = Some(self.dial(true));
+                    io.dial_started = Some(now());
+                }
                 Action::CancelDial => io.dial = None,
                 Action::Upgrade => {
                     debug!("relayed: trying to punch a direct path");

@@ -279,6 +279,12 @@ impl Session {
             },
         };
         let stream = (tcp, send, recv);
+        let usage = self
+            .node
+            .stats
+            .services
+            .get(&self.name, service.as_str())
+            .begin();
         let report = forward(
             protocol,
             Facing::Client,
@@ -287,9 +293,11 @@ impl Session {
             &pc.media,
             &self.node,
             None,
+            service.as_str(),
         )
         .await;
         drop(lease);
+        usage.end(report.up, report.down, report.abort.is_none());
         self.log_report(&service, report);
     }
 
@@ -548,7 +556,7 @@ struct OneService {
 }
 
 impl Upstreams for OneService {
-    async fn route(&self, _host: Option<&str>) -> Routed {
+    async fn route(&self, _host: Option<&str>, _target: &str) -> Routed {
         Routed::To(self.key.clone())
     }
 

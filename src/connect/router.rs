@@ -35,12 +35,17 @@ const INDEX_WAIT: Duration = Duration::from_secs(3);
 /// A peer's catalog as last fetched, and when; `Err` says why it could not be asked.
 type Fetched = Option<(Instant, Result<Catalog, String>)>;
 
+/// Reads the node's status object (`docs/status.md`) for the index's status section.
+pub type StatusFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+
 /// The named peers of one `connect` process.
 pub struct Router {
     peers: Vec<(String, Session)>,
     catalogs: Mutex<Vec<Fetched>>,
     /// Where `--rtsp` listens, for the index's links.
     pub rtsp: Option<SocketAddr>,
+    /// The node's status, shown under the index and at `/status` and `/status.json`.
+    pub status: Option<StatusFn>,
 }
 
 impl Router {
@@ -50,6 +55,7 @@ impl Router {
             peers,
             catalogs: Mutex::new(vec![None; n]),
             rtsp: None,
+            status: None,
         }
     }
 
@@ -161,7 +167,30 @@ impl Router {
             );
         }
         html.push_str("</table>\n");
+        if let Some(read) = &self.status {
+            html.push_str(&crate::http::status_page::section(&read(), "/status"));
+            html.push_str(&crate::http::status_page::script());
+        }
         pages::response(status, &pages::html("tunnel", &html), false)
+    }
+
+    /// The index host's own paths besides the index: the status page and its JSON.
+    fn status_answer(&self, path: &str) -> Option<Vec<u8>> {
+        let read = self.status.as_ref()?;
+        match path {
+            "/status" => Some(pages::response(
+                200,
+                &crate::http::status_page::page(&read(), "/status"),
+                false,
+            )),
+            "/status.json" => Some(pages::typed(
+                200,
+                "application/json",
+                &format!("{}\n", read()),
+                false,
+            )),
+            _ => None,
+        }
     }
 
     fn links(&self, peer: &str, catalog: &Catalog, port: &str) -> String {
@@ -198,10 +227,16 @@ fn port_of(host: Option<&str>) -> Option<u16> {
 }
 
 impl Upstreams for Router {
-    async fn route(&self, host: Option<&str>) -> Routed {
+    async fn route(&self, host: Option<&str>, target: &str) -> Routed {
         let port = port_of(host);
         match parse_host(host) {
-            Host::Index => Routed::Page(self.index(port, 200, None).await),
+            Host::Index => {
+                let path = target.split('?').next().unwrap_or_default();
+                match self.status_answer(path) {
+                    Some(page) => Routed::Page(page),
+                    None => Routed::Page(self.index(port, 200, None).await),
+                }
+            }
             Host::Foreign(name) => Routed::Page(pages::error(
                 421,
                 &format!("{name:?} is not a name of this port"),
@@ -324,6 +359,7 @@ impl Router {
             return answer(&tcp, &head, 404, "Not Found", &why).await;
         };
         let protocol = opened.response.protocol;
+        let usage = node.stats.services.get(name, &service).begin();
         let report = forward(
             protocol,
             Facing::Client,
@@ -332,9 +368,11 @@ impl Router {
             &opened.pc.media,
             node,
             Some((format!("/{segment}"), leading)),
+            &service,
         )
         .await;
         drop(opened.lease);
+        usage.end(report.up, report.down, report.abort.is_none());
         match report.abort {
             None => debug!(up = report.up, down = report.down, "rtsp connection closed"),
             Some(abort) => info!(
@@ -414,4 +452,174 @@ pub(crate) async fn serve_rtsp(router: Arc<Router>, listener: TcpListener, node:
         );
     })
     .await;
+}
+
+/// Where a peer's services can be reached on this machine: its `--local` ports, `--http`'s
+/// port and `--rtsp`'s address.
+#[derive(Debug, Clone, Default)]
+pub struct Entrances {
+    /// `(listener, service, peer index)`.
+    pub locals: Vec<(SocketAddr, String, usize)>,
+    pub http_port: Option<u16>,
+    pub rtsp: Option<SocketAddr>,
+}
+
+/// The `ready:` line of each service of peer `p` (named `peer`) with a way in here, and a
+/// warning for each `--local` port whose service the peer does not have. Pure.
+pub fn ready_lines(
+    p: usize,
+    peer: &str,
+    catalog: &Catalog,
+    at: &Entrances,
+) -> (Vec<String>, Vec<String>) {
+    let mut lines = Vec::new();
+    for entry in &catalog.services {
+        let lower = entry.name.to_ascii_lowercase();
+        let mut urls: Vec<String> = at
+            .locals
+            .iter()
+            .filter(|(_, s, i)| *i == p && s.eq_ignore_ascii_case(&entry.name))
+            .map(|(addr, _, _)| match entry.protocol {
+                Kind::Http => format!("http://{addr}/"),
+                Kind::Rtsp => format!("rtsp://{addr}/"),
+                Kind::Tcp | Kind::Other => format!("tcp://{addr}"),
+            })
+            .collect();
+        match (entry.protocol, at.http_port, at.rtsp) {
+            (Kind::Http, Some(port), _) => {
+                urls.push(format!("http://{lower}.{peer}.localhost:{port}/"))
+            }
+            (Kind::Rtsp, _, Some(addr)) => {
+                urls.push(format!("rtsp://{addr}/{}.{peer}/", entry.name))
+            }
+            _ => {}
+        }
+        if !urls.is_empty() {
+            lines.push(format!(
+                "ready: {}  ({} of peer {peer})",
+                urls.join("  "),
+                entry.name
+            ));
+        }
+    }
+    let warnings = at
+        .locals
+        .iter()
+        .filter(|(_, s, i)| {
+            *i == p && !catalog.services.iter().any(|e| e.name.eq_ignore_ascii_case(s))
+        })
+        .map(|(addr, s, _)| {
+            let has: Vec<&str> = catalog.services.iter().map(|e| e.name.as_str()).collect();
+            format!(
+                "{addr}: peer {peer} has no service {s} for this side (it offers: {}); clients of that port will be refused",
+                if has.is_empty() { "none".to_owned() } else { has.join(", ") }
+            )
+        })
+        .collect();
+    (lines, warnings)
+}
+
+impl Router {
+    /// Asks every peer for its catalog at start, and prints a `ready:` line for each service
+    /// as soon as its peer answers; a peer that does not is asked again, backing off to a
+    /// minute, until it does or the node stops.
+    pub(crate) async fn announce_ready(
+        self: Arc<Self>,
+        at: Entrances,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        let mut asks = tokio::task::JoinSet::new();
+        for p in 0..self.peers.len() {
+            let this = self.clone();
+            let at = at.clone();
+            let stop = stop.clone();
+            asks.spawn(async move {
+                let (name, session) = &this.peers[p];
+                let limit = session.config.connect_timeout + session.config.open_timeout;
+                let mut backoff =
+                    crate::time::backoff::Backoff::new(Duration::from_secs(5), Duration::from_secs(60));
+                loop {
+                    let got = tokio::select! {
+                        got = tokio::time::timeout(limit, session.catalog()) => got
+                            .unwrap_or_else(|_| Err(format!("no answer within {limit:?}"))),
+                        () = stop.cancelled() => return,
+                    };
+                    match got {
+                        Ok(catalog) => {
+                            this.catalogs()[p] = Some((Instant::now(), Ok(catalog.clone())));
+                            let (lines, warnings) = ready_lines(p, name, &catalog, &at);
+                            for w in warnings {
+                                warn!("{w}");
+                            }
+                            if lines.is_empty() {
+                                info!(peer = %name, "peer answered; none of its services has a way in here (--local, --http, --rtsp)");
+                            }
+                            for line in lines {
+                                info!(peer = %name, "{line}");
+                                println!("{line}");
+                            }
+                            return;
+                        }
+                        Err(why) => {
+                            let wait = backoff.failed();
+                            warn!(peer = %name, "not ready: {why}; asking again in {wait:?}");
+                            tokio::select! {
+                                () = tokio::time::sleep(wait) => {}
+                                () = stop.cancelled() => return,
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        while asks.join_next().await.is_some() {}
+    }
+}
+
+#[cfg(test)]
+mod ready_tests {
+    use super::*;
+    use crate::protocol::catalog::Entry;
+
+    #[test]
+    fn each_service_with_a_way_in_gets_one_ready_line_and_a_wrong_local_port_a_warning() {
+        let catalog = Catalog {
+            services: vec![
+                Entry {
+                    name: "nas".into(),
+                    protocol: Kind::Http,
+                },
+                Entry {
+                    name: "cam".into(),
+                    protocol: Kind::Rtsp,
+                },
+                Entry {
+                    name: "ssh".into(),
+                    protocol: Kind::Tcp,
+                },
+            ],
+        };
+        let at = Entrances {
+            locals: vec![
+                ("127.0.0.1:2222".parse().unwrap(), "ssh".into(), 0),
+                ("127.0.0.1:9000".parse().unwrap(), "printer".into(), 0),
+                ("127.0.0.1:9001".parse().unwrap(), "nas".into(), 1),
+            ],
+            http_port: Some(8080),
+            rtsp: Some("127.0.0.1:8554".parse().unwrap()),
+        };
+        let (lines, warnings) = ready_lines(0, "home", &catalog, &at);
+        assert_eq!(
+            lines,
+            vec![
+                "ready: http://nas.home.localhost:8080/  (nas of peer home)",
+                "ready: rtsp://127.0.0.1:8554/cam.home/  (cam of peer home)",
+                "ready: tcp://127.0.0.1:2222  (ssh of peer home)",
+            ]
+        );
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("no service printer") && warnings[0].contains("nas, cam, ssh")
+        );
+    }
 }

@@ -248,6 +248,7 @@ impl Expose {
         peer: PeerId,
     ) {
         let _live = self.node.stats.stream();
+        let arrived = crate::time::now();
         let rules = self.rules();
         let (req, leftover) = match tokio::time::timeout(
             rules.config.header_timeout,
@@ -328,6 +329,13 @@ impl Expose {
             }
         };
         let _permits = (permit, peer_permit);
+        // Counted as failed unless it ends cleanly below.
+        let usage = self
+            .node
+            .stats
+            .services
+            .get("", req.service.as_str())
+            .begin();
         let connect = tokio::time::timeout(
             rules.config.dial_timeout,
             TcpStream::connect(target.as_str()),
@@ -391,6 +399,7 @@ impl Expose {
             let _ = recv.stop(stream_code::ABORTED);
             return debug!("peer went away before the response: {e}");
         }
+        usage.stats().open_time.observe(arrived.elapsed());
         debug!(client, %target, "stream open");
         let downstream = Downstream::Payload(leftover);
         let report = match io {
@@ -403,6 +412,7 @@ impl Expose {
                     &media,
                     &self.node,
                     None,
+                    req.service.as_str(),
                 )
                 .await
             }
@@ -410,6 +420,8 @@ impl Expose {
                 splice_io(tls, send, recv, downstream, self.node.abort.clone()).await
             }
         };
+        // Seen from the client: up is what it sent (the stream's bytes toward the service).
+        usage.end(report.down, report.up, report.abort.is_none());
         match report.abort {
             None => debug!(up = report.down, down = report.up, "stream closed"),
             Some(abort) => info!(

@@ -64,8 +64,13 @@ pub fn escape(text: &str) -> String {
 /// A whole response: `status` with an HTML `body`, closing the connection after it when
 /// `close`.
 pub fn response(status: u16, body: &str, close: bool) -> Vec<u8> {
+    typed(status, "text/html; charset=utf-8", body, close)
+}
+
+/// A whole response of type `kind`.
+pub fn typed(status: u16, kind: &str, body: &str, close: bool) -> Vec<u8> {
     let mut out = format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n{}\r\n",
+        "HTTP/1.1 {status} {}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n{}\r\n",
         reason(status),
         body.len(),
         if close { "Connection: close\r\n" } else { "" }

@@ -34,7 +34,7 @@ use crate::protocol::http::{
     request_body, response_body, BodyKind, BodyTracker, HeadError, RequestHead, MAX_HEAD,
 };
 use crate::protocol::stream_code;
-use crate::stats::Stats;
+use crate::stats::{ServiceStats, ServiceUse, Stats};
 use crate::tunnel::splice::{
     ignore_not_connected, linger, read_response, reset_tcp, write_tcp, Abort, CHUNK,
 };
@@ -86,8 +86,12 @@ pub struct OpenFailure {
 
 /// What the layer needs from the connecting role: routes and streams.
 pub trait Upstreams: Send + Sync + 'static {
-    /// Where a request with this `Host` (if any) goes.
-    fn route(&self, host: Option<&str>) -> impl std::future::Future<Output = Routed> + Send;
+    /// Where a request with this `Host` (if any) and request target goes.
+    fn route(
+        &self,
+        host: Option<&str>,
+        target: &str,
+    ) -> impl std::future::Future<Output = Routed> + Send;
     /// Opens a stream to `key`'s service and reads its response header.
     fn open(
         &self,
@@ -136,6 +140,8 @@ struct Switch {
     retired: Option<SendStream>,
     /// Told when the response half takes the new stream (every earlier answer is out).
     taken: oneshot::Sender<()>,
+    /// The stream counted open on its service until it is retired.
+    usage: ServiceUse,
 }
 
 struct Pending {
@@ -169,6 +175,7 @@ pub async fn serve<U: Upstreams>(
         upstreams: &*upstreams,
         orders,
         stop: &closing,
+        stats: &ctx.stats,
     };
     let responses = Responses {
         tcp: &tcp,
@@ -235,6 +242,7 @@ struct Requests<'a, U> {
     upstreams: &'a U,
     orders: mpsc::Sender<Order>,
     stop: &'a CancellationToken,
+    stats: &'a Stats,
 }
 
 impl<U: Upstreams> Requests<'_, U> {
@@ -272,7 +280,7 @@ impl<U: Upstreams> Requests<'_, U> {
     ) -> Result<(), Abort> {
         let mut buf = BytesMut::new();
         // The stream requests go to now, for which key and local name.
-        let mut current: Option<(Key, Names)> = None;
+        let mut current: Option<(Key, Names, Arc<ServiceStats>)> = None;
         loop {
             let mut head = match self.read_head(&mut buf).await? {
                 Head::Request(head) => head,
@@ -313,7 +321,7 @@ impl<U: Upstreams> Requests<'_, U> {
             }
             let key = match &ready {
                 Some((key, _)) => key.clone(),
-                None => match self.upstreams.route(host.as_deref()).await {
+                None => match self.upstreams.route(host.as_deref(), &head.target).await {
                     Routed::To(key) => key,
                     Routed::Page(page) => {
                         // Our own pages have no use for a body: close rather than read it.
@@ -328,7 +336,7 @@ impl<U: Upstreams> Requests<'_, U> {
                 },
             };
             let local = host.unwrap_or_else(|| self.local.clone());
-            let same = |(k, n): &(Key, Names)| *k == key && n.local == local;
+            let same = |(k, n, _): &(Key, Names, _)| *k == key && n.local == local;
             if !current.as_ref().is_some_and(same) {
                 let upstream = match ready.take() {
                     Some((_, upstream)) => upstream,
@@ -354,7 +362,9 @@ impl<U: Upstreams> Requests<'_, U> {
                 );
                 let retired = std::mem::replace(send, Sending(Some(upstream.send))).take();
                 let (taken, took) = oneshot::channel();
+                let service = self.stats.services.get(&key.peer, &key.service);
                 self.order(Order::Switch(Box::new(Switch {
+                    usage: service.begin(),
                     recv: upstream.recv,
                     first: upstream.first,
                     hold: upstream.hold,
@@ -370,11 +380,12 @@ impl<U: Upstreams> Requests<'_, U> {
                 // answers would wait unread meanwhile, holding connection-wide flow control
                 // (a pipelined download on the old stream could then never finish).
                 let _ = took.await;
-                current = Some((key, names));
+                current = Some((key, names, service));
             }
-            let (Some((_, names)), Some(stream)) = (&current, send.0.as_mut()) else {
+            let (Some((_, names, service)), Some(stream)) = (&current, send.0.as_mut()) else {
                 unreachable!("a stream is open once a request was routed")
             };
+            let service = service.clone();
             rewrite_request(&mut head, names, self.client.ip());
             let upgrade = is_upgrade(&head);
             let last = !keeps_alive_request(&head);
@@ -394,14 +405,17 @@ impl<U: Upstreams> Requests<'_, U> {
                 last,
             }))
             .await;
+            let encoded = Bytes::from(head.encode());
+            service.bytes_up.add(encoded.len() as u64);
             stream
-                .write_chunk(Bytes::from(head.encode()))
+                .write_chunk(encoded)
                 .await
                 .map_err(Abort::from_write)?;
-            self.forward_body(&mut buf, body, stream).await?;
+            let sent = self.forward_body(&mut buf, body, stream).await?;
+            service.bytes_up.add(sent);
             if let Some(told) = told {
                 if told.await.unwrap_or(false) {
-                    return self.raw(&mut buf, send).await;
+                    return self.raw(&mut buf, send, &service).await;
                 }
             }
             if last {
@@ -476,8 +490,9 @@ impl<U> Requests<'_, U> {
         buf: &mut BytesMut,
         kind: BodyKind,
         stream: &mut SendStream,
-    ) -> Result<(), Abort> {
+    ) -> Result<u64, Abort> {
         let mut body = BodyTracker::new(kind);
+        let mut sent = 0u64;
         while !body.is_done() {
             if buf.is_empty() && read_some(self.tcp, buf).await.map_err(Abort::Local)? == 0 {
                 return Err(Abort::Local(std::io::ErrorKind::UnexpectedEof.into()));
@@ -486,23 +501,30 @@ impl<U> Requests<'_, U> {
                 .feed(buf)
                 .map_err(|e| Abort::BadPayload(format!("request body: {e}")))?;
             if fed.used > 0 {
+                sent += fed.used as u64;
                 stream
                     .write_chunk(buf.split_to(fed.used).freeze())
                     .await
                     .map_err(Abort::from_write)?;
             }
         }
-        Ok(())
+        Ok(sent)
     }
 
     /// After a `101`: the rest of the client's bytes go to the stream as they are; its FIN
     /// becomes the stream's.
-    async fn raw(&self, buf: &mut BytesMut, send: &mut Sending) -> Result<(), Abort> {
+    async fn raw(
+        &self,
+        buf: &mut BytesMut,
+        send: &mut Sending,
+        service: &ServiceStats,
+    ) -> Result<(), Abort> {
         let Some(stream) = send.0.as_mut() else {
             return Ok(());
         };
         loop {
             if !buf.is_empty() {
+                service.bytes_up.add(buf.len() as u64);
                 stream
                     .write_chunk(buf.split().freeze())
                     .await
@@ -554,6 +576,8 @@ struct Current {
     http: HttpService,
     /// The response header is still to be read, within this limit.
     unconfirmed: Option<Duration>,
+    /// Counted open on its service until it is retired.
+    usage: ServiceUse,
 }
 
 struct Responses<'a, U> {
@@ -595,6 +619,7 @@ impl<U: Upstreams> Responses<'_, U> {
                         unconfirmed,
                         retired,
                         taken,
+                        usage,
                     } = *switch;
                     let _ = taken.send(());
                     if let Some(old) = self.current.take() {
@@ -611,6 +636,7 @@ impl<U: Upstreams> Responses<'_, U> {
                         answered: 0,
                         http,
                         unconfirmed,
+                        usage,
                     });
                     send_of_current = None;
                 }
@@ -681,7 +707,9 @@ impl<U: Upstreams> Responses<'_, U> {
                 if let Some(send) = &mut send {
                     let _ = send.reset(stream_code::ABORTED);
                 }
+                return;
             }
+            old.usage.end(0, 0, true);
         });
     }
 
@@ -726,7 +754,9 @@ impl<U: Upstreams> Responses<'_, U> {
                 }
             };
             rewrite_response(&mut head, &cur.names);
-            write_tcp(self.tcp, &head.encode()).await?;
+            let encoded = head.encode();
+            write_tcp(self.tcp, &encoded).await?;
+            cur.usage.stats().bytes_down.add(encoded.len() as u64);
             let status = head.status;
             if (100..200).contains(&status) && status != 101 {
                 continue; // 100 Continue, 103 Early Hints: the real answer follows.
@@ -771,6 +801,9 @@ impl<U: Upstreams> Responses<'_, U> {
             cur.buf.extend_from_slice(&chunk[fed.used..]);
         }
         cur.answered += 1;
+        let service = cur.usage.stats();
+        service.bytes_down.add(bytes);
+        service.requests.add(1);
         info!(
             target: "tunnel::http",
             peer = %cur.key.peer,
@@ -838,8 +871,10 @@ impl<U: Upstreams> Responses<'_, U> {
         };
         let held = cur.buf.split();
         write_tcp(self.tcp, &held).await?;
+        cur.usage.stats().bytes_down.add(held.len() as u64);
         while let Some(chunk) = cur.next_chunk().await? {
             write_tcp(self.tcp, &chunk).await?;
+            cur.usage.stats().bytes_down.add(chunk.len() as u64);
         }
         Ok(())
     }

@@ -46,7 +46,7 @@ use crate::protocol::media::{
     Tag, MAX_ID, OVERFLOW_HEAD, PARITY, REQUEST, TAG_LEN,
 };
 use crate::protocol::stream_code;
-use crate::stats::{GaugeGuard, Stats};
+use crate::stats::{GaugeGuard, MediaCounters, Stats};
 use crate::time::now;
 use repair::{Gaps, History};
 
@@ -72,6 +72,8 @@ struct Sink {
     fec_tx: Mutex<fec::Encoder>,
     /// RTP and parities from the other peer, for rebuilding a lost packet.
     fec_rx: Mutex<fec::Decoder>,
+    /// The figures of the RTSP connection the flow belongs to.
+    counters: Arc<MediaCounters>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -86,7 +88,9 @@ impl Sink {
     fn deliver(&self, kind: Kind, packet: &[u8]) {
         if let Some(to) = self.remote(kind) {
             // UDP: a full socket buffer drops, as the network would.
-            let _ = self.sockets[kind].try_send_to(packet, to);
+            if self.sockets[kind].try_send_to(packet, to).is_ok() {
+                self.counters.delivered.add(1);
+            }
         }
     }
 }
@@ -218,6 +222,7 @@ impl MediaMux {
 
     fn rebuilt(&self, sink: &Sink, packet: &[u8]) {
         self.stats.rtp_rebuilt.add(1);
+        sink.counters.rtp_rebuilt.add(1);
         sink.deliver(0, packet);
         self.arrived(sink, packet);
     }
@@ -232,11 +237,15 @@ impl MediaMux {
         let arrival = lock(&sink.gaps).arrived(ssrc, seq, now(), retry);
         if arrival.filled {
             self.stats.rtp_repaired.add(1);
+            sink.counters.rtp_repaired.add(1);
         }
         if arrival.request.is_empty() {
             return;
         }
         self.stats.rtp_requested.add(arrival.request.len() as u64);
+        sink.counters
+            .rtp_requested
+            .add(arrival.request.len() as u64);
         let tag = Tag {
             control: true,
             ..sink.tag
@@ -260,6 +269,7 @@ impl MediaMux {
         for d in again {
             if self.conn.send_datagram(d).is_ok() {
                 self.stats.rtp_resent.add(1);
+                sink.counters.rtp_resent.add(1);
             }
         }
     }
@@ -319,6 +329,7 @@ impl MediaFlow {
         local: IpAddr,
         near: IpAddr,
         live: GaugeGuard,
+        counters: Arc<MediaCounters>,
     ) -> io::Result<MediaFlow> {
         let (a, b) = bind_pair(local)?;
         let ports = (a.local_addr()?.port(), b.local_addr()?.port());
@@ -336,6 +347,7 @@ impl MediaFlow {
             gaps: Mutex::default(),
             fec_tx: Mutex::default(),
             fec_rx: Mutex::default(),
+            counters,
         });
         let key = (allocated_here, id);
         match mux.flows().entry(key) {
@@ -473,6 +485,7 @@ impl Pump {
             match self.conn.send_datagram(d.clone()) {
                 Ok(()) => {
                     self.stats.media_datagrams.add(1);
+                    self.sink.counters.datagrams_sent.add(1);
                     if let (0, Some((ssrc, seq))) = (kind, rtp_id(packet)) {
                         lock(&self.sink.sent).sent(ssrc, seq, now(), d);
                         self.send_parity(packet);
@@ -496,6 +509,7 @@ impl Pump {
         let stream = self.overflow.as_mut().expect("opened above");
         let frame = encode_overflow(kind, packet);
         self.stats.media_overflow.add(1);
+        self.sink.counters.overflow_sent.add(1);
         if stream.write_chunk(Bytes::from(frame)).await.is_err() {
             // The other peer stopped it (its flow is gone): open another next time.
             self.overflow = None;
@@ -640,7 +654,17 @@ mod tests {
             CancellationToken::new(),
         );
         let lo: IpAddr = "127.0.0.1".parse().unwrap();
-        let open = |id| MediaFlow::open(&mux, id, false, lo, lo, stats.media_flows.hold());
+        let open = |id| {
+            MediaFlow::open(
+                &mux,
+                id,
+                false,
+                lo,
+                lo,
+                stats.media_flows.hold(),
+                Arc::default(),
+            )
+        };
         let first = open(7).unwrap();
         let again = open(7);
         assert_eq!(

@@ -168,27 +168,40 @@ impl ControlView {
                 .map(|(_, n)| n.clone())
         };
         let live = self.ctx.peers.snapshot();
+        let peer_entry = |id: &crate::identity::PeerId, name: Option<&str>| {
+            let conn = live.iter().find(|(p, _)| p == id);
+            let seen = self.ctx.peers.seen(id);
+            let ago = |at: std::time::Instant| at.elapsed().as_secs_f64();
+            // A failure newer than the last connection is what is known now.
+            let failed_last = match (&seen.last_failure, seen.last_up) {
+                (Some((at, _)), Some(up)) => *at > up,
+                (Some(_), None) => true,
+                _ => false,
+            };
+            let presence = match () {
+                () if conn.is_some() => "connected",
+                () if failed_last => "unreachable",
+                () if seen.last_up.is_some() => "seen",
+                () => "unknown",
+            };
+            serde_json::json!({
+                "name": name,
+                "id": id.to_string(),
+                "connected": conn.is_some(),
+                "path": conn.map(|(_, pc)| pc.path.kind()),
+                "presence": presence,
+                "last_seen_s": seen.last_up.map(ago),
+                "last_error": seen.last_failure.as_ref().filter(|_| failed_last).map(|(_, why)| why.clone()),
+            })
+        };
         // Every named peer, connected or not; then any other peer with a connection.
         let mut peers: Vec<serde_json::Value> = names
             .iter()
-            .map(|(id, name)| {
-                let conn = live.iter().find(|(p, _)| p == id);
-                serde_json::json!({
-                    "name": name,
-                    "id": id.to_string(),
-                    "connected": conn.is_some(),
-                    "path": conn.map(|(_, pc)| pc.path.kind()),
-                })
-            })
+            .map(|(id, name)| peer_entry(id, Some(name)))
             .collect();
-        for (peer, pc) in &live {
+        for (peer, _) in &live {
             if name_of(peer).is_none() && !peers.iter().any(|p| p["id"] == peer.to_string()) {
-                peers.push(serde_json::json!({
-                    "name": null,
-                    "id": peer.to_string(),
-                    "connected": true,
-                    "path": pc.path.kind(),
-                }));
+                peers.push(peer_entry(peer, None));
             }
         }
         let connections: Vec<serde_json::Value> = live
@@ -211,6 +224,7 @@ impl ControlView {
                     "received_bytes": st.udp_rx.bytes,
                     "streams": pc.streams.get(),
                     "uptime_s": pc.opened.elapsed().as_secs_f64(),
+                    "history": history_json(&pc.history),
                 })
             })
             .collect();
@@ -234,6 +248,12 @@ impl ControlView {
             },
             "peers": peers,
             "connections": connections,
+            "services": services_json(s),
+            "rtsp": rtsp_json(s),
+            "histograms": {
+                "rtt_seconds": histogram_json(&s.rtt.snapshot()),
+                "dial_seconds": histogram_json(&s.dial_time.snapshot()),
+            },
         });
         if let Some(rz) = &self.rendezvous {
             status["rendezvous"] = serde_json::json!({
@@ -244,4 +264,83 @@ impl ControlView {
         }
         status
     }
+}
+
+/// A histogram as Prometheus reads one: cumulative counts per upper bound (`+Inf` is the
+/// total, `count`), the sum, and the bucket bounds holding the median and the 99th percentile.
+pub(super) fn histogram_json(h: &crate::stats::HistogramSnapshot) -> serde_json::Value {
+    let mut cumulative = 0;
+    let buckets: Vec<serde_json::Value> = h
+        .buckets
+        .iter()
+        .filter(|(le, _)| le.is_finite())
+        .map(|(le, n)| {
+            cumulative += n;
+            serde_json::json!({ "le": le, "count": cumulative })
+        })
+        .collect();
+    serde_json::json!({
+        "count": h.count,
+        "sum": h.sum,
+        "p50_le": h.quantile_bound(0.5).filter(|b| b.is_finite()),
+        "p99_le": h.quantile_bound(0.99).filter(|b| b.is_finite()),
+        "buckets": buckets,
+    })
+}
+
+/// A connection's samples, oldest first, as one array per figure.
+fn history_json(
+    history: &std::sync::Mutex<std::collections::VecDeque<crate::runtime::peers::Sample>>,
+) -> serde_json::Value {
+    let history = history.lock().unwrap_or_else(|p| p.into_inner());
+    serde_json::json!({
+        "interval_s": crate::runtime::peers::SAMPLE_EVERY.as_secs_f64(),
+        "rtt_ms": history.iter().map(|s| (s.rtt_ms * 1000.0).round() / 1000.0).collect::<Vec<_>>(),
+        "sent_bytes": history.iter().map(|s| s.sent_bytes).collect::<Vec<_>>(),
+        "received_bytes": history.iter().map(|s| s.received_bytes).collect::<Vec<_>>(),
+    })
+}
+
+fn services_json(s: &crate::stats::Stats) -> Vec<serde_json::Value> {
+    s.services
+        .snapshot()
+        .into_iter()
+        .map(|((peer, service), st)| {
+            serde_json::json!({
+                "peer": (!peer.is_empty()).then_some(peer),
+                "service": service,
+                "open": st.open.load(Ordering::Relaxed),
+                "done": st.done.get(),
+                "failed": st.failed.get(),
+                "requests": st.requests.get(),
+                "bytes_up": st.bytes_up.get(),
+                "bytes_down": st.bytes_down.get(),
+                "open_seconds": histogram_json(&st.open_time.snapshot()),
+            })
+        })
+        .collect()
+}
+
+fn rtsp_json(s: &crate::stats::Stats) -> Vec<serde_json::Value> {
+    s.rtsp
+        .snapshot()
+        .into_iter()
+        .map(|e| {
+            let m = &e.media;
+            serde_json::json!({
+                "service": e.service,
+                "facing": e.facing,
+                "uptime_s": e.started.elapsed().as_secs_f64(),
+                "sessions": e.sessions.load(Ordering::Relaxed),
+                "flows": e.flows.load(Ordering::Relaxed),
+                "datagrams_sent": m.datagrams_sent.get(),
+                "overflow_sent": m.overflow_sent.get(),
+                "delivered": m.delivered.get(),
+                "rtp_requested": m.rtp_requested.get(),
+                "rtp_resent": m.rtp_resent.get(),
+                "rtp_repaired": m.rtp_repaired.get(),
+                "rtp_rebuilt": m.rtp_rebuilt.get(),
+            })
+        })
+        .collect()
 }

@@ -57,6 +57,18 @@ async fn answer(mut tcp: TcpStream, view: ControlView) {
         }
     };
     let path = head.target.split('?').next().unwrap_or_default();
+    let page = matches!(path, "/" | "/status" | "/status.json");
+    if page && !addressed_to_us(head.headers.get_str("host")) {
+        // A name that resolves to this port but is not ours: a page of another site after
+        // DNS rebinding. Scrapers of /metrics may use any name.
+        return respond(
+            &mut tcp,
+            "421 Misdirected Request",
+            "text/plain",
+            b"the status page answers to localhost or an IP address\n",
+        )
+        .await;
+    }
     match (head.method.as_str(), path) {
         ("GET", "/metrics") => {
             let body = exposition(&view.status());
@@ -68,7 +80,29 @@ async fn answer(mut tcp: TcpStream, view: ControlView) {
             )
             .await
         }
-        ("GET", _) => respond(&mut tcp, "404 Not Found", "text/plain", b"see /metrics\n").await,
+        ("GET", "/" | "/status") => {
+            let page = crate::http::status_page::page(&view.status(), path);
+            respond(
+                &mut tcp,
+                "200 OK",
+                "text/html; charset=utf-8",
+                page.as_bytes(),
+            )
+            .await
+        }
+        ("GET", "/status.json") => {
+            let body = format!("{}\n", view.status());
+            respond(&mut tcp, "200 OK", "application/json", body.as_bytes()).await
+        }
+        ("GET", _) => {
+            respond(
+                &mut tcp,
+                "404 Not Found",
+                "text/plain",
+                b"see / (status page), /status.json or /metrics\n",
+            )
+            .await
+        }
         _ => {
             respond(
                 &mut tcp,
@@ -79,6 +113,22 @@ async fn answer(mut tcp: TcpStream, view: ControlView) {
             .await
         }
     }
+}
+
+/// Whether `Host` names this machine's loopback, or is an IP address (a rebinding attack
+/// needs a name of its own).
+fn addressed_to_us(host: Option<&str>) -> bool {
+    if crate::http::route::is_local(host) {
+        return true;
+    }
+    let Some(host) = host.map(str::trim) else {
+        return true;
+    };
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.parse::<std::net::IpAddr>().is_ok()
 }
 
 async fn respond(tcp: &mut TcpStream, status: &str, kind: &str, body: &[u8]) {
@@ -201,6 +251,149 @@ pub fn exposition(status: &serde_json::Value) -> String {
         "1 when a named peer has a connection",
         peers,
     );
+    // Peers are labelled by a name the role gave them, never by their key.
+    let named: Vec<&str> = status["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    let service_labels = |svc: &serde_json::Value| -> Labels {
+        let mut labels = vec![(
+            "service".to_owned(),
+            svc["service"].as_str().unwrap_or("?").to_owned(),
+        )];
+        if let Some(peer) = svc["peer"].as_str() {
+            let peer = if named.contains(&peer) { peer } else { "other" };
+            labels.push(("peer".into(), peer.to_owned()));
+        }
+        labels
+    };
+    let open = Family::<Labels, Gauge>::default();
+    let done = Family::<Labels, Counter>::default();
+    let failed = Family::<Labels, Counter>::default();
+    let requests = Family::<Labels, Counter>::default();
+    let up = Family::<Labels, Counter>::default();
+    let down = Family::<Labels, Counter>::default();
+    let open_time = Family::<Labels, Histogram>::default();
+    for svc in status["services"].as_array().into_iter().flatten() {
+        let labels = service_labels(svc);
+        open.get_or_create(&labels).inc_by(num(&svc["open"]) as i64);
+        done.get_or_create(&labels).inc_by(num(&svc["done"]) as u64);
+        failed
+            .get_or_create(&labels)
+            .inc_by(num(&svc["failed"]) as u64);
+        requests
+            .get_or_create(&labels)
+            .inc_by(num(&svc["requests"]) as u64);
+        up.get_or_create(&labels)
+            .inc_by(num(&svc["bytes_up"]) as u64);
+        down.get_or_create(&labels)
+            .inc_by(num(&svc["bytes_down"]) as u64);
+        open_time.get_or_create(&labels).add(&svc["open_seconds"]);
+    }
+    reg.register(
+        "service_open_streams",
+        "streams open now, per service",
+        open,
+    );
+    reg.register(
+        "service_done",
+        "streams that ended cleanly, per service",
+        done,
+    );
+    reg.register(
+        "service_failed",
+        "streams that ended with an error, per service",
+        failed,
+    );
+    reg.register(
+        "service_requests",
+        "HTTP responses forwarded, per service",
+        requests,
+    );
+    reg.register(
+        "service_bytes_up",
+        "bytes from clients toward each service (ended streams; HTTP as it goes)",
+        up,
+    );
+    reg.register(
+        "service_bytes_down",
+        "bytes from each service toward clients (ended streams; HTTP as it goes)",
+        down,
+    );
+    reg.register(
+        "service_open_seconds",
+        "exposing side: from a stream's arrival to the service's socket connected",
+        open_time,
+    );
+    let rtsp_sessions = Family::<Labels, Gauge>::default();
+    let rtsp_delivered = Family::<Labels, Counter>::default();
+    let rtsp_sent = Family::<Labels, Counter>::default();
+    let rtsp_repaired = Family::<Labels, Counter>::default();
+    let rtsp_resent = Family::<Labels, Counter>::default();
+    for r in status["rtsp"].as_array().into_iter().flatten() {
+        let labels: Labels = vec![(
+            "service".into(),
+            r["service"].as_str().unwrap_or("?").to_owned(),
+        )];
+        rtsp_sessions
+            .get_or_create(&labels)
+            .inc_by(num(&r["sessions"]) as i64);
+        rtsp_sent
+            .get_or_create(&labels)
+            .inc_by(num(&r["datagrams_sent"]) as u64);
+        rtsp_delivered
+            .get_or_create(&labels)
+            .inc_by(num(&r["delivered"]) as u64);
+        rtsp_repaired
+            .get_or_create(&labels)
+            .inc_by(num(&r["rtp_repaired"]) as u64);
+        rtsp_resent
+            .get_or_create(&labels)
+            .inc_by(num(&r["rtp_resent"]) as u64);
+    }
+    reg.register(
+        "rtsp_live_sessions",
+        "RTSP sessions live now, per service",
+        rtsp_sessions,
+    );
+    reg.register(
+        "rtsp_datagrams_sent",
+        "media packets sent as datagrams by live RTSP connections, per service",
+        rtsp_sent,
+    );
+    reg.register(
+        "rtsp_delivered",
+        "media packets delivered to local sockets by live RTSP connections, per service",
+        rtsp_delivered,
+    );
+    reg.register(
+        "rtsp_repaired",
+        "RTP gaps filled on live RTSP connections, per service",
+        rtsp_repaired,
+    );
+    reg.register(
+        "rtsp_resent",
+        "RTP packets resent on live RTSP connections, per service",
+        rtsp_resent,
+    );
+    for (key, name, help) in [
+        (
+            "rtt_seconds",
+            "rtt_seconds",
+            "smoothed RTT of every live connection, sampled once a second",
+        ),
+        (
+            "dial_seconds",
+            "dial_seconds",
+            "time to get a connection to a peer (punching, relay included)",
+        ),
+    ] {
+        let h = Histogram::default();
+        h.add(&status["histograms"][key]);
+        reg.register(name, help, h);
+    }
     if let Some(rz) = status.get("rendezvous") {
         let registered = Gauge::<i64>::default();
         registered.set(num(&rz["registered"]) as i64);
@@ -219,6 +412,60 @@ pub fn exposition(status: &serde_json::Value) -> String {
     let mut out = String::new();
     encode(&mut out, &reg).expect("writing to a String");
     out
+}
+
+/// A histogram read from the status object (cumulative buckets), encoded as Prometheus's
+/// histogram type.
+#[derive(Debug, Default)]
+struct Histogram(std::sync::Mutex<(f64, u64, Vec<(f64, u64)>)>);
+
+impl Histogram {
+    /// Adds the status object's histogram `h` (`histogram_json`).
+    fn add(&self, h: &serde_json::Value) {
+        let mut me = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let count = h["count"].as_u64().unwrap_or(0);
+        me.0 += h["sum"].as_f64().unwrap_or(0.0);
+        me.1 += count;
+        let mut below = 0;
+        let mut i = 0;
+        for b in h["buckets"].as_array().into_iter().flatten() {
+            let (le, cum) = (
+                b["le"].as_f64().unwrap_or(0.0),
+                b["count"].as_u64().unwrap_or(0),
+            );
+            let n = cum.saturating_sub(below);
+            below = cum;
+            match me.2.get_mut(i) {
+                Some(slot) => slot.1 += n,
+                None => me.2.push((le, n)),
+            }
+            i += 1;
+        }
+        let rest = count.saturating_sub(below);
+        match me.2.get_mut(i) {
+            Some(slot) => slot.1 += rest,
+            None => me.2.push((f64::MAX, rest)),
+        }
+    }
+}
+
+impl prometheus_client::metrics::TypedMetric for Histogram {
+    const TYPE: prometheus_client::metrics::MetricType =
+        prometheus_client::metrics::MetricType::Histogram;
+}
+
+impl prometheus_client::encoding::EncodeMetric for Histogram {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        let me = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(me.0, me.1, &me.2, None)
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        prometheus_client::metrics::MetricType::Histogram
+    }
 }
 
 #[cfg(test)]
@@ -245,6 +492,41 @@ mod tests {
             "tunnel_peer_connected{peer=\"home\"} 1",
             "tunnel_rendezvous_refused_total{reason=\"not_listed\"} 4",
             "# EOF",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
+        assert!(!text.contains(&"k".repeat(32)), "a key became a label");
+    }
+
+    #[test]
+    fn services_and_histograms_become_labelled_series_and_real_histograms() {
+        let h = crate::stats::Histogram::default();
+        for ms in [1, 3, 3, 40, 20_000] {
+            h.observe(std::time::Duration::from_millis(ms));
+        }
+        let hist = super::super::control::histogram_json(&h.snapshot());
+        let status = serde_json::json!({
+            "peers": [{"name": "home", "id": "k".repeat(32), "connected": true}],
+            "services": [
+                {"peer": "home", "service": "nas", "open": 1, "done": 4, "failed": 1,
+                 "requests": 9, "bytes_up": 10, "bytes_down": 5000, "open_seconds": hist},
+                {"peer": "k".repeat(32), "service": "cam", "open": 0, "done": 1, "failed": 0,
+                 "requests": 0, "bytes_up": 1, "bytes_down": 2, "open_seconds": {}},
+            ],
+            "histograms": {"rtt_seconds": hist, "dial_seconds": {}},
+        });
+        let text = exposition(&status);
+        for line in [
+            "tunnel_service_bytes_down_total{service=\"nas\",peer=\"home\"} 5000",
+            "tunnel_service_open_streams{service=\"nas\",peer=\"home\"} 1",
+            "tunnel_service_bytes_down_total{service=\"cam\",peer=\"other\"} 2",
+            "tunnel_service_open_seconds_count{service=\"nas\",peer=\"home\"} 5",
+            "tunnel_rtt_seconds_bucket{le=\"0.001\"} 1",
+            "tunnel_rtt_seconds_bucket{le=\"0.005\"} 3",
+            "tunnel_rtt_seconds_bucket{le=\"10.0\"} 4",
+            "tunnel_rtt_seconds_bucket{le=\"+Inf\"} 5",
+            "tunnel_rtt_seconds_count 5",
+            "tunnel_dial_seconds_count 0",
         ] {
             assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
         }

@@ -292,6 +292,19 @@ impl Node {
         ));
     }
 
+    /// Prints a `ready:` line for each service of the router's peers once its peer answers.
+    pub fn announce_ready(&self, router: Arc<Router>, at: crate::connect::router::Entrances) {
+        self.ctx
+            .tasks
+            .spawn(router.announce_ready(at, self.ctx.stop.clone()));
+    }
+
+    /// The status object (`docs/status.md`) on demand, for pages that show it.
+    pub fn status_source(&self, role: &'static str) -> crate::connect::router::StatusFn {
+        let view = self.control_view(role);
+        Arc::new(move || view.status())
+    }
+
     /// Drains and stops: stop accepting, let live streams finish for up to `drain`, reset the
     /// rest, close every connection with a reason, and wait for every task.
     pub async fn shutdown(self, drain: Duration) {

@@ -53,6 +53,8 @@ pub struct RtspCtx {
     pub udp: RtspUdp,
     pub mux: Arc<MediaMux>,
     pub stats: Arc<Stats>,
+    /// This connection's line in the node's RTSP list (status), while it lasts.
+    pub listed: crate::stats::RtspListed,
 }
 
 struct State {
@@ -184,6 +186,13 @@ impl Layer<'_> {
 
     fn count_sessions(&self, st: &mut State) {
         let n = st.policy.sessions();
+        let entry = &self.ctx.listed.entry;
+        entry
+            .sessions
+            .store(n, std::sync::atomic::Ordering::Relaxed);
+        entry
+            .flows
+            .store(st.policy.flows(), std::sync::atomic::Ordering::Relaxed);
         st.live.truncate(n);
         while st.live.len() < n {
             st.live.push(self.ctx.stats.rtsp_sessions.hold());
@@ -407,6 +416,7 @@ impl Flows for MuxFlows<'_> {
             self.local_ip,
             self.near_ip,
             self.ctx.stats.media_flows.hold(),
+            self.ctx.listed.entry.media.clone(),
         )
     }
 }

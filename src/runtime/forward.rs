@@ -35,6 +35,7 @@ pub(crate) fn forward(
     media: &Arc<MediaMux>,
     node: &NodeCtx,
     routed: Option<(String, Bytes)>,
+    service: &str,
 ) -> impl Future<Output = Report> {
     let cancel = node.abort.clone();
     match protocol {
@@ -52,6 +53,13 @@ pub(crate) fn forward(
                 udp,
                 mux: media.clone(),
                 stats: node.stats.clone(),
+                listed: node.stats.rtsp.add(
+                    service,
+                    match facing {
+                        Facing::Client => "client",
+                        Facing::Server => "server",
+                    },
+                ),
             };
             Either::Right(splice_rtsp(tcp, send, recv, downstream, ctx, cancel))
         }

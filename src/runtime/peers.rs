@@ -36,6 +36,51 @@ pub(crate) struct PeerConn {
     seq: u64,
     /// When it was recorded here.
     pub opened: std::time::Instant,
+    /// One sample a second, the last [`HISTORY`] of them (status page charts).
+    pub history: Arc<Mutex<std::collections::VecDeque<Sample>>>,
+}
+
+/// Samples kept per connection: two minutes.
+pub const HISTORY: usize = 120;
+/// How often a connection is sampled.
+pub const SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A connection's figures at one moment.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sample {
+    pub rtt_ms: f64,
+    /// UDP bytes so far, each way.
+    pub sent_bytes: u64,
+    pub received_bytes: u64,
+}
+
+/// What the node knows of a peer it had to do with: when a connection with it was last up,
+/// and the last failure to reach it.
+#[derive(Debug, Clone, Default)]
+pub struct Seen {
+    pub last_up: Option<std::time::Instant>,
+    pub last_failure: Option<(std::time::Instant, String)>,
+}
+
+/// Peers remembered in [`Seen`] at most (the oldest go first).
+const SEEN_KEPT: usize = 1024;
+
+impl PeerConn {
+    /// Records the connection's figures now: its RTT into the node's histogram, and a
+    /// sample into its history.
+    fn sample(&self, stats: &crate::stats::Stats) {
+        let st = self.conn.stats();
+        stats.rtt.observe(st.path.rtt);
+        let mut history = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        if history.len() == HISTORY {
+            history.pop_front();
+        }
+        history.push_back(Sample {
+            rtt_ms: st.path.rtt.as_secs_f64() * 1000.0,
+            sent_bytes: st.udp_tx.bytes,
+            received_bytes: st.udp_rx.bytes,
+        });
+    }
 }
 
 /// Which of a peer's connections new streams should use: the ones dialled by the lower peer
@@ -62,6 +107,7 @@ pub(crate) struct PeerTable {
     /// from one is known to be relayed), the newest last.
     relays: Mutex<std::collections::VecDeque<std::net::SocketAddr>>,
     changed: watch::Sender<u64>,
+    seen: Mutex<HashMap<PeerId, Seen>>,
 }
 
 impl PeerTable {
@@ -71,7 +117,33 @@ impl PeerTable {
             inner: Mutex::default(),
             relays: Mutex::default(),
             changed: watch::Sender::new(0),
+            seen: Mutex::default(),
         }
+    }
+
+    fn seen_mut(&self, peer: PeerId, update: impl FnOnce(&mut Seen)) {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.len() >= SEEN_KEPT && !seen.contains_key(&peer) {
+            let oldest = seen
+                .iter()
+                .min_by_key(|(_, s)| s.last_up.max(s.last_failure.as_ref().map(|f| f.0)))
+                .map(|(p, _)| *p);
+            if let Some(oldest) = oldest {
+                seen.remove(&oldest);
+            }
+        }
+        update(seen.entry(peer).or_default());
+    }
+
+    /// Records that `peer` could not be reached, and why.
+    pub(crate) fn note_failure(&self, peer: PeerId, why: String) {
+        self.seen_mut(peer, |s| s.last_failure = Some((crate::time::now(), why)));
+    }
+
+    /// What the node knows of `peer`'s presence.
+    pub(crate) fn seen(&self, peer: &PeerId) -> Seen {
+        let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.get(peer).cloned().unwrap_or_default()
     }
 
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -134,16 +206,20 @@ impl PeerTable {
                 streams: Gauge::default(),
                 seq: inner.seq,
                 opened: crate::time::now(),
+                history: Arc::default(),
             };
             inner.conns.entry(peer).or_default().push(pc.clone());
             pc
         };
+        self.seen_mut(peer, |s| s.last_up = Some(crate::time::now()));
         self.changed.send_modify(|n| *n += 1);
         let watched = pc.clone();
         let node = node.clone();
         node.tasks.spawn(pc.media.clone().run());
         node.tasks.clone().spawn(async move {
-            node.peers.supervise(peer, watched).await;
+            node.peers
+                .supervise(peer, watched, node.stats.clone())
+                .await;
         });
         pc
     }
@@ -221,14 +297,17 @@ impl PeerTable {
             }
         }
         drop(inner);
+        self.seen_mut(*peer, |s| s.last_up = Some(crate::time::now()));
         self.changed.send_modify(|n| *n += 1);
     }
 
     /// Until `pc` closes: forgets it then; closes it first if this side dialled it, it is no
     /// longer preferred, and no stream is left on it.
-    async fn supervise(&self, peer: PeerId, pc: PeerConn) {
+    async fn supervise(&self, peer: PeerId, pc: PeerConn, stats: Arc<crate::stats::Stats>) {
         let mut changes = self.subscribe();
         let mut streams = pc.streams.subscribe();
+        let mut sample = tokio::time::interval(SAMPLE_EVERY);
+        sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if pc.initiator == self.me && pc.streams.get() == 0 {
                 let preferred = self.preferred(&peer).map(|p| p.seq);
@@ -241,6 +320,10 @@ impl PeerTable {
                 _ = pc.conn.closed() => break,
                 r = changes.changed() => if r.is_err() { break },
                 r = streams.changed() => if r.is_err() { break },
+                _ = sample.tick() => {
+                    pc.sample(&stats);
+                    continue;
+                }
             }
         }
         self.remove(&peer, pc.seq);
