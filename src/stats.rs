@@ -340,7 +340,10 @@ pub struct RtspEntry {
 
 /// RTSP connections alive now, most recent last; the lock is taken when one starts or ends.
 #[derive(Debug, Default)]
-pub struct RtspList(Arc<std::sync::Mutex<(u64, std::collections::BTreeMap<u64, Arc<RtspEntry>>)>>);
+pub struct RtspList(Arc<std::sync::Mutex<Listed>>);
+
+/// The last id given, and the entries by id.
+type Listed = (u64, std::collections::BTreeMap<u64, Arc<RtspEntry>>);
 
 /// An RTSP connection's place in the list; dropping it takes it out.
 #[derive(Debug)]

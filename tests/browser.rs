@@ -14,6 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::process::*;
+use common::web::body as body_of;
 use common::web::*;
 
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -486,4 +487,114 @@ fn the_index_lists_the_peer_online_with_links_and_an_unknown_name_gets_it_on_a_4
         seen(&dom, &pair)
     );
     check_index(&dom);
+}
+
+/// A PNG of `url` as Chromium renders it at 1200×900, into `path`.
+fn screenshot(url: &str, path: &std::path::Path) -> Result<(), String> {
+    let dir = TempDir::new("chromium");
+    let err = dir.path("stderr.txt");
+    let child = Command::new(CHROMIUM)
+        .args(CHROMIUM_FLAGS)
+        .arg(format!("--user-data-dir={}", dir.path("profile").display()))
+        .args(["--window-size=1200,900", "--hide-scrollbars"])
+        .arg(format!("--screenshot={}", path.display()))
+        .arg(url)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("cannot start {CHROMIUM}: {e}"))?;
+    let mut browser = Browser(child);
+    let deadline = Instant::now() + WAIT;
+    while browser.0.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            return Err(format!("chromium's screenshot of {url} took over {WAIT:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    match std::fs::read(path) {
+        Ok(png) if png.starts_with(b"\x89PNG") => Ok(()),
+        _ => Err(format!(
+            "no PNG from chromium for {url}; its stderr:\n{}",
+            std::fs::read_to_string(&err).unwrap_or_default()
+        )),
+    }
+}
+
+/// The status page under the `--http` index, after a paced download: Chromium finds the peer
+/// connected on its path, the connection with its charts, and the service with the bytes that
+/// moved (its status.json says them to the byte, head included); the index shows the same
+/// section under its peer list. A screenshot is taken (into docs/ with
+/// TUNNEL_WRITE_SCREENSHOT=1, for the README).
+#[test]
+fn the_status_page_shows_the_peer_its_path_a_chart_and_the_service() {
+    if !tools() {
+        return;
+    }
+    let (_nas, nas_port) = device("nas", None);
+    let (pair, port) = http_pair(&[("nas", &format!("http://127.0.0.1:{nas_port}"))], &[]);
+    let writing = std::env::var_os("TUNNEL_WRITE_SCREENSHOT").is_some();
+    // Paced (about 3 s; for the README's screenshot, 25 s): the connection's samples then
+    // show a rate.
+    let (n, rate): (usize, &str) = if writing {
+        (50 << 20, "2M")
+    } else {
+        (12 << 20, "4M")
+    };
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "60", "--limit-rate", rate])
+        .args(["-o", "/dev/null"])
+        .args(["-w", "%{size_download} %{size_header}"])
+        .arg(format!("http://nas.peer.localhost:{port}/bytes?n={n}"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", logs(&pair));
+    let sizes = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, head) = sizes.split_once(' ').unwrap();
+    let (body, head): (u64, u64) = (body.parse().unwrap(), head.parse().unwrap());
+    assert_eq!(body, n as u64);
+
+    let json = curl(&[&format!("http://localhost:{port}/status.json")]);
+    let status: serde_json::Value = serde_json::from_str(body_of(&json)).unwrap();
+    let svc = status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["service"] == "nas")
+        .unwrap_or_else(|| panic!("no service nas in {status:#}"))
+        .clone();
+    assert_eq!(svc["bytes_down"].as_u64(), Some(body + head), "{status:#}");
+    assert_eq!(svc["requests"], 1, "{status:#}");
+
+    let dom = page(&format!("http://localhost:{port}/status"), &pair);
+    for needle in [
+        "<section id=\"status\" data-refresh=\"/status\">",
+        "data-peer=\"peer\" data-presence=\"connected\" data-path=\"direct\"",
+        "class=\"connection\"",
+        "data-path=\"direct\"><td>peer</td>",
+        "<figure class=\"chart rtt\"",
+        "<figure class=\"chart received\"",
+        "data-service=\"nas.peer\"",
+    ] {
+        assert!(dom.contains(needle), "no {needle:?}\n{}", seen(&dom, &pair));
+    }
+    let index = page(&format!("http://localhost:{port}/"), &pair);
+    assert!(
+        index.contains("<table id=\"peers\">") && index.contains("<section id=\"status\""),
+        "{}",
+        seen(&index, &pair)
+    );
+
+    let shot = match writing {
+        true => {
+            std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/status-page.png"))
+        }
+        false => std::env::temp_dir().join(format!("tunnel-status-{}.png", std::process::id())),
+    };
+    screenshot(&format!("http://localhost:{port}/"), &shot)
+        .unwrap_or_else(|why| panic!("{why}\n{}", logs(&pair)));
+    if !writing {
+        let _ = std::fs::remove_file(&shot);
+    }
 }

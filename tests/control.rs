@@ -107,7 +107,40 @@ fn status_reports_the_connection_its_path_and_bytes_and_streams_back_to_zero() {
             assert_eq!(conn["name"], "peer");
         }
         assert!(conn["rtt_ms"].as_f64().unwrap() > 0.0);
+        // The service's own figures: the stream ended cleanly, its bytes exact (they are
+        // the application's, not UDP's), and the connection sampled at least once.
+        let svc = &s["services"][0];
+        assert_eq!(svc["service"], "blob", "{s:#}");
+        assert_eq!(
+            (&svc["open"], &svc["done"], &svc["failed"]),
+            (&0.into(), &1.into(), &0.into()),
+            "{s:#}"
+        );
+        assert_eq!(svc["bytes_down"].as_u64(), Some(moved), "{s:#}");
+        assert!(
+            s["histograms"]["rtt_seconds"]["count"].as_u64().unwrap() >= 1,
+            "{s:#}"
+        );
+        assert!(
+            !conn["history"]["rtt_ms"].as_array().unwrap().is_empty(),
+            "{s:#}"
+        );
+        if role == "connect" {
+            assert_eq!(svc["peer"], "peer");
+            assert_eq!(s["peers"][0]["presence"], "connected");
+            assert_eq!(s["histograms"]["dial_seconds"]["count"], 1, "{s:#}");
+        } else {
+            assert_eq!(svc["peer"], serde_json::Value::Null);
+            assert_eq!(svc["open_seconds"]["count"], 1, "{s:#}");
+        }
     }
+    // The connecting side said it was ready, with the service's way in.
+    let ready = pair.connect.line_matching(|l| l.starts_with("ready: "));
+    assert_eq!(
+        ready,
+        format!("ready: tcp://{}  (blob of peer peer)", pair.locals[0]),
+        "{ready}"
+    );
     // --watch asks again and again: one JSON object per line.
     let watch = Proc::spawn(
         "status --watch",
@@ -369,6 +402,15 @@ fn a_real_prometheus_scrapes_the_metrics() {
         body.len()
     );
     assert_eq!(query("tunnel_streams_opened_total"), Some(1.0));
+    // The service's bytes are the application's: exactly what moved.
+    assert_eq!(
+        query("tunnel_service_bytes_down_total{service=\"blob\",peer=\"peer\"}"),
+        Some(body.len() as f64)
+    );
+    assert_eq!(query("tunnel_dial_seconds_count"), Some(1.0));
+    assert!(query("tunnel_rtt_seconds_count").is_some_and(|n| n >= 1.0));
+    assert!(query("histogram_quantile(0.5, tunnel_rtt_seconds_bucket)")
+        .is_some_and(|s| s > 0.0 && s <= 0.1));
     assert_eq!(query("tunnel_peer_connected{peer=\"peer\"}"), Some(1.0));
     assert_eq!(
         query("up{job=\"tunnel\"}"),

@@ -40,7 +40,7 @@ use crate::protocol::stream_code;
 use crate::quic::close::describe_close;
 use crate::quic::path::Path;
 use crate::rtsp::policy::Facing;
-use crate::runtime::forward::forward;
+use crate::runtime::forward::{forward, Named};
 use crate::runtime::peers::PeerConn;
 use crate::runtime::NodeCtx;
 use crate::stats::GaugeGuard;
@@ -292,8 +292,10 @@ impl Session {
             downstream,
             &pc.media,
             &self.node,
-            None,
-            service.as_str(),
+            Named {
+                service: service.as_str(),
+                routed: None,
+            },
         )
         .await;
         drop(lease);

@@ -23,7 +23,7 @@ use crate::protocol::catalog::{Catalog, Kind};
 use crate::protocol::header::Protocol;
 use crate::protocol::rtsp::{frame, reply, url_base, Head, Item, StartLine};
 use crate::rtsp::policy::Facing;
-use crate::runtime::forward::forward;
+use crate::runtime::forward::{forward, Named};
 use crate::runtime::NodeCtx;
 use crate::tunnel::splice::{linger, write_tcp, Downstream};
 
@@ -367,8 +367,10 @@ impl Router {
             Downstream::Payload(opened.first),
             &opened.pc.media,
             node,
-            Some((format!("/{segment}"), leading)),
-            &service,
+            Named {
+                service: &service,
+                routed: Some((format!("/{segment}"), leading)),
+            },
         )
         .await;
         drop(opened.lease);

@@ -30,7 +30,7 @@ use crate::protocol::{close_code, stream_code};
 use crate::quic::accept::Serve;
 use crate::quic::tls;
 use crate::rtsp::policy::Facing;
-use crate::runtime::forward::forward;
+use crate::runtime::forward::{forward, Named};
 use crate::runtime::peers::PeerConn;
 use crate::runtime::NodeCtx;
 use crate::runtime::StreamServer;
@@ -247,7 +247,6 @@ impl Expose {
         media: Arc<MediaMux>,
         peer: PeerId,
     ) {
-        let _live = self.node.stats.stream();
         let arrived = crate::time::now();
         let rules = self.rules();
         let (req, leftover) = match tokio::time::timeout(
@@ -282,6 +281,8 @@ impl Expose {
                 .answer_catalog(&rules, &mut send, &mut recv, allowed)
                 .await;
         }
+        // A proxied stream from here on (a catalog request is not one).
+        let _live = self.node.stats.stream();
         tracing::Span::current().record("service", req.service.as_str());
         let client = req.client_addr.as_deref().unwrap_or("?");
         let permit = rules.limit.clone().try_acquire_owned().ok();
@@ -411,8 +412,10 @@ impl Expose {
                     downstream,
                     &media,
                     &self.node,
-                    None,
-                    req.service.as_str(),
+                    Named {
+                        service: req.service.as_str(),
+                        routed: None,
+                    },
                 )
                 .await
             }

@@ -112,7 +112,7 @@ pub fn chart(values: &[f64], label: &str, unit: impl Fn(f64) -> String, class: &
         let _ = write!(points, "{x:.1},{y:.1} ");
     }
     format!(
-        "<figure class=\"chart {class}\"><svg width=\"{W}\" height=\"{H}\" viewBox=\"0 0 {W} {H}\" role=\"img\" aria-label=\"{label}\">\
+        "<figure class=\"chart {class}\" style=\"display:inline-block;margin:0 1.5em .8em 0\"><svg width=\"{W}\" height=\"{H}\" viewBox=\"0 0 {W} {H}\" role=\"img\" aria-label=\"{label}\">\
 <rect width=\"{W}\" height=\"{H}\" fill=\"#f4f4f4\"/><polyline fill=\"none\" stroke=\"#036\" stroke-width=\"1.5\" points=\"{points}\"/></svg>\
 <figcaption>{label}: {} (max {})</figcaption></figure>",
         last.map_or_else(|| "-".into(), &unit),
@@ -167,7 +167,7 @@ pub fn section(s: &Value, refresh: &str) -> String {
     if conns.is_empty() {
         out.push_str("<p>No connection now.</p>\n");
     } else {
-        out.push_str("<table id=\"connections\"><tr><th>peer</th><th>path</th><th>address</th><th>RTT</th><th>cwnd</th><th>lost</th><th>sent</th><th>received</th><th>streams</th><th>up</th><th>last two minutes</th></tr>\n");
+        out.push_str("<table id=\"connections\"><tr><th>peer</th><th>path</th><th>address</th><th>RTT</th><th>cwnd</th><th>lost</th><th>sent</th><th>received</th><th>streams</th><th>up</th></tr>\n");
         for conn in conns {
             let h = &conn["history"];
             let interval = h["interval_s"].as_f64().unwrap_or(1.0);
@@ -183,7 +183,7 @@ pub fn section(s: &Value, refresh: &str) -> String {
             };
             let _ = writeln!(
                 out,
-                "<tr class=\"connection\" data-peer=\"{peer}\" data-path=\"{path}\"><td>{name}</td><td class=\"path\">{path}</td><td>{remote} (IPv{ipv})</td><td>{rtt_now:.1} ms</td><td>{cwnd}</td><td>{lost}</td><td>{tx}</td><td>{rx}</td><td>{streams}</td><td>{up}</td><td>{c1}{c2}{c3}</td></tr>",
+                "<tr class=\"connection\" data-peer=\"{peer}\" data-path=\"{path}\"><td>{name}</td><td class=\"path\">{path}</td><td>{remote} (IPv{ipv})</td><td>{rtt_now:.1} ms</td><td>{cwnd}</td><td>{lost}</td><td>{tx}</td><td>{rx}</td><td>{streams}</td><td>{up}</td></tr>\n<tr class=\"charts\"><td></td><td colspan=\"9\">{c1}{c2}{c3}</td></tr>",
                 peer = text(&conn["peer"]),
                 path = text(&conn["path"]),
                 remote = text(&conn["remote"]),
@@ -205,7 +205,7 @@ pub fn section(s: &Value, refresh: &str) -> String {
 
     let services = s["services"].as_array().map_or(&[][..], Vec::as_slice);
     if !services.is_empty() {
-        out.push_str("<h2>Services</h2>\n<table id=\"services\"><tr><th>service</th><th>open</th><th>done</th><th>failed</th><th>requests</th><th>up</th><th>down</th><th>open time p50 / p99</th></tr>\n");
+        out.push_str("<h2>Services</h2>\n<table id=\"services\"><tr><th>service</th><th>open</th><th>done</th><th>failed</th><th>requests</th><th>up</th><th>down</th><th>open time p50 / p99 (exposing side)</th></tr>\n");
         for svc in services {
             let name = match svc["peer"].as_str() {
                 Some(peer) => format!("{}.{}", text(&svc["service"]), escape(peer)),
@@ -251,6 +251,22 @@ pub fn section(s: &Value, refresh: &str) -> String {
         out.push_str("</table>\n");
     }
 
+    let h = &s["histograms"];
+    let summary = |v: &Value, what: &str| match (v["p50_le"].as_f64(), v["p99_le"].as_f64()) {
+        (Some(a), Some(b)) => format!(
+            "{what} p50 ≤ {} ms, p99 ≤ {} ms ({} samples)",
+            a * 1000.0,
+            b * 1000.0,
+            v["count"]
+        ),
+        _ => format!("{what}: no sample yet"),
+    };
+    let _ = writeln!(
+        out,
+        "<p id=\"histograms\">{}; {}.</p>",
+        summary(&h["rtt_seconds"], "RTT"),
+        summary(&h["dial_seconds"], "time to connect")
+    );
     if let Some(rz) = s.get("rendezvous") {
         let _ = writeln!(
             out,

@@ -417,7 +417,10 @@ pub fn exposition(status: &serde_json::Value) -> String {
 /// A histogram read from the status object (cumulative buckets), encoded as Prometheus's
 /// histogram type.
 #[derive(Debug, Default)]
-struct Histogram(std::sync::Mutex<(f64, u64, Vec<(f64, u64)>)>);
+struct Histogram(std::sync::Mutex<Read>);
+
+/// Sum, count, and (upper bound, count in that bucket only) per bucket.
+type Read = (f64, u64, Vec<(f64, u64)>);
 
 impl Histogram {
     /// Adds the status object's histogram `h` (`histogram_json`).

@@ -27,6 +27,13 @@ use crate::tunnel::splice::{splice, Downstream, Report};
 /// arguments beside the future it awaits: measured with 10,000 idle streams, 6.79 / 6.45 KiB
 /// per stream (connect / expose) against 6.62 / 6.31 before the wrapper; as it is now,
 /// 6.64 / 6.41 against 6.65 / 6.41 (docs/bench/layout-refactor.md).
+/// The service a stream is for (status figures), and on `--rtsp` the routing prefix with the
+/// bytes read to route it.
+pub(crate) struct Named<'a> {
+    pub service: &'a str,
+    pub routed: Option<(String, Bytes)>,
+}
+
 pub(crate) fn forward(
     protocol: Protocol,
     facing: Facing,
@@ -34,8 +41,7 @@ pub(crate) fn forward(
     downstream: Downstream,
     media: &Arc<MediaMux>,
     node: &NodeCtx,
-    routed: Option<(String, Bytes)>,
-    service: &str,
+    Named { service, routed }: Named<'_>,
 ) -> impl Future<Output = Report> {
     let cancel = node.abort.clone();
     match protocol {
