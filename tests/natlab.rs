@@ -897,6 +897,19 @@ fn status_reports_the_path_and_the_bytes_through_real_nats() {
                 conn[bytes_key],
                 run.body.len()
             );
+            // The service's own count is the application's bytes (the HTTP head beside the
+            // body): what curl moved, within 1%.
+            let svc = &status["services"][0];
+            let moved = run.body.len() as f64;
+            let down = svc["bytes_down"].as_f64().unwrap_or(0.0);
+            assert!(
+                (down - moved).abs() <= moved / 100.0,
+                "{pem} ({mode}): service bytes_down {down} for {moved} fetched: {status:#}"
+            );
+            assert_eq!(svc["open"], 0, "{pem} ({mode}): {status:#}");
+            if pem == "a.pem" {
+                assert_eq!(status["peers"][0]["presence"], "connected", "{status:#}");
+            }
         }
     }
 }
