@@ -354,6 +354,8 @@ fn a_real_prometheus_scrapes_the_metrics() {
     let mut got = Vec::new();
     tcp.read_to_end(&mut got).unwrap();
     assert_eq!(got.len(), body.len());
+    // Both directions end: the stream ends, and its bytes are added to its service.
+    drop(tcp);
     let dir = TempDir::new("prometheus");
     let web = format!("127.0.0.1:{}", free_port());
     std::fs::write(
@@ -402,11 +404,19 @@ fn a_real_prometheus_scrapes_the_metrics() {
         body.len()
     );
     assert_eq!(query("tunnel_streams_opened_total"), Some(1.0));
-    // The service's bytes are the application's: exactly what moved.
-    assert_eq!(
-        query("tunnel_service_bytes_down_total{service=\"blob\",peer=\"peer\"}"),
-        Some(body.len() as f64)
-    );
+    // The service's bytes are the application's: exactly what moved (added when the stream
+    // ends, which may be a scrape after the client had its last byte).
+    let service = "tunnel_service_bytes_down_total{service=\"blob\",peer=\"peer\"}";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while query(service) != Some(body.len() as f64) {
+        assert!(
+            Instant::now() < deadline,
+            "{service} is {:?}, not {}",
+            query(service),
+            body.len()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
     assert_eq!(query("tunnel_dial_seconds_count"), Some(1.0));
     assert!(query("tunnel_rtt_seconds_count").is_some_and(|n| n >= 1.0));
     assert!(query("histogram_quantile(0.5, tunnel_rtt_seconds_bucket)")

@@ -913,3 +913,100 @@ fn status_reports_the_path_and_the_bytes_through_real_nats() {
         }
     }
 }
+
+/// `nft -f -` with `script` in namespace `ns` of the lab.
+fn nft_in(lab: &Lab, ns: &str, script: &str) {
+    use std::io::Write;
+    let mut child = lab
+        .cmd(ns, "nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "nft in {ns}: {script}");
+}
+
+/// A's uplink is cut for 40 s (A's NAT forwards nothing), longer than any idle timeout: the
+/// download in flight fails with a clear error instead of hanging, and when the link comes
+/// back the tunnel recovers by itself (registration, dial) and the next fetch gets through
+/// byte for byte.
+#[test]
+fn a_40_s_uplink_cut_fails_the_stream_clearly_and_the_tunnel_comes_back_by_itself() {
+    if !lab_available() {
+        return;
+    }
+    let run = Running::start("cut", "cone", "cone", 0, 0);
+    // 64 MiB at 1 MB/s: far more than the stream's 16 MiB window, so the tunnel holds less
+    // than the rest when the link goes and the download needs the path to go on.
+    std::fs::write(run.dir.path("www/big"), random_bytes(64 << 20)).unwrap();
+    let slow = run
+        .lab
+        .cmd("hA", "curl")
+        .args(["-sS", "--fail", "--max-time", "120", "--limit-rate", "1M"])
+        .args(["-o", "/dev/null", "http://127.0.0.1:8080/big"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    run.connect
+        .wait_stderr_for(WAIT, |log| log.contains(" connected"));
+    std::thread::sleep(Duration::from_secs(1));
+    let cut_at = Instant::now();
+    nft_in(
+        &run.lab,
+        "natA",
+        "table inet cut {\n chain forward {\n  type filter hook forward priority -10; policy drop;\n }\n}\n",
+    );
+    let failed = slow.wait_with_output().unwrap();
+    let failed_after = cut_at.elapsed();
+    assert!(
+        !failed.status.success(),
+        "the download went on through a cut link?\n{}",
+        run.connect.stderr()
+    );
+    // The tunnel said why, and the client was not left hanging past the idle timeout.
+    assert!(
+        run.connect.stderr().contains("connection lost"),
+        "{}",
+        run.connect.stderr()
+    );
+    assert!(failed_after < Duration::from_secs(40), "{failed_after:?}");
+    std::thread::sleep(Duration::from_secs(40).saturating_sub(cut_at.elapsed()));
+    nft_in(&run.lab, "natA", "delete table inet cut");
+    let restored_at = Instant::now();
+    // The next client: the session dials again (re-registering first if it has to).
+    let deadline = Instant::now() + 2 * WAIT;
+    loop {
+        let child = run.curl("after", &[]);
+        let result = child.wait_with_output().unwrap();
+        if result.status.success() {
+            let got = std::fs::read(run.dir.path("after")).unwrap();
+            assert_eq!(
+                sha256(&got),
+                sha256(&run.body),
+                "byte for byte after the cut"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no fetch got through within {:?} of the link's return: {}\nconnect:\n{}\nexpose:\n{}",
+            2 * WAIT,
+            String::from_utf8_lossy(&result.stderr),
+            run.connect.stderr(),
+            run.expose.stderr()
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    println!(
+        "natlab cut: the in-flight download failed {:.1} s into a 40 s cut; a fetch got through {:.1} s after the link returned",
+        failed_after.as_secs_f64(),
+        restored_at.elapsed().as_secs_f64()
+    );
+}

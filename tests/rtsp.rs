@@ -606,8 +606,38 @@ fn a_lossy_link_is_mended_by_parity_and_by_asking_again() {
     let port = lab.rtsp_server();
     let base = lab.tunnel(&format!("rtsp://127.0.0.1:{port}"));
     // A camera-like stream (about 1.5 Mbit/s, several packets per frame), UDP as ffmpeg
-    // asks by default: about 1,500 RTP packets, so some 45 lost on the way.
-    let out = lab.ffmpeg(&format!("{base}/busy"), None, 150);
+    // asks by default: about 1,500 RTP packets, so some 45 lost on the way. Meanwhile the
+    // connecting side's status lists the RTSP connection with its own media figures.
+    let playing = std::sync::atomic::AtomicBool::new(true);
+    let identity = lab.dir.path("connect.pem");
+    let (out, live) = std::thread::scope(|scope| {
+        let watch = scope.spawn(|| {
+            let mut live = serde_json::Value::Null;
+            while playing.load(std::sync::atomic::Ordering::Relaxed) {
+                let status = Command::new(tunnel_bin())
+                    .args(["status", "--json", "--identity"])
+                    .arg(&identity)
+                    .output()
+                    .unwrap();
+                let s: serde_json::Value =
+                    serde_json::from_slice(&status.stdout).unwrap_or_default();
+                if let Some(entry) = s["rtsp"].as_array().and_then(|r| r.first()) {
+                    live = entry.clone();
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            live
+        });
+        let out = lab.ffmpeg(&format!("{base}/busy"), None, 150);
+        playing.store(false, std::sync::atomic::Ordering::Relaxed);
+        (out, watch.join().unwrap())
+    });
+    assert_eq!(live["service"], "cam", "{live:#}");
+    assert_eq!(live["facing"], "client", "{live:#}");
+    assert_eq!(live["sessions"], 1, "{live:#}");
+    assert!(live["flows"].as_u64() >= Some(1), "{live:#}");
+    assert!(live["delivered"].as_u64() > Some(100), "{live:#}");
+    assert!(live["rtp_requested"].as_u64() > Some(0), "{live:#}");
     assert_ffmpeg_played(&lab, "ffmpeg over a lossy link", &out);
     let missed: u64 = text(&out)
         .split("RTP: missed ")
