@@ -29,7 +29,7 @@ use crate::protocol::control::{decode_answer, encode_request, Command as Control
 use crate::quic::{Congestion, Tuning};
 use crate::time::rate::Rate;
 
-const DEFAULT_LISTEN: &str = "0.0.0.0:4433";
+const DEFAULT_LISTEN: &str = "[::]:4433";
 const DEFAULT_DRAIN: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Parser)]
@@ -73,7 +73,7 @@ enum Command {
 struct RendezvousArgs {
     #[command(flatten)]
     common: CommonArgs,
-    /// UDP address to listen on [default: 0.0.0.0:3478].
+    /// UDP address to listen on [default: [::]:3478, IPv6 and IPv4 alike].
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
     /// Do not relay: peers that cannot punch a direct path cannot connect.
@@ -192,7 +192,7 @@ impl CommonArgs {
 struct ExposeArgs {
     #[command(flatten)]
     common: CommonArgs,
-    /// UDP address to listen on [default: 0.0.0.0:4433].
+    /// UDP address to listen on [default: [::]:4433, IPv6 and IPv4 alike].
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
     /// A service to expose, NAME=HOST:PORT (repeat for more).
@@ -244,7 +244,7 @@ struct ConnectArgs {
     /// several peers, ADDR=SERVICE.PEER.
     #[arg(long = "local", value_name = "ADDR=SERVICE")]
     locals: Vec<LocalRule>,
-    /// Local UDP address for the QUIC endpoint [default: 0.0.0.0:0].
+    /// Local UDP address for the QUIC endpoint [default: [::]:0, IPv6 and IPv4 alike].
     #[arg(long, value_name = "ADDR")]
     bind: Option<SocketAddr>,
     /// Connect at start and stay connected, instead of on the first client.
@@ -698,7 +698,7 @@ async fn rendezvous(args: RendezvousArgs) -> Result<(), Failure> {
     let listen = args
         .listen
         .or(file.listen)
-        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 3478)));
+        .unwrap_or_else(|| SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 3478)));
     let config = rendezvous_config(&args, &file)?;
     let relay = config.limits.relay;
     let listed = match &config.admission {
@@ -905,7 +905,7 @@ fn connect_config(args: &ConnectArgs, file: ConnectRules) -> Result<ConnectPlan,
     let bind = args
         .bind
         .or(file.bind)
-        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        .unwrap_or_else(|| SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)));
     Ok(ConnectPlan {
         peers,
         bind,

@@ -64,11 +64,17 @@ impl Lab {
 
     /// `lab.sh up PREFIX ARGS...`
     fn with_args(tag: &str, args: &[&str]) -> Lab {
+        Lab::with_env(tag, args, &[])
+    }
+
+    /// `lab.sh up PREFIX ARGS...` with `env` (LAB_V6, LAB_V4_HOSTS).
+    fn with_env(tag: &str, args: &[&str], env: &[(&str, &str)]) -> Lab {
         let prefix = format!("tl{}{tag}", std::process::id() % 100_000);
         let lab = Lab { prefix };
         let out = Command::new("bash")
             .args([LAB, "up", &lab.prefix])
             .args(args)
+            .envs(env.iter().copied())
             .output()
             .unwrap();
         assert!(
@@ -120,21 +126,63 @@ struct Running {
     lab: Lab,
 }
 
+/// The addressing of a scenario: which sides have IPv6 (`lab.sh`'s LAB_V6), whether their
+/// hosts keep IPv4, and where the rendezvous is reached and listens.
+struct Net {
+    v6: &'static str,
+    v4_hosts: bool,
+    rendezvous: &'static str,
+    /// `--listen` of the rendezvous and of expose (`None`: each role's default, `[::]`).
+    listen: Option<(&'static str, &'static str)>,
+}
+
+/// IPv4 only, as every scenario but the IPv6 ones.
+const V4: Net = Net {
+    v6: "",
+    v4_hosts: true,
+    rendezvous: RENDEZVOUS,
+    listen: Some((RENDEZVOUS, "0.0.0.0:4433")),
+};
+
 impl Running {
     fn start(tag: &str, mode_a: &str, mode_b: &str, loss: u32, delay_ms: u32) -> Running {
-        let lab = Lab::up(tag, mode_a, mode_b, loss, delay_ms);
+        Running::start_net(tag, mode_a, mode_b, loss, delay_ms, &V4)
+    }
+
+    fn start_net(
+        tag: &str,
+        mode_a: &str,
+        mode_b: &str,
+        loss: u32,
+        delay_ms: u32,
+        net: &Net,
+    ) -> Running {
+        let (loss_s, delay_s) = (loss.to_string(), delay_ms.to_string());
+        let v4_hosts = if net.v4_hosts { "1" } else { "0" };
+        let lab = Lab::with_env(
+            tag,
+            &[mode_a, mode_b, &loss_s, &delay_s],
+            &[("LAB_V6", net.v6), ("LAB_V4_HOSTS", v4_hosts)],
+        );
         let dir = TempDir::new(&format!("natlab-{tag}"));
         let body = random_bytes(2_000_000);
         std::fs::create_dir_all(dir.path("www")).unwrap();
         std::fs::write(dir.path("www/blob"), &body).unwrap();
-        let rendezvous = start_rendezvous(&lab, &dir);
+        let rendezvous = start_rendezvous_on(&lab, &dir, net.listen.map(|l| l.0));
         let http = http_server(&lab, "hB", &dir.path("www"));
         let id_a = peer_id(&dir.path("a.pem"));
-        let (expose, id_b) = expose(&lab, "hB", "web=127.0.0.1:8000", &id_a, &dir.path("b.pem"));
+        let (expose, id_b) = expose_on(
+            &lab,
+            "hB",
+            "web=127.0.0.1:8000",
+            &id_a,
+            &dir.path("b.pem"),
+            net,
+        );
         let connect = Proc::spawn(
             "connect",
             lab.cmd("hA", tunnel_bin())
-                .args(["connect", &id_b, "--rendezvous", RENDEZVOUS])
+                .args(["connect", &id_b, "--rendezvous", net.rendezvous])
                 .args(["--local", "127.0.0.1:8080=web", "--identity"])
                 .arg(dir.path("a.pem")),
         );
@@ -208,12 +256,17 @@ impl Running {
 }
 
 fn start_rendezvous(lab: &Lab, dir: &TempDir) -> Proc {
-    let rendezvous = Proc::spawn(
-        "rendezvous",
-        lab.cmd("wan", tunnel_bin())
-            .args(["rendezvous", "--listen", RENDEZVOUS, "--identity"])
-            .arg(dir.path("rz.pem")),
-    );
+    start_rendezvous_on(lab, dir, Some(RENDEZVOUS))
+}
+
+/// The rendezvous on the WAN, listening on `listen` (`None`: its default, `[::]:3478`).
+fn start_rendezvous_on(lab: &Lab, dir: &TempDir, listen: Option<&str>) -> Proc {
+    let mut cmd = lab.cmd("wan", tunnel_bin());
+    cmd.arg("rendezvous");
+    if let Some(listen) = listen {
+        cmd.args(["--listen", listen]);
+    }
+    let rendezvous = Proc::spawn("rendezvous", cmd.arg("--identity").arg(dir.path("rz.pem")));
     rendezvous.line_matching(|l| l.starts_with("rendezvous listening"));
     rendezvous
 }
@@ -241,16 +294,26 @@ fn http_server(lab: &Lab, host: &str, www: &Path) -> Proc {
 /// `tunnel expose` in namespace `host` of `service`, registered with the rendezvous and
 /// allowing `allow`: the process and its peer id.
 fn expose(lab: &Lab, host: &str, service: &str, allow: &str, identity: &Path) -> (Proc, String) {
+    expose_on(lab, host, service, allow, identity, &V4)
+}
+
+/// [`expose`] with the addressing of `net`.
+fn expose_on(
+    lab: &Lab,
+    host: &str,
+    service: &str,
+    allow: &str,
+    identity: &Path,
+    net: &Net,
+) -> (Proc, String) {
+    let mut cmd = lab.cmd(host, tunnel_bin());
+    cmd.arg("expose");
+    if let Some((_, listen)) = net.listen {
+        cmd.args(["--listen", listen]);
+    }
     let expose = Proc::spawn(
         &format!("expose in {host}"),
-        lab.cmd(host, tunnel_bin())
-            .args([
-                "expose",
-                "--listen",
-                "0.0.0.0:4433",
-                "--rendezvous",
-                RENDEZVOUS,
-            ])
+        cmd.args(["--rendezvous", net.rendezvous])
             .args(["--service", service, "--allow", allow, "--identity"])
             .arg(identity),
     );
@@ -1009,4 +1072,100 @@ fn a_40_s_uplink_cut_fails_the_stream_clearly_and_the_tunnel_comes_back_by_itsel
         failed_after.as_secs_f64(),
         restored_at.elapsed().as_secs_f64()
     );
+}
+
+/// `tunnel status --json` of the process with identity `pem` once its one connection is
+/// settled (no stream open).
+fn settled_status(run: &Running, pem: &str) -> serde_json::Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let out = Command::new(tunnel_bin())
+            .args(["status", "--json", "--identity"])
+            .arg(run.dir.path(pem))
+            .output()
+            .unwrap();
+        let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if s["counters"]["streams"] == 0
+            && s["connections"].as_array().is_some_and(|c| c.len() == 1)
+        {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "{pem}: no settled status: {s:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// One fetch in an IPv6 lab: the path and IP version both sides report, and the fetch
+/// byte for byte.
+fn ipv6_scenario(tag: &str, net: &Net) -> (String, u64) {
+    let run = Running::start_net(tag, "cone", "cone", 0, 0, net);
+    let child = run.curl("got", &[]);
+    let first_byte = run.check(child, "got");
+    let a = settled_status(&run, "a.pem");
+    let b = settled_status(&run, "b.pem");
+    if std::env::var_os("NATLAB_VERBOSE").is_some() {
+        println!(
+            "connect:\n{}\nexpose:\n{}",
+            run.connect.stderr(),
+            run.expose.stderr()
+        );
+    }
+    let (ca, cb) = (&a["connections"][0], &b["connections"][0]);
+    assert_eq!(ca["ip_version"], cb["ip_version"], "{a:#}\n{b:#}");
+    assert_eq!(ca["path"], cb["path"], "{a:#}\n{b:#}");
+    println!(
+        "natlab {tag}: LAB_V6={:?} v4 hosts {} -> path={} over IPv{} ({}), first byte {first_byte:?}",
+        net.v6, net.v4_hosts, ca["path"], ca["ip_version"], ca["remote"]
+    );
+    (
+        ca["path"].as_str().unwrap_or("?").to_owned(),
+        ca["ip_version"].as_u64().unwrap_or(0),
+    )
+}
+
+/// Both hosts IPv6 only (no IPv4 address at all), the rendezvous reached over IPv6: the
+/// peers connect directly over IPv6, through both routers' stateful firewalls.
+#[test]
+fn both_ipv6_only_connect_directly_over_ipv6() {
+    if !lab_available() {
+        return;
+    }
+    let net = Net {
+        v6: "A B",
+        v4_hosts: false,
+        rendezvous: "[2001:db8:ffff::1]:3478",
+        listen: None,
+    };
+    assert_eq!(ipv6_scenario("v6", &net), ("direct".into(), 6));
+}
+
+/// A dual-stack, B IPv4 only (behind its NAT): IPv4, punched, direct.
+#[test]
+fn dual_stack_against_ipv4_only_connects_over_ipv4() {
+    if !lab_available() {
+        return;
+    }
+    let net = Net {
+        v6: "A",
+        v4_hosts: true,
+        rendezvous: RENDEZVOUS,
+        listen: None,
+    };
+    assert_eq!(ipv6_scenario("d4", &net), ("direct".into(), 4));
+}
+
+/// Both dual-stack, the rendezvous reached over IPv4: IPv6 is tried first and wins (no NAT
+/// to wear out), IPv4 being there all the same.
+#[test]
+fn both_dual_stack_prefer_ipv6() {
+    if !lab_available() {
+        return;
+    }
+    let net = Net {
+        v6: "A B",
+        v4_hosts: true,
+        rendezvous: RENDEZVOUS,
+        listen: None,
+    };
+    assert_eq!(ipv6_scenario("d6", &net), ("direct".into(), 6));
 }

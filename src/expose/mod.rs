@@ -205,7 +205,10 @@ impl Expose {
         }
         let _live = self.node.stats.connection();
         info!("peer connected");
-        let path = self.node.peers.path_to(conn.remote_address());
+        let path = self
+            .node
+            .peers
+            .path_to(crate::quic::path::canonical(conn.remote_address()));
         let pc = self.node.peers.add(&self.node, peer, conn, peer, path);
         self.serve_streams(pc, peer).await;
     }

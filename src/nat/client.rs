@@ -251,26 +251,93 @@ impl Actor {
     }
 }
 
-/// This host's LAN candidate: the address of the endpoint's socket, or, when it is bound
-/// to a wildcard, the source address the kernel picks for the route toward the rendezvous
-/// (found by connecting a throwaway UDP socket, which sends nothing).
+/// This host's own candidates: the address of the endpoint's socket, or, when it is bound
+/// to a wildcard, the IPv4 source address the kernel picks for the route toward the
+/// rendezvous (found by connecting a throwaway UDP socket, which sends nothing) and, on a
+/// dual-stack socket, this host's routable IPv6 addresses (no NAT: the peer can reach them
+/// once both sides' firewalls were punched).
 fn local_candidates(transport: &Transport, rendezvous: SocketAddr) -> Vec<SocketAddr> {
     let Ok(bound) = transport.local_addr() else {
         return Vec::new();
     };
+    let bound = crate::quic::path::canonical(bound);
     if !bound.ip().is_unspecified() {
         return vec![bound];
     }
-    let unspecified: SocketAddr = if rendezvous.is_ipv4() {
-        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-    } else {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    };
-    std::net::UdpSocket::bind(unspecified)
-        .and_then(|probe| {
-            probe.connect(rendezvous)?;
-            probe.local_addr()
+    let rendezvous = crate::quic::path::canonical(rendezvous);
+    let mut out = Vec::new();
+    if rendezvous.is_ipv4() {
+        let route =
+            std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0)).and_then(|probe| {
+                probe.connect(rendezvous)?;
+                probe.local_addr()
+            });
+        if let Ok(local) = route {
+            out.push(SocketAddr::new(local.ip(), bound.port()));
+        }
+    }
+    if bound.is_ipv6() {
+        let interfaces: Vec<std::net::IpAddr> = if_addrs::get_if_addrs()
+            .map(|all| all.into_iter().map(|i| i.ip()).collect())
+            .unwrap_or_default();
+        out.extend(ipv6_candidates(&interfaces, bound.port()));
+    }
+    out
+}
+
+/// IPv6 candidates kept at most (a host may hold many temporary addresses).
+const MAX_IPV6_CANDIDATES: usize = 4;
+
+/// The addresses among `interfaces` a peer elsewhere may reach: IPv6 global unicast and
+/// unique-local ones, not loopback, link-local (they need a zone), multicast or mapped. Pure.
+pub fn ipv6_candidates(interfaces: &[std::net::IpAddr], port: u16) -> Vec<SocketAddr> {
+    interfaces
+        .iter()
+        .filter_map(|ip| match ip {
+            std::net::IpAddr::V6(v6) => Some(*v6),
+            std::net::IpAddr::V4(_) => None,
         })
-        .map(|local| vec![SocketAddr::new(local.ip(), bound.port())])
-        .unwrap_or_default()
+        .filter(|v6| {
+            let first = v6.segments()[0];
+            !v6.is_loopback()
+                && !v6.is_unspecified()
+                && !v6.is_multicast()
+                && (first & 0xffc0) != 0xfe80
+                && v6.to_ipv4_mapped().is_none()
+        })
+        .take(MAX_IPV6_CANDIDATES)
+        .map(|v6| SocketAddr::new(v6.into(), port))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_routable_ipv6_addresses_become_candidates() {
+        let ips: Vec<std::net::IpAddr> = [
+            "127.0.0.1",
+            "203.0.113.2",
+            "::1",
+            "fe80::1",
+            "ff02::1",
+            "::ffff:198.51.100.1",
+            "2001:db8:1::2",
+            "fd00::7",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+        let got = ipv6_candidates(&ips, 4433);
+        let want: Vec<SocketAddr> = ["[2001:db8:1::2]:4433", "[fd00::7]:4433"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert_eq!(got, want);
+        let many: Vec<std::net::IpAddr> = (1..10)
+            .map(|i| format!("2001:db8::{i}").parse().unwrap())
+            .collect();
+        assert_eq!(ipv6_candidates(&many, 1).len(), MAX_IPV6_CANDIDATES);
+    }
 }

@@ -3,6 +3,7 @@
 //! QUIC handshakes to every candidate against a late relay one. The schedules are pure
 //! (`nat::punch`); this is their driver.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,6 +32,20 @@ pub enum DialFailure {
 /// When the handshake attempts to each direct candidate start, after the common start time:
 /// the first just after this side's first punch, the second in case that one was lost.
 const DIRECT_ATTEMPTS: [Duration; 2] = [Duration::from_millis(20), Duration::from_millis(220)];
+
+/// How much later IPv4 candidates are tried than IPv6 ones when both sides have IPv6 (as
+/// Happy Eyeballs, RFC 8305, does): IPv6 has no NAT mapping to wear out or to share, so it
+/// wins when it works, and IPv4 costs this much more only when it does not.
+const IPV4_AFTER_IPV6: Duration = Duration::from_millis(50);
+
+/// When a handshake to `candidate` starts, after the attempt's base delay. Pure.
+pub fn attempt_delay(base: Duration, candidate: SocketAddr, ipv6_usable: bool) -> Duration {
+    if candidate.is_ipv4() && ipv6_usable {
+        base + IPV4_AFTER_IPV6
+    } else {
+        base
+    }
+}
 
 /// The direct attempts (and the punches) left after the relay won: the first direct
 /// handshake to complete, or the last error once all have failed.
@@ -112,8 +127,12 @@ pub async fn dial_introduced(
         // Staggered handshakes per candidate: an Initial that reaches the peer's NAT before
         // the peer's punch opened it is lost, and quinn would resend it only after ~300 ms;
         // a second attempt 200 ms later is cheaper than waiting (the loser is dropped).
-        for delay in DIRECT_ATTEMPTS {
+        // IPv6 is usable when our socket is dual-stack and the peer has an IPv6 candidate.
+        let ipv6_usable = transport.local_addr().is_ok_and(|a| a.is_ipv6())
+            && intro.candidates.iter().any(|c| c.is_ipv6());
+        for base in DIRECT_ATTEMPTS {
             for c in &intro.candidates {
+                let delay = attempt_delay(base, *c, ipv6_usable);
                 let a = attempt(Path::Direct(*c));
                 tasks.spawn(async move {
                     tokio::time::sleep(delay).await;
@@ -154,5 +173,20 @@ pub async fn dial_introduced(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_waits_for_ipv6_only_when_ipv6_is_usable() {
+        let base = Duration::from_millis(20);
+        let v4: SocketAddr = "198.51.100.10:4433".parse().unwrap();
+        let v6: SocketAddr = "[2001:db8:1::2]:4433".parse().unwrap();
+        assert_eq!(attempt_delay(base, v6, true), base);
+        assert_eq!(attempt_delay(base, v4, true), base + IPV4_AFTER_IPV6);
+        assert_eq!(attempt_delay(base, v4, false), base);
     }
 }

@@ -208,7 +208,7 @@ impl ControlView {
             .into_iter()
             .map(|(peer, pc)| {
                 let st = pc.conn.stats();
-                let remote = pc.conn.remote_address();
+                let remote = crate::quic::path::canonical(pc.conn.remote_address());
                 serde_json::json!({
                     "peer": peer.to_string(),
                     "name": name_of(&peer),

@@ -188,8 +188,18 @@ impl Transport {
         identity: Arc<Identity>,
         tuning: Tuning,
     ) -> Result<Self, TransportError> {
-        let socket = bind_udp(addr, tuning.socket_buffer)
-            .map_err(|source| TransportError::Bind { addr, source })?;
+        let (addr, socket) = match bind_udp(addr, tuning.socket_buffer) {
+            Ok(socket) => (addr, socket),
+            // `[::]` (every role's default, dual-stack) on a host without IPv6: IPv4 only.
+            Err(e) if addr.ip() == std::net::Ipv6Addr::UNSPECIFIED && no_ipv6(&e) => {
+                let v4 = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, addr.port()));
+                tracing::info!("no IPv6 on this host ({e}): binding {v4}, IPv4 only");
+                let socket = bind_udp(v4, tuning.socket_buffer)
+                    .map_err(|source| TransportError::Bind { addr: v4, source })?;
+                (v4, socket)
+            }
+            Err(source) => return Err(TransportError::Bind { addr, source }),
+        };
         let raw = socket
             .try_clone()
             .map_err(|source| TransportError::Bind { addr, source })?;
@@ -269,7 +279,11 @@ impl Transport {
     ) -> Result<quinn::Connecting, quinn::ConnectionError> {
         let loopback = lock(&self.loopback_server).clone();
         match loopback {
-            Some(config) if incoming.remote_address().ip().is_loopback() => {
+            Some(config)
+                if path::canonical(incoming.remote_address())
+                    .ip()
+                    .is_loopback() =>
+            {
                 incoming.accept_with(config)
             }
             _ => incoming.accept(),
@@ -299,15 +313,20 @@ impl Transport {
         )
     }
 
-    /// The first address of `host_port` this endpoint's socket can reach (DNS is asked each
-    /// time: a peer's address may change). An IPv4 socket cannot reach IPv6 addresses; a
-    /// dual-stack IPv6 socket reaches both.
+    /// An address of `host_port` this endpoint's socket can reach (DNS is asked each time: a
+    /// peer's address may change). An IPv4 socket cannot reach IPv6 addresses; a dual-stack
+    /// IPv6 socket reaches both, and takes a name's IPv4 address when it has one (a server
+    /// named so may listen on IPv4 only, as `localhost`'s often does), else its IPv6 one.
     pub async fn resolve(&self, host_port: &str) -> Result<SocketAddr, ResolveError> {
         let local = self.local_addr().map_err(ResolveError::Socket)?;
-        tokio::net::lookup_host(host_port)
+        let all: Vec<SocketAddr> = tokio::net::lookup_host(host_port)
             .await
             .map_err(|e| ResolveError::Lookup(host_port.to_owned(), e))?
-            .find(|a| local.is_ipv6() || a.is_ipv4())
+            .collect();
+        all.iter()
+            .find(|a| a.is_ipv4())
+            .or_else(|| all.iter().find(|_| local.is_ipv6()))
+            .copied()
             .ok_or_else(|| ResolveError::Unreachable(host_port.to_owned(), local))
     }
 
@@ -344,6 +363,10 @@ impl Transport {
     /// Sends one non-QUIC datagram (a punch or a relay bind) from the endpoint's socket.
     /// Best effort, like the network: a full socket buffer drops it.
     pub fn send_raw(&self, to: SocketAddr, packet: &[u8]) {
+        let to = match self.raw.local_addr() {
+            Ok(local) => path::for_socket(to, local),
+            Err(_) => to,
+        };
         if let Err(e) = self.raw.send_to(packet, to) {
             tracing::debug!(%to, "raw send failed: {e}");
         }
@@ -363,6 +386,14 @@ impl Transport {
 }
 
 /// Binds a UDP socket with large buffers; an IPv6 wildcard also accepts IPv4.
+/// Whether binding an IPv6 socket failed for want of IPv6 (disabled or not built in).
+fn no_ipv6(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL | libc::EPROTONOSUPPORT)
+    )
+}
+
 fn bind_udp(addr: SocketAddr, buffer: usize) -> std::io::Result<UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;

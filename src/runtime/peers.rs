@@ -155,6 +155,7 @@ impl PeerTable {
 
     /// Remembers a relay port this node was introduced through.
     pub(crate) fn note_relay(&self, addr: std::net::SocketAddr) {
+        let addr = crate::quic::path::canonical(addr);
         let mut relays = self.relays.lock().unwrap_or_else(|p| p.into_inner());
         if !relays.contains(&addr) {
             if relays.len() == Self::RELAYS_KEPT {

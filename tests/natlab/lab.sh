@@ -18,7 +18,13 @@
 # MODE_C (cone, sym or public) adds a third host hC; it takes index 3 (203.0.113.192/26, WAN
 # 198.51.100.40, public 198.51.100.33), leaving 203.0.113.128/26 for a carrier-side network.
 # Namespaces: PREFIX-wan, PREFIX-natA, PREFIX-natB, PREFIX-hA, PREFIX-hB (and PREFIX-natC,
-# PREFIX-hC). Only documentation ranges are used. `down` removes everything `up` made (also
+# PREFIX-hC).
+# IPv6: LAB_V6="A B" gives those sides (cone or sym: behind a NAT router) IPv6 as a home
+# router does, with no NAT: the router routes the host's 2001:db8:N::/64 (N = 1 for A, 2 for
+# B, 4 for C) and keeps the same stateful firewall (the inet table: new flows from the WAN
+# dropped), so peers still punch. The WAN bridge gets 2001:db8:ffff::1 and routes between
+# the routers (2001:db8:ffff::10, ::20, ::40). LAB_V4_HOSTS=0 takes the IPv4 address off
+# those hosts: IPv6 only. Only documentation ranges are used. `down` removes everything `up` made (also
 # after a partial `up`).
 set -euo pipefail
 cmd=$1 P=$2
@@ -152,3 +158,30 @@ side() { # SIDE INDEX MODE
 side A 0 "$MA"
 side B 1 "$MB"
 if [ -n "$MC" ]; then side C 3 "$MC"; fi
+
+if [ -n "${LAB_V6:-}" ]; then
+  ip netns exec "$W" sysctl -qw net.ipv6.conf.all.forwarding=1
+  ip -n "$W" addr add 2001:db8:ffff::1/64 dev br0 nodad
+  for s in $LAB_V6; do
+    case $s in A) i=0 ;; B) i=1 ;; C) i=3 ;; *) echo "LAB_V6: unknown side $s" >&2; exit 2 ;; esac
+    N=$(ns "nat$s") H=$(ns "h$s") net="2001:db8:$(( i + 1 ))" wan="2001:db8:ffff::$(( 10 + 10 * i ))"
+    ip netns list | grep -q "^$N" || { echo "LAB_V6: side $s has no NAT router" >&2; exit 2; }
+    ip netns exec "$N" sysctl -qw net.ipv6.conf.all.forwarding=1
+    ip -n "$N" addr add "$wan/64" dev wan0 nodad
+    ip -n "$N" addr add "$net::1/64" dev lan0 nodad
+    ip -n "$N" -6 route add default via 2001:db8:ffff::1
+    ip -n "$H" addr add "$net::2/64" dev eth0 nodad
+    ip -n "$H" -6 route add default via "$net::1"
+    ip -n "$W" -6 route add "$net::/64" via "$wan"
+    if [ "${LAB_V4_HOSTS:-1}" = 0 ]; then ip -n "$H" -4 addr flush dev eth0; fi
+  done
+  # Neighbour discovery speaks from link-local addresses, which stay tentative for their
+  # duplicate address detection (about a second) after a link comes up: wait that out, or
+  # the first packets of a test are held (bounded: 5 s per namespace).
+  for n in wan $(for s in $LAB_V6; do echo "nat$s h$s"; done); do
+    for _ in $(seq 50); do
+      [ -z "$(ip -n "$(ns "$n")" -6 addr show tentative)" ] && break
+      sleep 0.1
+    done
+  done
+fi

@@ -246,7 +246,7 @@ impl Rendezvous {
         let mut buf = BytesMut::new();
         let mut registered = false;
         let mut refused = None;
-        let ip = conn.remote_address().ip();
+        let ip = crate::quic::path::canonical(conn.remote_address()).ip();
         let end = loop {
             let msg = tokio::select! {
                 m = read_frame::<ClientMsg>(&mut recv, &mut buf) => m,
@@ -326,7 +326,7 @@ impl Rendezvous {
         tx: &mpsc::Sender<ServerMsg>,
         local_addrs: Vec<SocketAddr>,
     ) -> Result<(), String> {
-        let observed = conn.remote_address();
+        let observed = crate::quic::path::canonical(conn.remote_address());
         let actions = {
             let mut inner = self.inner();
             let actions = match inner
