@@ -1169,3 +1169,74 @@ fn both_dual_stack_prefer_ipv6() {
     };
     assert_eq!(ipv6_scenario("d6", &net), ("direct".into(), 6));
 }
+
+/// B moves to another address on its LAN while registered (so its NAT maps it anew: what a
+/// NAT rebinding or a new network does). Its registration's connection follows it, and a
+/// peer that asks for B afterwards is introduced at B's new mapping, so the session goes
+/// direct (with the address seen at registration it could only be relayed).
+#[test]
+fn a_peer_that_moved_while_registered_is_introduced_at_its_new_address() {
+    if !lab_available() {
+        return;
+    }
+    let lab = Lab::up("mv", "cone", "cone", 0, 0);
+    let dir = TempDir::new("natlab-mv");
+    let body = random_bytes(2_000_000);
+    std::fs::create_dir_all(dir.path("www")).unwrap();
+    std::fs::write(dir.path("www/blob"), &body).unwrap();
+    let rendezvous = start_rendezvous(&lab, &dir);
+    let http = http_server(&lab, "hB", &dir.path("www"));
+    let id_a = peer_id(&dir.path("a.pem"));
+    let (expose, id_b) = expose(&lab, "hB", "web=127.0.0.1:8000", &id_a, &dir.path("b.pem"));
+    expose.wait_stderr_for(WAIT, |log| log.contains("registered with the rendezvous"));
+    // hB takes 203.0.113.70 and drops .66: its packets now come from a new source address,
+    // for which its NAT makes new mappings.
+    let run_in_b = |program: &str, args: &[&str]| {
+        let out = lab.cmd("hB", program).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{program} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // (Removing the first address of a subnet would remove the others with it.)
+    run_in_b(
+        "sysctl",
+        &["-qw", "net.ipv4.conf.eth0.promote_secondaries=1"],
+    );
+    run_in_b("ip", &["addr", "add", "203.0.113.70/26", "dev", "eth0"]);
+    run_in_b("ip", &["addr", "del", "203.0.113.66/26", "dev", "eth0"]);
+    run_in_b(
+        "ip",
+        &["route", "replace", "default", "via", "203.0.113.65"],
+    );
+    // Its registration's next keep-alive (every 10 s) carries the new address.
+    std::thread::sleep(Duration::from_secs(12));
+    let connect = Proc::spawn(
+        "connect",
+        lab.cmd("hA", tunnel_bin())
+            .args(["connect", &id_b, "--rendezvous", RENDEZVOUS])
+            .args(["--local", "127.0.0.1:8080=web", "--identity"])
+            .arg(dir.path("a.pem")),
+    );
+    connect.line_matching(|l| l.contains("-> web on"));
+    let run = Running {
+        connect,
+        expose,
+        rendezvous,
+        _http: http,
+        body,
+        dir,
+        lab,
+    };
+    let child = run.curl("got", &[]);
+    run.check(child, "got");
+    assert_eq!(run.path(), "direct", "{}", run.connect.stderr());
+    assert!(
+        run.rendezvous
+            .stderr()
+            .contains("a registered peer's address changed"),
+        "{}",
+        run.rendezvous.stderr()
+    );
+}

@@ -381,7 +381,12 @@ impl Rendezvous {
         ticket: Option<RelayTicket>,
     ) {
         let planned = {
-            let inner = self.inner();
+            let mut inner = self.inner();
+            for peer in [asker, target] {
+                if let Some(entry) = inner.entries.get_mut(&peer) {
+                    refresh_observed(&peer, entry);
+                }
+            }
             match (inner.entries.get(&asker), inner.entries.get(&target)) {
                 (Some(a), Some(b)) => {
                     // Both start at the same moment: the nearer peer waits for the farther
@@ -500,6 +505,18 @@ impl Rendezvous {
     }
 }
 
+/// Takes the address `peer`'s registration connection has now as its observed one: quinn
+/// follows a NAT rebinding or an address change of the client (the keep-alives carry it),
+/// so an introduction never hands out a mapping that is gone.
+fn refresh_observed(peer: &PeerId, entry: &mut Entry) {
+    let now = crate::quic::path::canonical(entry.conn.remote_address());
+    if now != entry.observed {
+        info!(%peer, was = %entry.observed, %now, "a registered peer's address changed (a NAT rebinding or a new network)");
+        entry.observed = now;
+    }
+}
+
+/// Where a registered peer can be reached: its observed address, then its own local ones.
 fn candidates(entry: &Entry) -> Vec<SocketAddr> {
     let mut out = vec![entry.observed];
     for addr in &entry.local_addrs {
