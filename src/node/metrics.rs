@@ -502,6 +502,23 @@ mod tests {
     }
 
     #[test]
+    fn the_status_page_answers_to_our_names_and_ip_literals_only() {
+        for ours in [
+            None,
+            Some("localhost:9464"),
+            Some("127.0.0.1:9464"),
+            Some("[::1]:9464"),
+            Some("198.51.100.7:9464"),
+            Some("[2001:db8::1]:9464"),
+        ] {
+            assert!(addressed_to_us(ours), "{ours:?}");
+        }
+        for foreign in [Some("evil.example:9464"), Some("rebind.attacker.test")] {
+            assert!(!addressed_to_us(foreign), "{foreign:?}");
+        }
+    }
+
+    #[test]
     fn services_and_histograms_become_labelled_series_and_real_histograms() {
         let h = crate::stats::Histogram::default();
         for ms in [1, 3, 3, 40, 20_000] {
