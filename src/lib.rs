@@ -25,6 +25,7 @@ pub mod expose;
 pub mod http;
 pub mod identity;
 pub mod media;
+pub mod multipath;
 pub mod nat;
 pub mod node;
 pub mod protocol;

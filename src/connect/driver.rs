@@ -12,11 +12,14 @@ use quinn::Connection;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
-use super::machine::{Action, Conn, Dialled, Machine, Note, Settings, DIRECT_DEADLINE};
+use super::machine::{
+    Action, Conn, Dialled, Machine, Note, Settings, DIRECT_DEADLINE, DIRECT_LATER,
+};
 use super::{ConnectError, Reply, SessionConfig, StreamLease};
 use crate::config::PeerAddr;
 use crate::identity::PeerId;
-use crate::nat::client::RendezvousClient;
+use crate::multipath::Entry;
+use crate::nat::client::{Introduction, RendezvousClient};
 use crate::nat::dial::dial_introduced;
 use crate::protocol::close_code;
 use crate::quic::close::describe_close;
@@ -37,11 +40,12 @@ struct Handle {
 
 type Boxed<T> = Pin<Box<dyn Future<Output = Result<T, ConnectError>> + Send>>;
 
-/// A dial's connection, and the direct handshakes still under way when the relay won.
+/// A dial's connection, and the introduction it came of (its relay side and the peer's
+/// candidates become the connection's other paths).
 struct Outcome {
     conn: Connection,
     path: Path,
-    direct_later: Option<Boxed<(Connection, Path)>>,
+    intro: Option<Arc<Introduction>>,
 }
 
 pub(super) struct Driver {
@@ -58,7 +62,7 @@ struct Io {
     dial: Option<Boxed<Outcome>>,
     /// When the dial in progress started (its time goes into the node's histogram).
     dial_started: Option<std::time::Instant>,
-    upgrade: Option<Boxed<(Connection, Path)>>,
+    upgrade: Option<Boxed<()>>,
     ended: mpsc::UnboundedSender<u64>,
 }
 
@@ -88,6 +92,18 @@ impl Driver {
         loop {
             let deadline = machine.poll_timeout();
             let live = machine.live().map(|c| (c.id, c.handle.pc.conn.clone()));
+            // The live connection's path layer: its moves are the machine's to know.
+            let route = machine
+                .live()
+                .and_then(|c| c.handle.pc.route.clone().map(|r| (c.id, r)));
+            let mut route_rx = route.as_ref().map(|(_, r)| r.watch());
+            if let Some((id, r)) = &route {
+                if machine.path() != Some(r.path()) {
+                    let actions = machine.path_changed(now(), *id, r.path());
+                    self.apply(&mut io, actions);
+                    continue;
+                }
+            }
             let actions = tokio::select! {
                 request = requests.recv() => {
                     let Some(reply) = request else { break };
@@ -111,11 +127,13 @@ impl Driver {
                     }
                     let result = result.map(|o| {
                         info!(path = %o.path.kind(), remote = %o.path.addr(), "connected");
-                        let direct_later = o.direct_later.is_some();
-                        if let Some(later) = o.direct_later {
-                            io.upgrade = Some(later);
+                        let conn = self.register(o.conn, o.path, o.intro);
+                        // Relayed: the path layer probes the candidates meanwhile.
+                        let direct_later = o.path.is_relay() && !self.config.force_relay;
+                        if let (true, Some(route)) = (direct_later, &conn.handle.pc.route) {
+                            io.upgrade = Some(Box::pin(wait_direct(route.clone(), DIRECT_LATER)));
                         }
-                        Dialled { conn: self.register(o.conn, o.path), direct_later }
+                        Dialled { conn, direct_later }
                     });
                     if let Err(e) = &result {
                         warn!("cannot connect to {}: {e}", self.peer);
@@ -125,8 +143,17 @@ impl Driver {
                 }
                 result = async { io.upgrade.as_mut().expect("guarded").await }, if io.upgrade.is_some() => {
                     io.upgrade = None;
-                    let result = result.map(|(conn, path)| self.register(conn, path));
                     machine.upgraded(now(), result)
+                }
+                changed = async { route_rx.as_mut().expect("guarded").changed().await }, if route_rx.is_some() => {
+                    match (changed, &route) {
+                        (Ok(()), Some((id, r))) => machine.path_changed(now(), *id, r.path()),
+                        // The path layer is gone with its connection: its close comes next.
+                        _ => {
+                            route_rx = None;
+                            Vec::new()
+                        }
+                    }
                 }
                 reason = async { live.as_ref().expect("guarded").1.closed().await }, if live.is_some() => {
                     match &reason {
@@ -166,10 +193,7 @@ impl Driver {
                 Action::CancelDial => io.dial = None,
                 Action::Upgrade => {
                     debug!("relayed: trying to punch a direct path");
-                    let dial = self.dial(false);
-                    io.upgrade = Some(Box::pin(
-                        async move { dial.await.map(|o| (o.conn, o.path)) },
-                    ));
+                    io.upgrade = Some(self.upgrade());
                 }
                 Action::CancelUpgrade => io.upgrade = None,
                 Action::Grant {
@@ -197,8 +221,9 @@ impl Driver {
                     Note::Switched(path) => {
                         info!(path = %path.kind(), remote = %path.addr(), "switching to the preferred connection with this peer")
                     }
+                    // The path layer logged it (once, with both RTTs); the same connection.
                     Note::PathChanged { now, was } => {
-                        info!(path = %now.kind(), remote = %now.addr(), was = %was.kind(), "path changed: new streams use the direct path")
+                        debug!(path = %now.kind(), remote = %now.addr(), was = %was.kind(), "the session's connection moved")
                     }
                     Note::LastStreamEnded => debug!(
                         "last stream ended; closing in {:?} unless a client comes",
@@ -219,21 +244,36 @@ impl Driver {
         let pc = self.node.peers.preferred(&self.peer.id)?;
         Some(Conn {
             id: pc.conn.stable_id(),
-            path: pc.path,
+            path: pc.path(),
             dialled: false,
             handle: Handle { pc, _dialled: None },
         })
     }
 
     /// Records a connection this session dialled; it carries the peer's streams too when
-    /// this node exposes to it.
-    fn register(&self, conn: Connection, path: Path) -> Conn<Handle> {
+    /// this node exposes to it. Introduced, it gets its other paths (`multipath`).
+    fn register(
+        &self,
+        conn: Connection,
+        path: Path,
+        intro: Option<Arc<Introduction>>,
+    ) -> Conn<Handle> {
         let me = self.node.transport.identity().peer_id();
         let id = conn.stable_id();
+        let route = intro.and_then(|i| {
+            crate::multipath::attach(
+                self.node.transport.paths(),
+                &conn,
+                path,
+                i.relay,
+                &i.candidates,
+                self.node.abort.child_token(),
+            )
+        });
         let pc = self
             .node
             .peers
-            .add(&self.node, self.peer.id, conn, me, path);
+            .add(&self.node, self.peer.id, conn, me, path, route);
         self.node.serve_dialled(&pc, self.peer.id);
         Conn {
             id,
@@ -244,6 +284,32 @@ impl Driver {
                 _dialled: Some(Arc::new(self.node.stats.connection())),
             },
         }
+    }
+
+    /// While relayed: a new introduction (no relay), whose candidates the live connection's
+    /// path layer probes, with punches; done when the connection moved to a direct path.
+    fn upgrade(&self) -> Boxed<()> {
+        let node = self.node.clone();
+        let peer = self.peer.id;
+        let rendezvous = self.rendezvous.get().cloned();
+        let route = self.node.peers.preferred(&peer).and_then(|pc| pc.route);
+        Box::pin(async move {
+            let (Some(rendezvous), Some(route)) = (rendezvous, route) else {
+                return Err(ConnectError::Failed(
+                    "this connection has no other path to try".into(),
+                ));
+            };
+            let intro = rendezvous
+                .introduce(peer, false)
+                .await
+                .ok_or(ConnectError::ShuttingDown)?;
+            route.add_candidates(node.transport.paths(), &intro.candidates);
+            node.tasks.spawn(crate::nat::dial::punch(
+                node.transport.clone(),
+                Arc::new(intro),
+            ));
+            wait_direct(route, DIRECT_LATER).await
+        })
     }
 
     /// Dials the peer: at its address if it has one, else through the rendezvous (with a
@@ -278,14 +344,22 @@ async fn dial_rendezvous(
         .introduce(peer, relay)
         .await
         .ok_or(ConnectError::ShuttingDown)?;
-    // The relay allocation is released as soon as it is not needed: at once when the dial
-    // went direct or failed, else when the relayed connection closes (its quota is free
+    // The relay allocation is kept while the connection lives, whichever path won: it is
+    // the path a dead direct one hands over to. It is released as soon as it is not needed:
+    // at once when the dial failed, else when the connection closes (its quota is free
     // again then, not a minute later at the relay's idle timeout).
     let relay_token = intro.relay.map(|(_, token)| token);
-    let dialled = dial_introduced(node.transport.clone(), intro, DIRECT_DEADLINE, direct).await;
+    let intro = Arc::new(intro);
+    let dialled = dial_introduced(
+        node.transport.clone(),
+        (*intro).clone(),
+        DIRECT_DEADLINE,
+        direct,
+    )
+    .await;
     if let Some(token) = relay_token {
         match &dialled {
-            Ok((conn, Path::Relay(_), _)) => {
+            Ok((conn, _)) => {
                 let conn = conn.clone();
                 node.tasks.spawn(async move {
                     conn.closed().await;
@@ -300,18 +374,11 @@ async fn dial_rendezvous(
             _ => rendezvous.release(token),
         }
     }
-    let (conn, path, later) = dialled.map_err(|e| ConnectError::Failed(e.to_string().into()))?;
-    let direct_later = later.map(|later| -> Boxed<(Connection, Path)> {
-        Box::pin(async move {
-            later
-                .await
-                .map_err(|e| ConnectError::Failed(e.to_string().into()))
-        })
-    });
+    let (conn, path) = dialled.map_err(|e| ConnectError::Failed(e.to_string().into()))?;
     Ok(Outcome {
         conn,
         path,
-        direct_later,
+        intro: Some(intro),
     })
 }
 
@@ -333,6 +400,21 @@ async fn dial_address(
     Ok(Outcome {
         conn,
         path: Path::Direct(addr),
-        direct_later: None,
+        intro: None,
     })
+}
+
+/// Done when the connection's path layer moved it to a direct path, within `limit`.
+async fn wait_direct(route: Arc<Entry>, limit: Duration) -> Result<(), ConnectError> {
+    let mut rx = route.watch();
+    let direct = tokio::time::timeout(limit, async {
+        rx.wait_for(|p| !p.is_relay()).await.is_ok()
+    })
+    .await;
+    match direct {
+        Ok(true) => Ok(()),
+        _ => Err(ConnectError::Failed(
+            format!("no direct candidate answered within {limit:?}").into(),
+        )),
+    }
 }

@@ -10,8 +10,11 @@
 //!   deadline (`connect_timeout`);
 //! - to reuse an existing connection with the peer (one it dialled) and to move new streams to
 //!   the peer table's preferred connection when that changes;
-//! - relayed: to keep the dial's own direct handshakes for [`DIRECT_LATER`], then to punch again
-//!   every [`UPGRADE_EVERY`]; when a direct connection arrives, new streams use it;
+//! - relayed: to let the path layer (`multipath`) probe the introduction's candidates for
+//!   [`DIRECT_LATER`], then to ask for a new introduction and punch again every
+//!   [`UPGRADE_EVERY`]; when the path layer moves the connection to a direct path, its
+//!   streams go with it, and when the direct path dies and the relay takes over, punching
+//!   resumes;
 //! - the idle grace: the connection closes once, when the grace after its last stream runs out
 //!   (unless the peer still has streams on it);
 //! - `eager`: redial with backoff when the connection is lost or a dial fails.
@@ -32,8 +35,8 @@ use crate::time::backoff::Backoff;
 
 /// Without a direct path by then, the relay is tried as well (inside one dial).
 pub const DIRECT_DEADLINE: Duration = Duration::from_millis(600);
-/// How long the direct handshakes of a dial the relay won may still complete: the punch
-/// window (3 s) and quinn's Initial retransmissions within it.
+/// How long the path layer probes the candidates of a dial the relay won before the first
+/// new introduction is due: the punch window (3 s) and a few probe intervals.
 pub const DIRECT_LATER: Duration = Duration::from_secs(5);
 /// While relayed, how often to try punching a direct path again.
 pub const UPGRADE_EVERY: Duration = Duration::from_secs(10);
@@ -89,7 +92,8 @@ pub enum Action<C> {
     Dial,
     /// Drop the dial in flight: its deadline passed.
     CancelDial,
-    /// Start punching for a direct path again; report it with [`Machine::upgraded`].
+    /// Ask for a new introduction and punch for a direct path again (the path layer moves
+    /// the connection when one answers); report it with [`Machine::upgraded`].
     Upgrade,
     /// Drop the upgrade attempt in flight.
     CancelUpgrade,
@@ -119,7 +123,7 @@ pub enum Action<C> {
 pub enum Note {
     /// New streams use another existing connection with the peer.
     Switched(Path),
-    /// A direct path replaced the relayed one for new streams.
+    /// The live connection's packets take another path (its streams go on).
     PathChanged { now: Path, was: Path },
     /// The last stream ended; the grace starts.
     LastStreamEnded,
@@ -262,36 +266,38 @@ impl<C: Clone> Machine<C> {
         out
     }
 
-    /// The upgrade attempt in flight (a direct path) ended.
-    pub fn upgraded(&mut self, now: Instant, result: Outcome<Conn<C>>) -> Actions<C> {
+    /// The upgrade attempt in flight ended: `Err` when the connection is still relayed.
+    pub fn upgraded(&mut self, now: Instant, result: Outcome<()>) -> Actions<C> {
         let mut out = Vec::new();
-        let ours = self.upgrade_until.take().is_some();
-        match (result, self.live.take()) {
-            (Ok(conn), Some(old)) if ours => {
-                out.push(Action::Note(Note::PathChanged {
-                    now: conn.path,
-                    was: old.conn.path,
-                }));
-                self.replace_live(now, conn);
-                // The relayed connection is no longer preferred: the peer table closes it
-                // when its last stream ends. The idle clock carries over.
-                if old.grace.active() == 0 {
-                    if let Some(l) = self.live.as_mut() {
-                        l.grace = old.grace;
-                    }
-                }
+        if self.upgrade_until.take().is_none() {
+            return out;
+        }
+        if let Err(e) = result {
+            out.push(Action::Note(Note::StillRelayed(e)));
+            self.upgrade_at = Some(now + UPGRADE_EVERY);
+        }
+        out
+    }
+
+    /// The live connection `id` moved to `path` (the path layer switched: same connection,
+    /// same streams). Relayed again (its direct path died): punching resumes.
+    pub fn path_changed(&mut self, now: Instant, id: usize, path: Path) -> Actions<C> {
+        let mut out = Vec::new();
+        let Some(live) = self.live.as_mut().filter(|l| l.conn.id == id) else {
+            return out;
+        };
+        if live.conn.path == path {
+            return out;
+        }
+        let was = std::mem::replace(&mut live.conn.path, path);
+        out.push(Action::Note(Note::PathChanged { now: path, was }));
+        if path.is_relay() {
+            if self.upgrade_until.is_none() && !self.settings.force_relay {
+                self.upgrade_at = Some(now + UPGRADE_EVERY);
             }
-            (Ok(conn), old) => {
-                self.live = old;
-                out.push(close(conn.handle, b"not needed"));
-            }
-            (Err(e), old) => {
-                self.live = old;
-                if ours {
-                    out.push(Action::Note(Note::StillRelayed(e)));
-                    self.upgrade_at = Some(now + UPGRADE_EVERY);
-                }
-            }
+        } else {
+            self.upgrade_at = None;
+            self.drop_upgrade(&mut out);
         }
         out
     }
@@ -718,7 +724,7 @@ mod tests {
     }
 
     #[test]
-    fn relay_wins_then_the_direct_path_arrives_and_new_streams_move() {
+    fn relay_wins_then_the_same_connection_moves_to_the_direct_path_and_back() {
         let t0 = Instant::now();
         let mut m = Machine::<usize>::new(settings(false));
         m.request(t0, 1, None);
@@ -732,21 +738,39 @@ mod tests {
         assert_eq!(grants(&out), [(1, 1, 1)]);
         assert!(m.path().unwrap().is_relay());
         assert_eq!(m.poll_timeout(), Some(t0 + ms(700) + DIRECT_LATER));
-        let out = m.upgraded(t0 + ms(1500), Ok(direct(2)));
+        // The path layer found the direct path: same connection, same lease generation.
+        let out = m.path_changed(t0 + ms(1500), 1, Path::Direct(addr(4433)));
         assert!(matches!(
             out[..],
-            [Action::Note(Note::PathChanged {
-                was: Path::Relay(_),
-                now: Path::Direct(_)
-            })]
+            [
+                Action::Note(Note::PathChanged {
+                    was: Path::Relay(_),
+                    now: Path::Direct(_)
+                }),
+                Action::CancelUpgrade
+            ]
         ));
-        assert!(closes(&out).is_empty(), "the relayed one drains on its own");
-        assert_eq!(grants(&m.request(t0 + ms(1600), 2, None)), [(2, 2, 2)]);
-        // The old stream's end (generation 1) does not touch the new connection's count.
-        m.stream_ended(t0 + ms(1700), 1);
-        assert_eq!(m.poll_timeout(), None, "stream 2 is still open");
-        m.stream_ended(t0 + ms(1800), 2);
-        assert_eq!(m.poll_timeout(), Some(t0 + ms(1800) + GRACE));
+        assert_eq!(m.path(), Some(Path::Direct(addr(4433))));
+        assert_eq!(m.poll_timeout(), None, "stream 1 is open; no upgrade due");
+        // Another connection's path is not ours.
+        assert!(m
+            .path_changed(t0 + ms(1600), 9, Path::Relay(addr(1)))
+            .is_empty());
+        // The direct path died: relayed again, punching resumes after the interval.
+        let t1 = t0 + ms(9000);
+        let out = m.path_changed(t1, 1, Path::Relay(addr(40000)));
+        assert!(matches!(out[..], [Action::Note(Note::PathChanged { .. })]));
+        assert_eq!(m.poll_timeout(), Some(t1 + UPGRADE_EVERY));
+        assert!(matches!(
+            m.timeout(t1 + UPGRADE_EVERY, never_busy)[..],
+            [Action::Upgrade]
+        ));
+        // The stream's end is counted on the connection it was granted on.
+        m.stream_ended(t1 + UPGRADE_EVERY, 1);
+        assert_eq!(
+            m.poll_timeout(),
+            Some((t1 + UPGRADE_EVERY + GRACE).min(t1 + UPGRADE_EVERY + LIMIT))
+        );
     }
 
     #[test]

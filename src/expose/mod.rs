@@ -205,11 +205,26 @@ impl Expose {
         }
         let _live = self.node.stats.connection();
         info!("peer connected");
-        let path = self
+        let (path, intro) = self
             .node
             .peers
-            .path_to(crate::quic::path::canonical(conn.remote_address()));
-        let pc = self.node.peers.add(&self.node, peer, conn, peer, path);
+            .path_to(&peer, crate::quic::path::canonical(conn.remote_address()));
+        // Introduced: the connection gets the introduction's other paths (its relay side,
+        // the peer's candidates) and moves to the best one that works.
+        let route = intro.and_then(|i| {
+            crate::multipath::attach(
+                self.node.transport.paths(),
+                &conn,
+                path,
+                i.relay,
+                &i.candidates,
+                self.node.abort.child_token(),
+            )
+        });
+        let pc = self
+            .node
+            .peers
+            .add(&self.node, peer, conn, peer, path, route);
         self.serve_streams(pc, peer).await;
     }
 

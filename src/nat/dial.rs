@@ -47,24 +47,6 @@ pub fn attempt_delay(base: Duration, candidate: SocketAddr, ipv6_usable: bool) -
     }
 }
 
-/// The direct attempts (and the punches) left after the relay won: the first direct
-/// handshake to complete, or the last error once all have failed.
-fn first_direct(
-    mut tasks: JoinSet<Option<(Path, Result<quinn::Connection, DialError>)>>,
-    mut last_error: DialFailure,
-) -> DirectLater {
-    Box::pin(async move {
-        while let Some(joined) = tasks.join_next().await {
-            match joined {
-                Ok(Some((path, Ok(conn)))) => return Ok((conn, path)),
-                Ok(Some((_, Err(e)))) => last_error = DialFailure::Attempt(e),
-                Ok(None) | Err(_) => {}
-            }
-        }
-        Err(last_error)
-    })
-}
-
 /// Sends the punch packets (and relay binds) of an introduction on its schedule.
 /// Bounded: about 3 s and 30 rounds.
 pub async fn punch(transport: Transport, intro: Arc<Introduction>) {
@@ -84,16 +66,11 @@ pub async fn punch(transport: Transport, intro: Arc<Introduction>) {
     }
 }
 
-/// Direct handshakes still under way when the relay won; resolves to the first that completes.
-pub type DirectLater = std::pin::Pin<
-    Box<dyn std::future::Future<Output = Result<(quinn::Connection, Path), DialFailure>> + Send>,
->;
-
 /// Dials `peer` after an introduction: QUIC handshakes to every candidate at once while the
 /// punches go out, and, if none succeeds by `direct_deadline`, through the relay as well.
-/// The first handshake to complete wins. When that is the relay's, the direct handshakes
-/// and the punches go on (a lost Initial costs a retransmission, about a second): they come
-/// back as [`DirectLater`] so the caller can move to the direct path as soon as it exists.
+/// The first handshake to complete wins; the others are dropped. When the relay's wins, the
+/// path layer (`multipath`) goes on probing the candidates on the same connection, and
+/// moves it when one answers.
 ///
 /// With `direct` false (diagnosis: `--force-relay`), only the relay is tried.
 pub async fn dial_introduced(
@@ -101,7 +78,7 @@ pub async fn dial_introduced(
     intro: Introduction,
     direct_deadline: Duration,
     direct: bool,
-) -> Result<(quinn::Connection, Path, Option<DirectLater>), DialFailure> {
+) -> Result<(quinn::Connection, Path), DialFailure> {
     if !direct && intro.relay.is_none() {
         return Err(DialFailure::NoRelay);
     }
@@ -152,11 +129,7 @@ pub async fn dial_introduced(
         let relay_at = choice.relay_deadline().filter(|_| intro.relay.is_some());
         tokio::select! {
             joined = tasks.join_next() => match joined {
-                Some(Ok(Some((path @ Path::Relay(_), Ok(conn))))) => {
-                    let later = direct.then(|| first_direct(tasks, last_error));
-                    return Ok((conn, path, later));
-                }
-                Some(Ok(Some((path, Ok(conn))))) => return Ok((conn, path, None)),
+                Some(Ok(Some((path, Ok(conn))))) => return Ok((conn, path)),
                 Some(Ok(Some((path, Err(e))))) => {
                     debug!(path = path.kind(), addr = %path.addr(), "attempt failed: {e}");
                     last_error = DialFailure::Attempt(e);

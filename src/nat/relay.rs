@@ -55,8 +55,10 @@ pub enum Expiry {
 pub enum Action {
     /// Send it, unchanged, from the other side's port to `dest`.
     Forward { dest: SocketAddr },
-    /// It was a valid bind: the side is now latched to its source.
+    /// It was a valid bind: the side is now latched to its source (new or moved).
     Latched,
+    /// A valid bind from the address the side is latched to already (a peer's periodic one).
+    Bound,
     /// Drop it (unknown source, wrong token, or the other side is not latched yet).
     Drop,
     /// Drop it: over the allocation's byte rate.
@@ -99,8 +101,11 @@ impl Latch {
             if token != self.tokens[side] {
                 return Action::Drop;
             }
-            self.addrs[side] = Some(src);
             self.last_activity = now;
+            if self.addrs[side] == Some(src) {
+                return Action::Bound;
+            }
+            self.addrs[side] = Some(src);
             return Action::Latched;
         }
         if self.addrs[side] != Some(src) {
@@ -203,7 +208,7 @@ pub async fn run(
                 let _ = sockets[1 - side].try_send_to(&bufs[side][..len], dest);
             }
             Action::Latched => info!(side, %src, "relay side bound"),
-            Action::Drop => {}
+            Action::Bound | Action::Drop => {}
             Action::Policed => done.policed += 1,
         }
     }
@@ -271,6 +276,13 @@ mod tests {
                 bind(0),
                 Action::Latched,
                 "a rebinding with the token moves the latch",
+            ),
+            (
+                0,
+                3,
+                bind(0),
+                Action::Bound,
+                "the same bind again changes nothing",
             ),
             (
                 1,

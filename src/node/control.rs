@@ -188,7 +188,7 @@ impl ControlView {
                 "name": name,
                 "id": id.to_string(),
                 "connected": conn.is_some(),
-                "path": conn.map(|(_, pc)| pc.path.kind()),
+                "path": conn.map(|(_, pc)| pc.path().kind()),
                 "presence": presence,
                 "last_seen_s": seen.last_up.map(ago),
                 "last_error": seen.last_failure.as_ref().filter(|_| failed_last).map(|(_, why)| why.clone()),
@@ -208,13 +208,33 @@ impl ControlView {
             .into_iter()
             .map(|(peer, pc)| {
                 let st = pc.conn.stats();
-                let remote = crate::quic::path::canonical(pc.conn.remote_address());
+                // Where its packets go now (the active path), not the address quinn keeps.
+                let path = pc.path();
+                let remote = path.addr();
+                let paths: Vec<serde_json::Value> = pc
+                    .route
+                    .as_ref()
+                    .map(|r| r.view())
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|v| {
+                        serde_json::json!({
+                            "path": v.path.kind(),
+                            "remote": v.path.addr().to_string(),
+                            "active": v.active,
+                            "alive": v.alive,
+                            "rtt_ms": v.rtt.map(|r| r.as_secs_f64() * 1000.0),
+                            "pongs": v.pongs,
+                        })
+                    })
+                    .collect();
                 serde_json::json!({
                     "peer": peer.to_string(),
                     "name": name_of(&peer),
                     "dialled_by_us": pc.initiator != peer,
-                    "path": pc.path.kind(),
+                    "path": path.kind(),
                     "remote": remote.to_string(),
+                    "paths": paths,
                     "ip_version": if remote.is_ipv4() { 4 } else { 6 },
                     "rtt_ms": st.path.rtt.as_secs_f64() * 1000.0,
                     "cwnd_bytes": st.path.cwnd,
@@ -236,6 +256,7 @@ impl ControlView {
                 "tasks": self.ctx.tasks.len(),
                 "connections": s.connections.get(),
                 "connections_opened": s.connections_opened(),
+                "path_switches": self.ctx.transport.paths().switches.load(std::sync::atomic::Ordering::Relaxed),
                 "streams": s.streams.get(),
                 "streams_opened": s.streams_opened(),
                 "rtsp_sessions": s.rtsp_sessions.get(),

@@ -208,10 +208,9 @@ impl Node {
                 match ctx.server().map(|s| s.allows(&intro.peer)) {
                     Some(true) => {
                         info!(peer = %intro.peer, candidates = ?intro.candidates, relay = intro.relay.is_some(), "introduced: punching");
-                        if let Some((relay, _)) = intro.relay {
-                            ctx.peers.note_relay(relay);
-                        }
-                        ctx.tasks.spawn(punch(ctx.transport.clone(), Arc::new(intro)));
+                        let intro = Arc::new(intro);
+                        ctx.peers.note_intro(intro.clone(), ctx.transport.paths());
+                        ctx.tasks.spawn(punch(ctx.transport.clone(), intro));
                     }
                     // Accepted, then the rules changed (a reload) before the introduction came.
                     Some(false) => tracing::info!(peer = %intro.peer, "introduced to a peer no longer allowed here: ignored"),

@@ -6,6 +6,7 @@ pub mod control;
 pub mod header;
 pub mod http;
 pub mod media;
+pub mod probe;
 pub mod rendezvous;
 pub mod rtsp;
 

@@ -15,6 +15,7 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{IdleTimeout, VarInt};
 
 use crate::identity::{Identity, PeerId};
+use crate::multipath::{PathSocket, PathTable};
 use accept::Serve;
 
 /// An ALPN and the role that serves it.
@@ -175,9 +176,9 @@ pub struct Transport {
     /// The role serving each ALPN this endpoint accepts (`accept`). Weak: the node owns its
     /// roles, and a role holds this transport.
     routes: Arc<Mutex<Vec<Route>>>,
-    /// The same UDP socket (a duplicate descriptor), for the few non-QUIC packets we send:
-    /// punches and relay binds. Never read from: every packet received goes to quinn.
-    raw: Arc<UdpSocket>,
+    /// The path layer under quinn (`multipath`): each introduced connection's paths, and the
+    /// socket the few non-QUIC packets (punches, relay binds, probes) go out of.
+    paths: Arc<PathTable>,
 }
 
 impl Transport {
@@ -200,11 +201,12 @@ impl Transport {
             }
             Err(source) => return Err(TransportError::Bind { addr, source }),
         };
-        let raw = socket
-            .try_clone()
-            .map_err(|source| TransportError::Bind { addr, source })?;
         let runtime = quinn::default_runtime()
             .ok_or_else(|| TransportError::Quic("no async runtime".into()))?;
+        let bind_error = |source| TransportError::Bind { addr, source };
+        let inner = runtime.wrap_udp_socket(socket).map_err(bind_error)?;
+        let paths = PathTable::new(inner.clone()).map_err(bind_error)?;
+        let socket = Arc::new(PathSocket::new(inner, paths.clone()));
         // The stateless-reset key comes from the identity, so after a restart this endpoint
         // answers its old connections' packets with a reset the peers accept: they learn at
         // once that the connection is gone instead of waiting for the idle timeout.
@@ -227,15 +229,15 @@ impl Transport {
         // Every QUIC packet keeps the fixed bit set, so our own packets (first byte 0) on the
         // same socket can never be mistaken for QUIC.
         config.grease_quic_bit(false);
-        let endpoint = quinn::Endpoint::new(config, None, socket, runtime)
-            .map_err(|source| TransportError::Bind { addr, source })?;
+        let endpoint = quinn::Endpoint::new_with_abstract_socket(config, None, socket, runtime)
+            .map_err(bind_error)?;
         Ok(Transport {
             endpoint,
             identity,
             tuning: Arc::new(tuning),
             loopback_server: Arc::default(),
             routes: Arc::default(),
-            raw: Arc::new(raw),
+            paths,
         })
     }
 
@@ -363,13 +365,12 @@ impl Transport {
     /// Sends one non-QUIC datagram (a punch or a relay bind) from the endpoint's socket.
     /// Best effort, like the network: a full socket buffer drops it.
     pub fn send_raw(&self, to: SocketAddr, packet: &[u8]) {
-        let to = match self.raw.local_addr() {
-            Ok(local) => path::for_socket(to, local),
-            Err(_) => to,
-        };
-        if let Err(e) = self.raw.send_to(packet, to) {
-            tracing::debug!(%to, "raw send failed: {e}");
-        }
+        self.paths.send_raw(to, packet);
+    }
+
+    /// The path layer: introduced connections get their paths from it (`multipath::attach`).
+    pub fn paths(&self) -> &Arc<PathTable> {
+        &self.paths
     }
 
     pub fn endpoint(&self) -> &quinn::Endpoint {

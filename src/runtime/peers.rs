@@ -16,6 +16,7 @@ use tracing::info;
 
 use crate::identity::PeerId;
 use crate::media::MediaMux;
+use crate::nat::client::Introduction;
 use crate::protocol::close_code;
 use crate::quic::path::Path;
 use crate::runtime::NodeCtx;
@@ -27,7 +28,10 @@ pub(crate) struct PeerConn {
     pub conn: Connection,
     /// Who dialled it.
     pub initiator: PeerId,
-    pub path: Path,
+    /// The path its handshake completed on.
+    path: Path,
+    /// Its paths, when it was introduced (`multipath`): the active one may change.
+    pub route: Option<Arc<crate::multipath::Entry>>,
     /// Streams on it now, in both directions (each end counts every stream).
     pub streams: Gauge,
     /// RTP/RTCP flows carried on it as datagrams.
@@ -66,6 +70,11 @@ pub struct Seen {
 const SEEN_KEPT: usize = 1024;
 
 impl PeerConn {
+    /// The path its packets take now.
+    pub fn path(&self) -> Path {
+        self.route.as_ref().map_or(self.path, |r| r.path())
+    }
+
     /// Records the connection's figures now: its RTT into the node's histogram, and a
     /// sample into its history.
     fn sample(&self, stats: &crate::stats::Stats) {
@@ -103,9 +112,10 @@ struct Inner {
 pub(crate) struct PeerTable {
     me: PeerId,
     inner: Mutex<Inner>,
-    /// The relay ports this node was introduced through lately (so an accepted connection
-    /// from one is known to be relayed), the newest last.
-    relays: Mutex<std::collections::VecDeque<std::net::SocketAddr>>,
+    /// The introductions this node punched for lately, the newest last: an accepted
+    /// connection from a relay port is known to be relayed, and gets the introduction's
+    /// other paths.
+    intros: Mutex<std::collections::VecDeque<Arc<Introduction>>>,
     changed: watch::Sender<u64>,
     seen: Mutex<HashMap<PeerId, Seen>>,
 }
@@ -115,7 +125,7 @@ impl PeerTable {
         PeerTable {
             me,
             inner: Mutex::default(),
-            relays: Mutex::default(),
+            intros: Mutex::default(),
             changed: watch::Sender::new(0),
             seen: Mutex::default(),
         }
@@ -150,30 +160,42 @@ impl PeerTable {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Relay ports remembered: far more than a node holds allocations at once.
-    const RELAYS_KEPT: usize = 256;
+    /// Introductions remembered: far more than a node holds connections being set up.
+    const INTROS_KEPT: usize = 256;
 
-    /// Remembers a relay port this node was introduced through.
-    pub(crate) fn note_relay(&self, addr: std::net::SocketAddr) {
-        let addr = crate::quic::path::canonical(addr);
-        let mut relays = self.relays.lock().unwrap_or_else(|p| p.into_inner());
-        if !relays.contains(&addr) {
-            if relays.len() == Self::RELAYS_KEPT {
-                relays.pop_front();
+    /// Remembers an introduction this node punched for; a live connection with that peer
+    /// tries its candidates (a new introduction while relayed: the peer punches again).
+    pub(crate) fn note_intro(&self, intro: Arc<Introduction>, paths: &crate::multipath::PathTable) {
+        for pc in self.inner().conns.get(&intro.peer).into_iter().flatten() {
+            if let Some(route) = &pc.route {
+                route.add_candidates(paths, &intro.candidates);
             }
-            relays.push_back(addr);
         }
+        let mut intros = self.intros.lock().unwrap_or_else(|p| p.into_inner());
+        if intros.len() == Self::INTROS_KEPT {
+            intros.pop_front();
+        }
+        intros.push_back(intro);
     }
 
-    /// The path of a connection accepted from `remote`: relayed when it is a relay port this
-    /// node was introduced through, else direct.
-    pub(crate) fn path_to(&self, remote: std::net::SocketAddr) -> Path {
-        let relays = self.relays.lock().unwrap_or_else(|p| p.into_inner());
-        if relays.contains(&remote) {
-            Path::Relay(remote)
-        } else {
-            Path::Direct(remote)
+    /// The path of a connection `peer` made from `remote`, and the introduction it came of:
+    /// relayed when `remote` is a relay port this node was introduced to `peer` through,
+    /// else direct.
+    pub(crate) fn path_to(
+        &self,
+        peer: &PeerId,
+        remote: std::net::SocketAddr,
+    ) -> (Path, Option<Arc<Introduction>>) {
+        let intros = self.intros.lock().unwrap_or_else(|p| p.into_inner());
+        let relayed = intros.iter().rev().find(|i| {
+            i.relay
+                .is_some_and(|(r, _)| crate::quic::path::canonical(r) == remote)
+        });
+        if let Some(i) = relayed {
+            return (Path::Relay(remote), Some(i.clone()));
         }
+        let latest = intros.iter().rev().find(|i| i.peer == *peer).cloned();
+        (Path::Direct(remote), latest)
     }
 
     pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
@@ -189,6 +211,7 @@ impl PeerTable {
         conn: Connection,
         initiator: PeerId,
         path: Path,
+        route: Option<Arc<crate::multipath::Entry>>,
     ) -> PeerConn {
         let pc = {
             let mut inner = self.inner();
@@ -204,6 +227,7 @@ impl PeerTable {
                 conn,
                 initiator,
                 path,
+                route,
                 streams: Gauge::default(),
                 seq: inner.seq,
                 opened: crate::time::now(),
