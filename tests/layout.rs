@@ -103,6 +103,7 @@ fn the_layers_point_down() {
     let layers: &[&[&str]] = &[
         &["identity", "time", "stats"],
         &["protocol"],
+        &["multipath"],
         &["config", "quic"],
         &["tunnel", "media"],
         &["rtsp", "http"],

@@ -87,8 +87,12 @@ async fn peers_known_only_by_id_meet_through_the_rendezvous() {
     let rz_addr = rz.local_addr().unwrap();
     let client_id = identity();
     let exp = exposer(rz_addr, echo.addr, client_id.peer_id());
-    let (cli, session, local) =
-        connector(client_id, rz_addr, exp.peer_id(), SessionConfig::default()).await;
+    // A short idle grace, so the connection closes soon after the client is done.
+    let config = SessionConfig {
+        idle_grace: Duration::from_secs(2),
+        ..SessionConfig::default()
+    };
+    let (cli, session, local) = connector(client_id, rz_addr, exp.peer_id(), config).await;
     echo_round_trip(local, &random_bytes(1 << 20)).await;
     let path = session.path().expect("connected");
     assert_eq!(path.kind(), "direct");
@@ -98,12 +102,20 @@ async fn peers_known_only_by_id_meet_through_the_rendezvous() {
         "straight to the exposing node"
     );
     assert_eq!(rz.rendezvous_peers(), 2);
-    // The relay allocated with the introduction was not needed: it is released at once, not
-    // at its idle timeout a minute later.
+    // The relay allocated with the introduction stays while the connection lives: it is
+    // the path a dead direct path hands over to.
+    assert_eq!(
+        rz.stats().relays.get(),
+        1,
+        "the relay is kept as the fallback path"
+    );
+    // The idle grace ends and the connection closes: the allocation is released then, not
+    // at the relay's idle timeout a minute later.
     assert!(
         rz.stats().relays.wait_for(WAIT, |n| *n == 0).await,
-        "the unused relay allocation was released"
+        "the relay allocation was released with the connection"
     );
+    assert_eq!(session.path(), None, "the connection closed");
     drop(session);
     stop(vec![cli, exp, rz]).await;
 }

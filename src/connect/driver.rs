@@ -260,13 +260,17 @@ impl Driver {
     ) -> Conn<Handle> {
         let me = self.node.transport.identity().peer_id();
         let id = conn.stable_id();
+        let fixed = self.config.force_relay;
         let route = intro.and_then(|i| {
+            let candidates: &[std::net::SocketAddr] = if fixed { &[] } else { &i.candidates };
             crate::multipath::attach(
                 self.node.transport.paths(),
                 &conn,
                 path,
                 i.relay,
-                &i.candidates,
+                candidates,
+                Some(self.peer.id),
+                fixed,
                 self.node.abort.child_token(),
             )
         });

@@ -218,6 +218,8 @@ impl Expose {
                 path,
                 i.relay,
                 &i.candidates,
+                Some(peer),
+                false,
                 self.node.abort.child_token(),
             )
         });

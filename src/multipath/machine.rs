@@ -20,9 +20,9 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::nat::punch::PunchSchedule;
+use super::path::Path;
+use super::schedule::PunchSchedule;
 use crate::protocol::probe::Probe;
-use crate::quic::path::Path;
 
 /// How often a confirmed path is pinged.
 pub const PROBE_EVERY: Duration = Duration::from_secs(1);
@@ -105,6 +105,8 @@ impl Entry {
 #[derive(Debug)]
 pub struct PathSet {
     tag: [u8; 16],
+    /// `--force-relay`: no path but the ones given, and no answer on any other address.
+    fixed: bool,
     entries: Vec<Entry>,
     active: usize,
     next_nonce: u64,
@@ -119,11 +121,19 @@ impl PathSet {
         first.next_ping = Some(now + PROBE_EVERY);
         PathSet {
             tag,
+            fixed: false,
             entries: vec![first],
             active: 0,
             // Different per connection, so a pong to an older connection's ping never matches.
-            next_nonce: u64::from_be_bytes(tag[..8].try_into().expect("8 bytes")),
+            next_nonce: Probe::first_nonce(&tag),
         }
+    }
+
+    /// Keeps to the paths given (the relay, with `--force-relay`): a ping from any other
+    /// address is not answered, so the peer finds no other path either.
+    pub fn fixed(mut self) -> Self {
+        self.fixed = true;
+        self
     }
 
     pub fn tag(&self) -> &[u8; 16] {
@@ -175,6 +185,9 @@ impl PathSet {
     /// the peer's (peer-reflexive), tried at once.
     pub fn on_ping(&mut self, from: SocketAddr, nonce: u64, now: Instant) -> Vec<Action> {
         if !self.entries.iter().any(|e| e.path.addr() == from) {
+            if self.fixed {
+                return Vec::new();
+            }
             self.add(Path::Direct(from), None, now);
         }
         let pong = Probe::Pong {
@@ -494,6 +507,10 @@ mod tests {
         );
         let out = s.poll(t0);
         assert_eq!(pings(&out).iter().filter(|(a, _)| *a == addr(7)).count(), 1);
+        // With the paths fixed (`--force-relay`), another address gets no answer.
+        let mut fixed = PathSet::new(TAG, Path::Relay(addr(40_000)), None, t0).fixed();
+        assert!(fixed.on_ping(addr(8), 1, t0).is_empty());
+        assert_eq!(fixed.addrs().count(), 1);
         // A pong that echoes no ping of ours changes nothing.
         assert!(s.on_pong(addr(7), 12345, t0).is_empty());
         let (_, nonce) = pings(&out)[0];

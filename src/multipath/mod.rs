@@ -17,6 +17,8 @@
 //! passes through unchanged.
 
 pub mod machine;
+pub mod path;
+pub mod schedule;
 
 use std::collections::HashMap;
 use std::io::{self, IoSliceMut};
@@ -33,9 +35,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::protocol::probe::{Probe, TAG_LABEL};
-use crate::quic::path::{canonical, for_socket, Path};
 use crate::time::{now, sleep_until_opt};
 use machine::{Action, PathSet, PathView};
+use path::{canonical, for_socket, Path};
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -270,13 +272,15 @@ impl PathTable {
 
 /// Gives `conn` (whose handshake completed on `active`) its other paths — the relay side
 /// `relay` and the peer's `candidates` — and probes them until the connection closes or
-/// `abort` fires. The connection then goes wherever its paths work best.
+/// `abort` fires. `fixed` (`--force-relay`): no path but these, none learnt from the peer. The connection then goes wherever its paths work best.
 pub fn attach(
     table: &Arc<PathTable>,
     conn: &quinn::Connection,
     active: Path,
     relay: Option<(SocketAddr, [u8; 16])>,
     candidates: &[SocketAddr],
+    peer: Option<crate::identity::PeerId>,
+    fixed: bool,
     abort: CancellationToken,
 ) -> Option<Arc<Entry>> {
     let mut tag = [0u8; 16];
@@ -290,6 +294,9 @@ pub fn attach(
     let active = form(active);
     let token = relay.and_then(|(a, token)| (form(Path::Relay(a)) == active).then_some(token));
     let mut set = PathSet::new(tag, active, token, t);
+    if fixed {
+        set = set.fixed();
+    }
     if let Some((addr, token)) = relay {
         set.add(form(Path::Relay(addr)), Some(token), t);
     }
@@ -298,7 +305,7 @@ pub fn attach(
     }
     let entry = Arc::new(Entry {
         alias,
-        peer: crate::quic::tls::peer_id_of(conn),
+        peer,
         seq: table
             .next_seq
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed),

@@ -208,8 +208,13 @@ impl Node {
                 match ctx.server().map(|s| s.allows(&intro.peer)) {
                     Some(true) => {
                         info!(peer = %intro.peer, candidates = ?intro.candidates, relay = intro.relay.is_some(), "introduced: punching");
+                        let noted = crate::runtime::peers::Intro {
+                            peer: intro.peer,
+                            candidates: intro.candidates.clone(),
+                            relay: intro.relay,
+                        };
+                        ctx.peers.note_intro(Arc::new(noted), ctx.transport.paths());
                         let intro = Arc::new(intro);
-                        ctx.peers.note_intro(intro.clone(), ctx.transport.paths());
                         ctx.tasks.spawn(punch(ctx.transport.clone(), intro));
                     }
                     // Accepted, then the rules changed (a reload) before the introduction came.

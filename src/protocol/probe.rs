@@ -34,6 +34,11 @@ impl Probe {
         }
     }
 
+    /// Where a connection's nonces start (from its tag, so they differ per connection).
+    pub fn first_nonce(tag: &[u8; 16]) -> u64 {
+        u64::from_be_bytes(tag[..8].try_into().expect("8 bytes"))
+    }
+
     pub fn encode(&self) -> [u8; LEN] {
         let (prefix, tag, nonce) = match self {
             Probe::Ping { tag, nonce } => (PING_PREFIX, tag, nonce),

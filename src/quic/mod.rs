@@ -4,7 +4,8 @@
 
 pub mod accept;
 pub mod close;
-pub mod path;
+/// Paths live with the path layer below; `quic::path` names them here too.
+pub use crate::multipath::path;
 pub mod tls;
 
 use std::net::{SocketAddr, UdpSocket};

@@ -16,11 +16,19 @@ use tracing::info;
 
 use crate::identity::PeerId;
 use crate::media::MediaMux;
-use crate::nat::client::Introduction;
 use crate::protocol::close_code;
 use crate::quic::path::Path;
 use crate::runtime::NodeCtx;
 use crate::stats::Gauge;
+
+/// What an introduction told this node about a peer it punched for: the peer's candidates
+/// and this node's relay side (port and bind token).
+#[derive(Debug, Clone)]
+pub(crate) struct Intro {
+    pub peer: PeerId,
+    pub candidates: Vec<std::net::SocketAddr>,
+    pub relay: Option<(std::net::SocketAddr, [u8; 16])>,
+}
 
 /// A connection with a peer.
 #[derive(Clone)]
@@ -115,7 +123,7 @@ pub(crate) struct PeerTable {
     /// The introductions this node punched for lately, the newest last: an accepted
     /// connection from a relay port is known to be relayed, and gets the introduction's
     /// other paths.
-    intros: Mutex<std::collections::VecDeque<Arc<Introduction>>>,
+    intros: Mutex<std::collections::VecDeque<Arc<Intro>>>,
     changed: watch::Sender<u64>,
     seen: Mutex<HashMap<PeerId, Seen>>,
 }
@@ -165,7 +173,7 @@ impl PeerTable {
 
     /// Remembers an introduction this node punched for; a live connection with that peer
     /// tries its candidates (a new introduction while relayed: the peer punches again).
-    pub(crate) fn note_intro(&self, intro: Arc<Introduction>, paths: &crate::multipath::PathTable) {
+    pub(crate) fn note_intro(&self, intro: Arc<Intro>, paths: &crate::multipath::PathTable) {
         for pc in self.inner().conns.get(&intro.peer).into_iter().flatten() {
             if let Some(route) = &pc.route {
                 route.add_candidates(paths, &intro.candidates);
@@ -185,7 +193,7 @@ impl PeerTable {
         &self,
         peer: &PeerId,
         remote: std::net::SocketAddr,
-    ) -> (Path, Option<Arc<Introduction>>) {
+    ) -> (Path, Option<Arc<Intro>>) {
         let intros = self.intros.lock().unwrap_or_else(|p| p.into_inner());
         let relayed = intros.iter().rev().find(|i| {
             i.relay
