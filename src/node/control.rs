@@ -34,29 +34,45 @@ pub enum ControlError {
 }
 
 /// Binds `path`: a socket file left by a process that is gone is replaced; one that answers
-/// belongs to a live process and is left alone.
+/// belongs to a live process and is left alone. The socket is made under a private name,
+/// set to mode 0600, and only then linked to `path` (`link` fails rather than replace), so
+/// no client ever finds it at `path` with the umask's wider mode.
 fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     let io = |source| ControlError::Io {
         path: path.to_owned(),
         source,
     };
-    match std::os::unix::net::UnixListener::bind(path) {
-        Ok(l) => return finish(l, path).map_err(io),
-        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {}
+    let mut private = path.as_os_str().to_owned();
+    private.push(format!(".{}.tmp", std::process::id()));
+    let private = PathBuf::from(private);
+    let _ = std::fs::remove_file(&private);
+    let l = std::os::unix::net::UnixListener::bind(&private).map_err(io)?;
+    let linked = std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o600))
+        .and_then(|()| link_once_stale_removed(&private, path));
+    let _ = std::fs::remove_file(&private);
+    match linked {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            return Err(ControlError::InUse(path.to_owned()))
+        }
         Err(e) => return Err(io(e)),
     }
-    if std::os::unix::net::UnixStream::connect(path).is_ok() {
-        return Err(ControlError::InUse(path.to_owned()));
-    }
-    std::fs::remove_file(path).map_err(io)?;
-    let l = std::os::unix::net::UnixListener::bind(path).map_err(io)?;
-    finish(l, path).map_err(io)
+    l.set_nonblocking(true).map_err(io)?;
+    UnixListener::from_std(l).map_err(io)
 }
 
-fn finish(l: std::os::unix::net::UnixListener, path: &Path) -> std::io::Result<UnixListener> {
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    l.set_nonblocking(true)?;
-    UnixListener::from_std(l)
+/// Links `from` to `to`; a file at `to` that no process answers on is removed first (once).
+/// `AddrInUse` when a live process answers at `to`.
+fn link_once_stale_removed(from: &Path, to: &Path) -> std::io::Result<()> {
+    match std::fs::hard_link(from, to) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        other => return other,
+    }
+    if std::os::unix::net::UnixStream::connect(to).is_ok() {
+        return Err(std::io::ErrorKind::AddrInUse.into());
+    }
+    std::fs::remove_file(to)?;
+    std::fs::hard_link(from, to)
 }
 
 impl Node {
