@@ -73,9 +73,10 @@ enum Command {
 struct RendezvousArgs {
     #[command(flatten)]
     common: CommonArgs,
-    /// UDP address to listen on [default: [::]:3478, IPv6 and IPv4 alike].
+    /// Address to listen on, UDP and TCP alike [default: [::]:3478, IPv6 and IPv4 alike];
+    /// given again, more TCP addresses for peers whose network drops UDP (e.g. [::]:443).
     #[arg(long, value_name = "ADDR")]
-    listen: Option<SocketAddr>,
+    listen: Vec<SocketAddr>,
     /// Do not relay: peers that cannot punch a direct path cannot connect.
     #[arg(long)]
     no_relay: bool,
@@ -697,8 +698,14 @@ async fn rendezvous(args: RendezvousArgs) -> Result<(), Failure> {
     let file = rules.rendezvous_server.take().unwrap_or_default();
     let listen = args
         .listen
+        .first()
+        .copied()
         .or(file.listen)
         .unwrap_or_else(|| SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 3478)));
+    let more_tcp: Vec<SocketAddr> = match args.listen.len() {
+        0 => file.listen_tcp.clone(),
+        _ => args.listen[1..].to_vec(),
+    };
     let config = rendezvous_config(&args, &file)?;
     let relay = config.limits.relay;
     let listed = match &config.admission {
@@ -709,6 +716,23 @@ async fn rendezvous(args: RendezvousArgs) -> Result<(), Failure> {
         .map_err(|e| anyhow::anyhow!("{e}; choose another port with --listen ADDR"))?;
     node.serve_rendezvous(config)
         .context("starting the rendezvous server")?;
+    let local = node.local_addr().context("reading the bound address")?;
+    // TCP on the UDP socket's own address and port (the TCP link), then the others.
+    let mut tcp = Vec::new();
+    for addr in std::iter::once(local).chain(more_tcp) {
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            usage(format!(
+                "cannot listen on TCP {addr} (for peers whose network drops UDP): {e}; choose another address with --listen ADDR"
+            ))
+        })?;
+        tcp.push(listener);
+    }
+    let tcp_addrs: Vec<String> = tcp
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .map(|a| a.to_string())
+        .collect();
+    node.serve_links(tcp);
     {
         // SIGHUP: the allow list again (the file's `allow`, the allow file, the flags).
         let args = args.clone();
@@ -718,8 +742,7 @@ async fn rendezvous(args: RendezvousArgs) -> Result<(), Failure> {
             admission(&args, &file).map_err(|f| format!("{:#}", f.error))
         });
     }
-    let local = node.local_addr().context("reading the bound address")?;
-    info!(%local, relay, admits = listed.map_or("anyone".to_string(), |n| format!("{n} listed ids")), "rendezvous listening");
+    info!(%local, tcp = %tcp_addrs.join(","), relay, admits = listed.map_or("anyone".to_string(), |n| format!("{n} listed ids")), "rendezvous listening");
     println!("rendezvous listening on {local}");
     println!(
         "peers use: --rendezvous <this-host's-address>:{}",

@@ -105,8 +105,11 @@ pub struct PeerRule {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RendezvousRules {
-    /// UDP address to listen on.
+    /// UDP and TCP address to listen on.
     pub listen: Option<SocketAddr>,
+    /// More TCP addresses for peers whose network drops UDP (e.g. `[::]:443`).
+    #[serde(default)]
+    pub listen_tcp: Vec<SocketAddr>,
     /// Relay for peers that cannot punch (default true).
     pub relay: Option<bool>,
     /// Only these ids may register (with `allow_file`); absent both: anyone.

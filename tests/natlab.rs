@@ -470,6 +470,11 @@ fn a_rendezvous_restart_mid_session_leaves_the_stream_alone_and_registration_rec
     println!("natlab rr: rendezvous restarted during a 4 s download; both peers registered again");
 }
 
+/// B's host firewall (B public, A behind a cone NAT): what comes straight from A's NAT to
+/// expose's port is dropped, so a connection between them goes through the relay.
+/// `delete table inet fw` opens it.
+const B_DROPS_A_DIRECT: &str = "table inet fw {\n chain input {\n  type filter hook input priority 0; policy accept;\n  ip saddr 198.51.100.10 udp dport 4433 drop\n }\n}\n";
+
 /// When B's firewall lets A's direct packets in again, in [`relay_then_direct`].
 #[derive(Clone, Copy, PartialEq)]
 enum Opening {
@@ -522,16 +527,23 @@ impl Running {
 
     /// Both processes made or accepted exactly one connection and it is on `path` now.
     fn one_connection_on(&self, path: &str) {
-        for pem in ["a.pem", "b.pem"] {
-            let s = settled_status(self, pem);
-            assert_eq!(s["counters"]["connections_opened"], 1, "{pem}: {s:#}");
-            assert_eq!(s["connections"][0]["path"], path, "{pem}: {s:#}");
-            assert!(
-                s["counters"]["path_switches"].as_u64() >= Some(1),
-                "{pem}: {s:#}"
-            );
-        }
+        one_connection_each_on(&self.dir, path);
     }
+}
+
+/// The processes with identities `a.pem` and `b.pem` in `dir` made or accepted exactly one
+/// connection, it is on `path` now and it switched paths at least once; their statuses.
+fn one_connection_each_on(dir: &TempDir, path: &str) -> [serde_json::Value; 2] {
+    ["a.pem", "b.pem"].map(|pem| {
+        let s = settled_status_in(dir, pem);
+        assert_eq!(s["counters"]["connections_opened"], 1, "{pem}: {s:#}");
+        assert_eq!(s["connections"][0]["path"], path, "{pem}: {s:#}");
+        assert!(
+            s["counters"]["path_switches"].as_u64() >= Some(1),
+            "{pem}: {s:#}"
+        );
+        s
+    })
 }
 
 /// The `path changed` log lines of `log`.
@@ -548,7 +560,7 @@ fn path_changes(log: &str) -> Vec<String> {
 /// either process, no reset, every byte), and the next fetch is direct too.
 fn relay_then_direct(tag: &str, opening: Opening) {
     let run = Running::start(tag, "cone", "public", 0, 0);
-    nft_in(&run.lab, "hB", "table inet fw {\n chain input {\n  type filter hook input priority 0; policy accept;\n  ip saddr 198.51.100.10 udp dport 4433 drop\n }\n}\n");
+    nft_in(&run.lab, "hB", B_DROPS_A_DIRECT);
     let introductions = |log: &str| log.matches("introducing").count();
     // 64 MiB: 8 s at 8 MB/s; 32 s at 2 MB/s, past the second introduction (15 s).
     let rate = match opening {
@@ -623,7 +635,7 @@ fn a_dead_direct_path_hands_the_live_download_to_the_relay_and_back() {
         .wait_stderr_for(WAIT, |log| log.contains("connected path=direct"));
     std::thread::sleep(Duration::from_secs(2));
     let cut = Instant::now();
-    nft_in(&run.lab, "hB", "table inet fw {\n chain input {\n  type filter hook input priority 0; policy accept;\n  ip saddr 198.51.100.10 udp dport 4433 drop\n }\n}\n");
+    nft_in(&run.lab, "hB", B_DROPS_A_DIRECT);
     run.connect
         .wait_stderr_for(WAIT, |log| !path_changes(log).is_empty());
     let handover = cut.elapsed();
@@ -660,6 +672,233 @@ fn a_relayed_session_moves_to_a_direct_path_found_by_a_later_introduction() {
     if lab_available() {
         relay_then_direct("up", Opening::AtTheBackgroundPunch);
     }
+}
+
+const RTSP_SERVER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/rtsp_server.py");
+/// Seconds of video ffmpeg plays in the RTSP scenario (`-t`), and the test source's rate.
+const PLAY_S: u32 = 30;
+const FPS: u32 = 25;
+
+/// Whether ffmpeg and GStreamer's RTSP server for python3-gi are here, for the RTSP
+/// scenario: skipped loudly when not, except under TUNNEL_REQUIRE_TOOLS=1 (CI), where it fails.
+fn rtsp_tools_available() -> bool {
+    let server = Command::new("/usr/bin/python3")
+        .args([
+            "-c",
+            "import gi; gi.require_version('GstRtspServer', '1.0')",
+        ])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !server {
+        assert_ne!(
+            std::env::var("TUNNEL_REQUIRE_TOOLS").as_deref(),
+            Ok("1"),
+            "the NAT lab's RTSP scenario needs gst-rtsp-server for python3-gi"
+        );
+        eprintln!("SKIPPED: the NAT lab's RTSP scenario needs gst-rtsp-server for python3-gi");
+    }
+    server && have("ffmpeg")
+}
+
+/// What ffmpeg's `-progress pipe:1` said so far: the last `frame=N`, and whether it wrote
+/// `progress=end`.
+#[derive(Default)]
+struct Progress {
+    frames: u32,
+    ended: bool,
+}
+
+impl Progress {
+    /// Takes the progress lines `ffmpeg` wrote since the last call.
+    fn update(&mut self, ffmpeg: &Proc) {
+        for line in ffmpeg.lines_so_far() {
+            if let Some(n) = line.strip_prefix("frame=") {
+                self.frames = n.trim().parse().unwrap_or(self.frames);
+            }
+            self.ended |= line == "progress=end";
+        }
+    }
+}
+
+/// The stderr of each of `procs`, under its name.
+fn logs_of(procs: &[&Proc]) -> String {
+    procs
+        .iter()
+        .map(|p| format!("--- {} ---\n{}", p.name, p.stderr()))
+        .collect()
+}
+
+/// Seconds since midnight (UTC) of a log line's timestamp (`2026-12-01T02:49:01.123456Z ...`).
+fn log_seconds(line: &str) -> Option<f64> {
+    let (_, time) = line.split_whitespace().next()?.split_once('T')?;
+    let mut hms = time.trim_end_matches('Z').split(':').map(str::parse::<f64>);
+    let (h, m, s) = (hms.next()?.ok()?, hms.next()?.ok()?, hms.next()?.ok()?);
+    Some(h * 3600.0 + m * 60.0 + s)
+}
+
+/// [`relay_then_direct`] with a camera: B exposes GStreamer's RTSP server (H.264 at 25 fps,
+/// tests/fixtures/rtsp_server.py) and ffmpeg in hA plays it through `connect` for 30 s with
+/// its default transport (RTP over UDP, carried as QUIC datagrams). B's firewall drops A's
+/// direct packets, so the connection is relayed; once ffmpeg has decoded a second of video
+/// over the relay the firewall opens: the SAME connection moves to the direct path while
+/// ffmpeg plays, and ffmpeg ends cleanly with nearly every frame decoded, frames after the
+/// switch too, and no decoder error.
+#[test]
+fn a_live_rtsp_stream_moves_from_the_relay_to_the_direct_path_without_a_decoder_error() {
+    if !lab_available() || !rtsp_tools_available() {
+        return;
+    }
+    // Declared first, dropped last: every process below goes before the namespaces.
+    let lab = Lab::up("rs", "cone", "public", 0, 0);
+    let dir = TempDir::new("natlab-rs");
+    let rendezvous = start_rendezvous(&lab, &dir);
+    let camera = Proc::spawn(
+        "rtsp server in hB",
+        lab.cmd("hB", "/usr/bin/python3").args([RTSP_SERVER, "0"]),
+    );
+    let port = camera.line_matching(|l| l.starts_with("ready "))[6..]
+        .trim()
+        .to_owned();
+    let (expose, id_b) = expose(
+        &lab,
+        "hB",
+        &format!("cam=rtsp://127.0.0.1:{port}"),
+        &peer_id(&dir.path("a.pem")),
+        &dir.path("b.pem"),
+    );
+    let connect = Proc::spawn(
+        "connect",
+        lab.cmd("hA", tunnel_bin())
+            .args(["connect", &id_b, "--rendezvous", RENDEZVOUS])
+            .args(["--local", "127.0.0.1:0=cam", "--identity"])
+            .arg(dir.path("a.pem")),
+    );
+    let local = connect.line_matching(|l| l.contains(" -> cam on "));
+    let url = format!("rtsp://{}/test", local.split_whitespace().next().unwrap());
+    nft_in(&lab, "hB", B_DROPS_A_DIRECT);
+    // Only errors on stderr (a decoder's among them); the frame count on stdout.
+    let mut ffmpeg = Proc::spawn(
+        "ffmpeg in hA",
+        lab.cmd("hA", "ffmpeg")
+            .args(["-nostdin", "-hide_banner", "-loglevel", "error", "-nostats"])
+            .args(["-progress", "pipe:1", "-stats_period", "0.25", "-i", &url])
+            .args(["-t", &PLAY_S.to_string(), "-f", "null", "-"]),
+    );
+    connect.wait_stderr_for(WAIT, |log| log.contains("connected path=relay"));
+    let mut progress = Progress::default();
+    let deadline = Instant::now() + WAIT;
+    while progress.frames < FPS {
+        assert!(
+            Instant::now() < deadline && !progress.ended,
+            "ffmpeg did not play a second of video over the relay ({} frames):\n{}",
+            progress.frames,
+            logs_of(&[&ffmpeg, &connect, &expose, &camera])
+        );
+        std::thread::sleep(Duration::from_millis(20));
+        progress.update(&ffmpeg);
+    }
+    assert!(
+        path_changes(&connect.stderr()).is_empty(),
+        "{}",
+        connect.stderr()
+    );
+    let relayed = progress.frames;
+    nft_in(&lab, "hB", "delete table inet fw");
+    let opened_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+        % 86_400.0;
+    // The switch comes on the first pong, or at the next introduction if the first one's
+    // candidates are no longer probed (about 15 s after the relay won): within WAIT.
+    let deadline = Instant::now() + WAIT;
+    while path_changes(&connect.stderr()).is_empty() {
+        assert!(
+            Instant::now() < deadline && !progress.ended,
+            "no path change while ffmpeg played ({} frames):\n{}",
+            progress.frames,
+            logs_of(&[&ffmpeg, &connect, &expose, &rendezvous])
+        );
+        std::thread::sleep(Duration::from_millis(20));
+        progress.update(&ffmpeg);
+    }
+    let at_switch = progress.frames;
+    let deadline = Instant::now() + Duration::from_secs(PLAY_S.into()) + WAIT;
+    while !progress.ended {
+        assert!(
+            Instant::now() < deadline,
+            "ffmpeg did not finish its {PLAY_S} s ({} frames):\n{}",
+            progress.frames,
+            logs_of(&[&ffmpeg, &connect, &expose, &camera])
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        progress.update(&ffmpeg);
+    }
+    let code = ffmpeg.wait_exit(WAIT);
+    let why = || logs_of(&[&ffmpeg, &connect, &expose]);
+    assert_eq!(code, Some(0), "ffmpeg's exit:\n{}", why());
+    assert!(
+        ffmpeg.stderr().trim().is_empty(),
+        "ffmpeg reported errors:\n{}",
+        why()
+    );
+    let expected = PLAY_S * FPS;
+    assert!(
+        progress.frames >= expected * 9 / 10,
+        "{} of {expected} frames:\n{}",
+        progress.frames,
+        why()
+    );
+    let after = progress.frames.saturating_sub(at_switch);
+    assert!(
+        after >= 5 * FPS,
+        "frames after the switch: {after} of {}:\n{}",
+        progress.frames,
+        why()
+    );
+    let log = connect.stderr();
+    let changes = path_changes(&log);
+    assert!(
+        changes.len() == 1 && changes[0].contains("from=relay") && changes[0].contains("to=direct"),
+        "{changes:?}"
+    );
+    assert!(
+        path_changes(&expose.stderr())
+            .iter()
+            .any(|l| l.contains("from=relay") && l.contains("to=direct")),
+        "the exposing side moved too: {}",
+        expose.stderr()
+    );
+    assert_eq!(log.matches(" connected").count(), 1, "{log}");
+    let [_, b] = one_connection_each_on(&dir, "direct");
+    // RTP over UDP, not interleaved in the RTSP stream: at least a datagram per frame.
+    let datagrams = b["counters"]["media_datagrams"].as_u64().unwrap_or(0);
+    assert!(datagrams >= u64::from(progress.frames), "{b:#}");
+
+    let connected = log.lines().find(|l| l.contains("connected path=relay"));
+    let seconds = |from: Option<f64>| {
+        let to = log_seconds(&changes[0])?;
+        Some((to - from?).rem_euclid(86_400.0))
+    };
+    let rtt = |key: &str| {
+        changes[0]
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix(key))
+            .unwrap_or("?")
+            .to_owned()
+    };
+    println!(
+        "natlab rs: ffmpeg played {}/{expected} frames of a 25 fps RTSP camera over RTP/UDP \
+         ({datagrams} media datagrams from B), exit 0, no decoder error; {relayed} frames over \
+         the relay, then the firewall opened: path changed relay->direct {:.2} s later in \
+         connect's log ({:.2} s after connected; rtt {} ms -> {} ms), {at_switch} frames at \
+         the switch, {after} after it; one connection in each process",
+        progress.frames,
+        seconds(Some(opened_at)).unwrap_or(f64::NAN),
+        seconds(connected.and_then(log_seconds)).unwrap_or(f64::NAN),
+        rtt("from_rtt_ms="),
+        rtt("to_rtt_ms="),
+    );
 }
 
 /// Two exposing peers, `home` in hB and `shop` in hC, each behind its own port-restricted
@@ -1175,11 +1414,16 @@ fn a_40_s_uplink_cut_fails_the_stream_clearly_and_the_tunnel_comes_back_by_itsel
 /// `tunnel status --json` of the process with identity `pem` once its one connection is
 /// settled (no stream open).
 fn settled_status(run: &Running, pem: &str) -> serde_json::Value {
+    settled_status_in(&run.dir, pem)
+}
+
+/// [`settled_status`] of the process whose identity is `pem` in `dir`.
+fn settled_status_in(dir: &TempDir, pem: &str) -> serde_json::Value {
     let deadline = Instant::now() + WAIT;
     loop {
         let out = Command::new(tunnel_bin())
             .args(["status", "--json", "--identity"])
-            .arg(run.dir.path(pem))
+            .arg(dir.path(pem))
             .output()
             .unwrap();
         let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
@@ -1336,5 +1580,267 @@ fn a_peer_that_moved_while_registered_is_introduced_at_its_new_address() {
             .contains("a registered peer's address changed"),
         "{}",
         run.rendezvous.stderr()
+    );
+}
+
+/// A's router drops every UDP packet from its LAN (a hotel or office network):
+/// `delete table inet block` opens it.
+const A_DROPS_UDP: &str = "table inet block {\n chain f {\n  type filter hook forward priority -10; policy accept;\n  iifname \"lan0\" meta l4proto udp drop\n }\n}\n";
+
+/// As [`A_DROPS_UDP`], and TCP too but to port 443 (a network that lets only HTTPS out).
+const A_ONLY_TCP_443: &str = "table inet block {\n chain f {\n  type filter hook forward priority -10; policy accept;\n  iifname \"lan0\" meta l4proto udp drop\n  iifname \"lan0\" tcp dport != 443 drop\n }\n}\n";
+
+/// A scenario whose A sits behind `block` (nftables in natA) from before it starts, B public,
+/// the rendezvous listening also on `more_listen` (TCP).
+fn running_behind(tag: &str, block: &str, more_listen: &[&str]) -> Running {
+    let lab = Lab::up(tag, "cone", "public", 0, 0);
+    nft_in(&lab, "natA", block);
+    let dir = TempDir::new(&format!("natlab-{tag}"));
+    let body = random_bytes(2_000_000);
+    std::fs::create_dir_all(dir.path("www")).unwrap();
+    std::fs::write(dir.path("www/blob"), &body).unwrap();
+    let mut cmd = lab.cmd("wan", tunnel_bin());
+    cmd.args(["rendezvous", "--listen", RENDEZVOUS]);
+    for l in more_listen {
+        cmd.args(["--listen", l]);
+    }
+    let rendezvous = Proc::spawn("rendezvous", cmd.arg("--identity").arg(dir.path("rz.pem")));
+    rendezvous.line_matching(|l| l.starts_with("rendezvous listening"));
+    let http = http_server(&lab, "hB", &dir.path("www"));
+    let id_a = peer_id(&dir.path("a.pem"));
+    let (expose, id_b) = expose(&lab, "hB", "web=127.0.0.1:8000", &id_a, &dir.path("b.pem"));
+    let connect = Proc::spawn(
+        "connect",
+        lab.cmd("hA", tunnel_bin())
+            .args(["connect", &id_b, "--rendezvous", RENDEZVOUS])
+            .args(["--local", "127.0.0.1:8080=web", "--identity"])
+            .arg(dir.path("a.pem")),
+    );
+    connect.line_matching(|l| l.contains("-> web on"));
+    Running {
+        connect,
+        expose,
+        rendezvous,
+        _http: http,
+        body,
+        dir,
+        lab,
+    }
+}
+
+/// A's network drops all UDP: connect registers and gets its relay over a TCP link to the
+/// rendezvous, and a paced 64 MiB download runs over `relay-tcp`; then UDP opens: the
+/// rendezvous's traffic goes back to UDP and the SAME connection moves to the direct path
+/// while the download goes on (one connection in each process, every byte).
+#[test]
+fn a_network_that_drops_udp_gets_through_over_tcp_and_moves_to_direct_when_udp_opens() {
+    if !lab_available() {
+        return;
+    }
+    let run = running_behind("tu", A_DROPS_UDP, &[]);
+    let started = Instant::now();
+    // 64 MiB at 2 MB/s: 32 s, past the next introduction after UDP opens (every 10 s).
+    let live = run.live_download("live", 64, "2M");
+    run.connect
+        .wait_stderr_for(WAIT, |log| log.contains("connected path=relay-tcp"));
+    let connected = started.elapsed();
+    assert!(
+        run.rendezvous.stderr().contains("TCP link up"),
+        "{}",
+        run.rendezvous.stderr()
+    );
+    let s = settled_or_busy_status(&run.dir, "a.pem");
+    assert_eq!(s["connections"][0]["path"], "relay-tcp", "{s:#}");
+    std::thread::sleep(Duration::from_secs(3));
+    let opened = Instant::now();
+    nft_in(&run.lab, "natA", "delete table inet block");
+    run.connect
+        .wait_stderr_for(WAIT, |log| log.contains("its traffic goes over UDP again"));
+    run.connect
+        .wait_stderr_for(WAIT, |log| !path_changes(log).is_empty());
+    let moved = opened.elapsed();
+    run.wait_live("live", live);
+    let changes = path_changes(&run.connect.stderr());
+    assert!(
+        changes[0].contains("from=relay") && changes[0].contains("to=direct"),
+        "{changes:?}"
+    );
+    run.one_connection_on("direct");
+    assert_eq!(run.connect.stderr().matches(" connected").count(), 1);
+    println!(
+        "natlab tu: UDP dropped: connected over relay-tcp in {:.2} s (download started at once); UDP opened: the same connection direct {:.1} s later; 64 MiB byte for byte",
+        connected.as_secs_f64(),
+        moved.as_secs_f64()
+    );
+}
+
+/// A network that lets out only TCP to port 443: the rendezvous also listens there, and a
+/// fetch gets through over a TCP link on 443 and the relay, byte for byte.
+#[test]
+fn a_network_that_lets_only_tcp_443_out_gets_through_on_the_rendezvous_s_443() {
+    if !lab_available() {
+        return;
+    }
+    let run = running_behind("t4", A_ONLY_TCP_443, &["198.51.100.1:443"]);
+    let child = run.curl("got", &[]);
+    let first_byte = run.check(child, "got");
+    assert_eq!(run.path(), "relay-tcp", "{}", run.connect.stderr());
+    assert!(
+        run.connect
+            .stderr()
+            .lines()
+            .any(|l| l.contains("TCP link to the rendezvous up") && l.contains(":443")),
+        "{}",
+        run.connect.stderr()
+    );
+    println!(
+        "natlab t4: only TCP 443 out: 2 MB over relay-tcp (link on 443), first byte after {:.2} s",
+        first_byte.as_secs_f64()
+    );
+}
+
+/// `tunnel status --json` of the process with identity `pem` once it has one connection
+/// (streams may be open).
+fn settled_or_busy_status(dir: &TempDir, pem: &str) -> serde_json::Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let out = Command::new(tunnel_bin())
+            .args(["status", "--json", "--identity"])
+            .arg(dir.path(pem))
+            .output()
+            .unwrap();
+        let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if s["connections"].as_array().is_some_and(|c| c.len() == 1) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "{pem}: no connection: {s:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Runs `program args` in namespace `ns`; it must succeed.
+fn run_in(lab: &Lab, ns: &str, program: &str, args: &[&str]) {
+    let out = lab.cmd(ns, program).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{program} {args:?} in {ns}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// hA takes another address on its LAN (203.0.113.5) and drops its own, as a laptop that
+/// joins another network does: its packets leave from a new address, and its NAT maps them
+/// to new ports.
+fn move_a(lab: &Lab) {
+    // (Removing the first address of a subnet would remove the others with it.)
+    run_in(
+        lab,
+        "hA",
+        "sysctl",
+        &["-qw", "net.ipv4.conf.eth0.promote_secondaries=1"],
+    );
+    run_in(
+        lab,
+        "hA",
+        "ip",
+        &["addr", "add", "203.0.113.5/26", "dev", "eth0"],
+    );
+    run_in(
+        lab,
+        "hA",
+        "ip",
+        &["addr", "del", "203.0.113.2/26", "dev", "eth0"],
+    );
+    run_in(
+        lab,
+        "hA",
+        "ip",
+        &["route", "replace", "default", "via", "203.0.113.1"],
+    );
+}
+
+/// A and B behind cone NATs on a direct path; A moves to a new address mid-download: A
+/// notices its new address within seconds and asks for a new introduction, so B learns A's
+/// new mapping and punches toward it (its NAT would drop it otherwise), and the download
+/// completes byte for byte in the same connection (on a direct path, or on the relay meanwhile).
+#[test]
+fn the_connecting_host_moves_to_a_new_address_mid_download_and_the_download_completes() {
+    if !lab_available() {
+        return;
+    }
+    let run = Running::start("mv", "cone", "cone", 0, 0);
+    // 64 MiB at 4 MB/s: 16 s.
+    let live = run.live_download("live", 64, "4M");
+    run.connect
+        .wait_stderr_for(WAIT, |log| log.contains("connected path=direct"));
+    std::thread::sleep(Duration::from_secs(3));
+    let moved = Instant::now();
+    move_a(&run.lab);
+    run.connect
+        .wait_stderr_for(WAIT, |log| log.contains("this host's addresses changed"));
+    let noticed = moved.elapsed();
+    run.wait_live("live", live);
+    let took = moved.elapsed();
+    let s = settled_status_in(&run.dir, "a.pem");
+    assert_eq!(s["counters"]["connections_opened"], 1, "{s:#}");
+    assert_eq!(run.connect.stderr().matches(" connected").count(), 1);
+    let b = settled_status_in(&run.dir, "b.pem");
+    assert_eq!(b["counters"]["connections_opened"], 1, "{b:#}");
+    assert!(
+        run.rendezvous.stderr().matches("introducing").count() >= 2,
+        "a new introduction after the move: {}",
+        run.rendezvous.stderr()
+    );
+    println!(
+        "natlab mv: A moved mid-download: noticed {:.1} s later; download done {:.1} s after the move, byte for byte, one connection; A's path changes {:?}, B's {:?}; A ends on {}, B on {} {}",
+        noticed.as_secs_f64(),
+        took.as_secs_f64(),
+        path_changes(&run.connect.stderr()),
+        path_changes(&run.expose.stderr()),
+        s["connections"][0]["path"],
+        b["connections"][0]["path"],
+        b["connections"][0]["remote"],
+    );
+}
+
+/// A relayed connection (B's firewall drops A's direct packets) carries a download; A's NAT
+/// then rebinds (its mappings are flushed and new ones take another port): A's next relay
+/// bind moves the relay's latch, and the download completes byte for byte in the same
+/// connection.
+#[test]
+fn a_nat_rebinding_on_a_relayed_path_leaves_the_download_intact() {
+    if !lab_available() || !have("conntrack") {
+        return;
+    }
+    let run = Running::start("rb", "cone", "public", 0, 0);
+    nft_in(&run.lab, "hB", B_DROPS_A_DIRECT);
+    // 64 MiB at 4 MB/s: 16 s.
+    let live = run.live_download("live", 64, "4M");
+    run.connect
+        .wait_stderr_for(WAIT, |log| log.contains("connected path=relay"));
+    std::thread::sleep(Duration::from_secs(3));
+    let binds = |log: &str| log.matches("relay side bound").count();
+    let before = binds(&run.rendezvous.stderr());
+    // Every new mapping of A's NAT now takes port 20001, and the old ones are forgotten.
+    nft_in(
+        &run.lab,
+        "natA",
+        "flush chain ip nat post\nadd rule ip nat post oifname \"wan0\" meta l4proto udp masquerade to :20001\nadd rule ip nat post oifname \"wan0\" masquerade\n",
+    );
+    run_in(&run.lab, "natA", "conntrack", &["-F"]);
+    let rebound = Instant::now();
+    run.rendezvous.wait_stderr_for(WAIT, |log| {
+        log.lines()
+            .any(|l| l.contains("relay side bound") && l.contains(":20001"))
+    });
+    let relatched = rebound.elapsed();
+    run.wait_live("live", live);
+    assert!(binds(&run.rendezvous.stderr()) > before);
+    let s = settled_status_in(&run.dir, "a.pem");
+    assert_eq!(s["counters"]["connections_opened"], 1, "{s:#}");
+    assert_eq!(s["connections"][0]["path"], "relay", "{s:#}");
+    println!(
+        "natlab rb: A's NAT rebound under a relayed download: the relay latched the new port {:.1} s later; 64 MiB byte for byte, one connection",
+        relatched.as_secs_f64()
     );
 }

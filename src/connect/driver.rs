@@ -86,6 +86,9 @@ impl Driver {
             ended,
         };
         let mut next_waiter = 0u64;
+        // This host's addresses changed (a new address, UDP back after the TCP link): the
+        // live connection punches again at once.
+        let mut network = self.node.transport.paths().links().network_changes();
         let stop = self.node.stop.clone();
         let actions = machine.start(now());
         self.apply(&mut io, actions);
@@ -105,6 +108,10 @@ impl Driver {
                 }
             }
             let actions = tokio::select! {
+                changed = network.changed() => match changed {
+                    Ok(()) => machine.network_changed(now()),
+                    Err(_) => Vec::new(),
+                },
                 request = requests.recv() => {
                     let Some(reply) = request else { break };
                     next_waiter += 1;
@@ -126,7 +133,7 @@ impl Driver {
                         self.node.stats.dial_time.observe(started.elapsed());
                     }
                     let result = result.map(|o| {
-                        info!(path = %o.path.kind(), remote = %o.path.addr(), "connected");
+                        info!(path = %self.node.transport.paths().kind_of(o.path), remote = %o.path.addr(), "connected");
                         let conn = self.register(o.conn, o.path, o.intro);
                         // Relayed: the path layer probes the candidates meanwhile.
                         let direct_later = o.path.is_relay() && !self.config.force_relay;
@@ -290,8 +297,9 @@ impl Driver {
         }
     }
 
-    /// While relayed: a new introduction (no relay), whose candidates the live connection's
-    /// path layer probes, with punches; done when the connection moved to a direct path.
+    /// While relayed, or after this host's addresses changed: a new introduction (no relay),
+    /// whose candidates the live connection's path layer probes, with punches (the peer
+    /// punches toward our new addresses); done when the connection is on a direct path.
     fn upgrade(&self) -> Boxed<()> {
         let node = self.node.clone();
         let peer = self.peer.id;

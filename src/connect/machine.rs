@@ -150,6 +150,9 @@ pub struct Machine<C> {
     /// An upgrade attempt is in flight until this deadline.
     upgrade_until: Option<Instant>,
     upgrade_at: Option<Instant>,
+    /// A new introduction is due although the connection is direct (this host's addresses
+    /// changed).
+    renew: bool,
     redial_at: Option<Instant>,
     backoff: Backoff,
     stopping: bool,
@@ -165,6 +168,7 @@ impl<C: Clone> Machine<C> {
             dial_until: None,
             upgrade_until: None,
             upgrade_at: None,
+            renew: false,
             redial_at: None,
             backoff: Backoff::new(BACKOFF_MIN, BACKOFF_MAX),
             stopping: false,
@@ -302,6 +306,24 @@ impl<C: Clone> Machine<C> {
         out
     }
 
+    /// This host's addresses changed under the live connection (a new address on a laptop
+    /// that changed network, UDP back after the TCP link): a new introduction and punch are
+    /// due now, not at the next interval, relayed or not, so the peer learns (and punches
+    /// toward) the new addresses before the old path's death is noticed. An attempt in
+    /// flight, made with the old addresses, is dropped.
+    pub fn network_changed(&mut self, now: Instant) -> Actions<C> {
+        let mut out = Vec::new();
+        if self.live.is_none() || self.settings.force_relay {
+            return out;
+        }
+        if self.upgrade_until.take().is_some() {
+            out.push(Action::CancelUpgrade);
+        }
+        self.renew = true;
+        self.upgrade_at = Some(now);
+        out
+    }
+
     /// Connection `id` closed (lost, refused, or closed by either side).
     pub fn closed(&mut self, now: Instant, id: usize) -> Actions<C> {
         let mut out = Vec::new();
@@ -348,7 +370,8 @@ impl<C: Clone> Machine<C> {
         if self.upgrade_at.is_some_and(|d| now >= d) && self.upgrade_until.is_none() {
             self.upgrade_at = None;
             let relayed = self.live.as_ref().is_some_and(|l| l.conn.path.is_relay());
-            if relayed && !self.settings.force_relay {
+            let renew = std::mem::take(&mut self.renew) && self.live.is_some();
+            if (relayed || renew) && !self.settings.force_relay {
                 self.upgrade_until = Some(now + self.settings.connect_timeout);
                 out.push(Action::Upgrade);
             }
@@ -791,6 +814,30 @@ mod tests {
         let out = m.timeout(hung, never_busy);
         assert!(matches!(out[..], [Action::CancelUpgrade]));
         assert_eq!(m.poll_timeout(), Some(hung + UPGRADE_EVERY));
+    }
+
+    #[test]
+    fn a_network_change_under_a_live_connection_punches_again_at_once() {
+        let (t0, mut m) = connected(settings(false), relayed(1));
+        let t1 = t0 + ms(2000);
+        assert!(m.network_changed(t1).is_empty());
+        assert_eq!(m.poll_timeout(), Some(t1));
+        assert!(matches!(m.timeout(t1, never_busy)[..], [Action::Upgrade]));
+        // Again while that attempt runs: it is dropped for a new one.
+        let t2 = t1 + ms(500);
+        assert!(matches!(m.network_changed(t2)[..], [Action::CancelUpgrade]));
+        assert!(matches!(m.timeout(t2, never_busy)[..], [Action::Upgrade]));
+        // A direct connection punches again too (the peer must learn the new addresses),
+        // once.
+        let (t0, mut d) = connected(settings(false), direct(2));
+        assert!(d.network_changed(t0).is_empty());
+        assert!(matches!(d.timeout(t0, never_busy)[..], [Action::Upgrade]));
+        assert!(d.upgraded(t0 + ms(10), Ok(())).is_empty());
+        assert_ne!(d.poll_timeout(), Some(t0 + ms(10)));
+        // With no connection there is nothing to renew.
+        let mut idle = Machine::<usize>::new(settings(false));
+        assert!(idle.network_changed(t0).is_empty());
+        assert_eq!(idle.poll_timeout(), None);
     }
 
     #[test]

@@ -16,6 +16,8 @@
 //! timers. Only connections made through an introduction get paths; every other packet
 //! passes through unchanged.
 
+pub mod fallback;
+pub mod link;
 pub mod machine;
 pub mod path;
 pub mod schedule;
@@ -34,8 +36,10 @@ use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::protocol::link::Echo;
 use crate::protocol::probe::{Probe, TAG_LABEL};
 use crate::time::{now, sleep_until_opt};
+use link::LinkHub;
 use machine::{Action, PathSet, PathView};
 use path::{canonical, for_socket, Path};
 
@@ -118,6 +122,8 @@ pub struct PathTable {
     next_seq: std::sync::atomic::AtomicU64,
     /// Path changes so far (all connections).
     pub switches: std::sync::atomic::AtomicU64,
+    /// TCP links: where datagrams go when UDP cannot carry them.
+    links: Arc<LinkHub>,
 }
 
 impl PathTable {
@@ -129,7 +135,22 @@ impl PathTable {
             routes: RwLock::default(),
             next_seq: Default::default(),
             switches: Default::default(),
+            links: Arc::new(LinkHub::new(local)),
         }))
+    }
+
+    /// The TCP links under this socket.
+    pub fn links(&self) -> &Arc<LinkHub> {
+        &self.links
+    }
+
+    /// What a path is called in logs and the status: `relay-tcp` for a relay path the TCP
+    /// link carries now.
+    pub fn kind_of(&self, path: Path) -> &'static str {
+        match path {
+            Path::Relay(a) if self.links.carries(a) => "relay-tcp",
+            p => p.kind(),
+        }
     }
 
     fn socket_form(&self, addr: SocketAddr) -> SocketAddr {
@@ -143,6 +164,15 @@ impl PathTable {
     /// Sends one non-QUIC datagram (a punch, a relay bind, a probe). Best effort, like the
     /// network: a full socket buffer drops it.
     pub fn send_raw(&self, to: SocketAddr, packet: &[u8]) {
+        let to = self.socket_form(to);
+        if self.links.route(to, packet, None) {
+            return;
+        }
+        self.send_udp(to, packet);
+    }
+
+    /// Sends one datagram over UDP, whatever the links carry (an echo request).
+    pub fn send_udp(&self, to: SocketAddr, packet: &[u8]) {
         let to = self.socket_form(to);
         let t = Transmit {
             destination: to,
@@ -202,8 +232,8 @@ impl PathTable {
                     let peer = entry.peer.map(|p| p.to_string()).unwrap_or_default();
                     info!(
                         %peer,
-                        from = %from.kind(), from_addr = %from.addr(), from_rtt_ms = %ms(from_rtt),
-                        to = %to.kind(), to_addr = %to.addr(), to_rtt_ms = %ms(to_rtt),
+                        from = %self.kind_of(from), from_addr = %from.addr(), from_rtt_ms = %ms(from_rtt),
+                        to = %self.kind_of(to), to_addr = %to.addr(), to_rtt_ms = %ms(to_rtt),
                         "path changed"
                     );
                     self.switches
@@ -220,6 +250,14 @@ impl PathTable {
     /// Probes and addresses of the datagrams quinn is about to read.
     fn on_received(&self, bufs: &[IoSliceMut<'_>], meta: &mut [RecvMeta]) {
         let mut events: Vec<(Arc<Entry>, SocketAddr, Probe)> = Vec::new();
+        for (buf, m) in bufs.iter().zip(meta.iter()) {
+            let data = &buf[..m.len.min(buf.len())];
+            if data.first() == Some(&0) && data.len() == crate::protocol::link::ECHO_LEN {
+                if let Some(reply) = Echo::parse(data).and_then(|e| self.links.on_echo(e)) {
+                    self.send_udp(m.addr, &reply);
+                }
+            }
+        }
         {
             let routes = self.read();
             if routes.tags.is_empty() {
@@ -344,11 +382,47 @@ pub fn attach(
 pub struct PathSocket {
     inner: Arc<dyn AsyncUdpSocket>,
     table: Arc<PathTable>,
+    /// Which source `poll_recv` reads first this time (the UDP socket or the links), so
+    /// neither starves the other.
+    links_first: std::sync::atomic::AtomicBool,
 }
 
 impl PathSocket {
     pub fn new(inner: Arc<dyn AsyncUdpSocket>, table: Arc<PathTable>) -> Self {
-        PathSocket { inner, table }
+        PathSocket {
+            inner,
+            table,
+            links_first: Default::default(),
+        }
+    }
+
+    /// Datagrams the TCP links brought, one per buffer.
+    fn poll_links(
+        &self,
+        cx: &mut Context,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<usize> {
+        let mut i = 0;
+        let max = bufs.len().min(meta.len());
+        self.table
+            .links
+            .poll_injected(cx, max, |(from, data)| {
+                let buf = &mut bufs[i];
+                if data.len() > buf.len() {
+                    return; // larger than quinn reads: dropped, as the kernel would truncate
+                }
+                buf[..data.len()].copy_from_slice(&data);
+                meta[i] = RecvMeta {
+                    addr: from,
+                    len: data.len(),
+                    stride: data.len(),
+                    ecn: None,
+                    dst_ip: None,
+                };
+                i += 1;
+            })
+            .map(|_| i)
     }
 }
 
@@ -359,6 +433,14 @@ impl AsyncUdpSocket for PathSocket {
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
         let to = self.table.read().send.get(&transmit.destination).copied();
+        let dest = to.unwrap_or(transmit.destination);
+        if self
+            .table
+            .links
+            .route(dest, transmit.contents, transmit.segment_size)
+        {
+            return Ok(());
+        }
         match to {
             Some(to) if to != transmit.destination => self.inner.try_send(&Transmit {
                 destination: to,
@@ -378,8 +460,21 @@ impl AsyncUdpSocket for PathSocket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
+        let links_first = !self
+            .links_first
+            .fetch_xor(true, std::sync::atomic::Ordering::Relaxed);
+        if links_first {
+            if let Poll::Ready(n) = self.poll_links(cx, bufs, meta) {
+                self.table.on_received(&bufs[..n], &mut meta[..n]);
+                return Poll::Ready(Ok(n));
+            }
+        }
         let n = match self.inner.poll_recv(cx, bufs, meta) {
             Poll::Ready(Ok(n)) => n,
+            Poll::Pending if !links_first => match self.poll_links(cx, bufs, meta) {
+                Poll::Ready(n) => n,
+                Poll::Pending => return Poll::Pending,
+            },
             other => return other,
         };
         self.table.on_received(&bufs[..n], &mut meta[..n]);

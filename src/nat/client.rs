@@ -74,6 +74,7 @@ impl RendezvousClient {
             consent,
             incoming: incoming_tx,
             registered: registered_tx,
+            link: crate::nat::link::LinkDriver::start(node.clone()),
         };
         let span = tracing::info_span!("rendezvous", server = %server);
         node.tasks.spawn(actor.run(rx).instrument(span));
@@ -114,7 +115,17 @@ struct Actor {
     consent: Consent,
     incoming: mpsc::Sender<Introduction>,
     registered: watch::Sender<Option<SocketAddr>>,
+    /// The TCP link for networks that drop UDP: told when a handshake goes unanswered.
+    link: crate::nat::link::LinkDriver,
 }
+
+/// A registration handshake unanswered this long may mean UDP is blocked: the TCP link is
+/// opened (`nat::link`), and the handshake goes on over it.
+const STALL_AFTER: Duration = Duration::from_secs(1);
+/// How often this host's own addresses are looked at again.
+const ADDRESSES_EVERY: Duration = Duration::from_secs(2);
+/// How long a registration handshake may take in all (over the TCP link too).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Actor {
     async fn run(mut self, mut cmds: mpsc::Receiver<Cmd>) {
@@ -148,10 +159,21 @@ impl Actor {
     ) -> anyhow::Result<()> {
         let transport = &self.node.transport;
         let addr = transport.resolve(&self.server).await?;
-        let connecting = transport.connect_rendezvous(addr)?;
-        let conn = tokio::time::timeout(Duration::from_secs(5), connecting)
+        let mut connecting = transport.connect_rendezvous(addr)?;
+        let handshake = async {
+            tokio::select! {
+                c = &mut connecting => c,
+                () = tokio::time::sleep(STALL_AFTER) => {
+                    self.link.stalled(addr);
+                    connecting.await
+                }
+            }
+        };
+        let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
             .await
-            .map_err(|_| anyhow!("no answer within 5 s"))?
+            .map_err(|_| {
+                anyhow!("no answer within {HANDSHAKE_TIMEOUT:?}, over UDP or a TCP link (is {addr} a rendezvous, reachable from here?)")
+            })?
             .map_err(|e| anyhow!(describe_close(&e)))?;
         let (send, mut recv) = conn.open_bi().await?;
         let (tx, rx) = mpsc::channel::<ClientMsg>(64);
@@ -164,7 +186,7 @@ impl Actor {
                 () = writer_stop.cancelled() => {}
             }
         });
-        let local_addrs = local_candidates(transport, addr);
+        let mut local_addrs = local_candidates(transport, addr);
         let send = |msg: ClientMsg| {
             let tx = tx.clone();
             async move {
@@ -173,7 +195,14 @@ impl Actor {
                     .map_err(|_| anyhow!("control stream closed"))
             }
         };
-        send(ClientMsg::Register { local_addrs }).await?;
+        send(ClientMsg::Register {
+            local_addrs: local_addrs.clone(),
+        })
+        .await?;
+        // This host's addresses, looked at again every few seconds (a laptop that changed
+        // network keeps its socket, but its packets now leave from elsewhere).
+        let mut look = tokio::time::interval(ADDRESSES_EVERY);
+        look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut buf = BytesMut::new();
         // Requests made while unregistered are sent now (those still waited for).
         self.pending.retain(|_, waiters| {
@@ -186,6 +215,15 @@ impl Actor {
         }
         loop {
             tokio::select! {
+                _ = look.tick() => {
+                    let now = local_candidates(transport, addr);
+                    if now != local_addrs {
+                        info!(was = ?local_addrs, now = ?now, "this host's addresses changed: registering them; live connections punch again");
+                        local_addrs = now;
+                        transport.paths().links().note_network_change();
+                        send(ClientMsg::Register { local_addrs: local_addrs.clone() }).await?;
+                    }
+                }
                 cmd = cmds.recv() => {
                     match cmd {
                         None => return Ok(()),

@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod dial;
+pub mod link;
 pub mod punch;
 pub mod relay;
 pub mod server;

@@ -18,6 +18,7 @@ use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
+use crate::multipath::link::LinkHub;
 use crate::protocol::rendezvous::parse_relay_bind;
 use crate::time::now;
 use crate::time::rate::{Bucket, Rate};
@@ -170,13 +171,25 @@ pub struct Forwarded {
 }
 
 /// Forwards between the two ports until the allocation expires or `cancel` fires. The
-/// sockets are closed when this returns.
+/// sockets are closed when this returns. A side may be reached over a TCP link (`links`):
+/// its datagrams come from the link's inbox for that port, and go back onto the link.
 pub async fn run(
     sockets: [Arc<UdpSocket>; 2],
     tokens: [[u8; 16]; 2],
     limits: RelayLimits,
+    links: Arc<LinkHub>,
     cancel: CancellationToken,
 ) -> Forwarded {
+    let ports = [
+        sockets[0].local_addr().map_or(0, |a| a.port()),
+        sockets[1].local_addr().map_or(0, |a| a.port()),
+    ];
+    let mut inboxes = Inboxes {
+        rx: [links.register_port(ports[0]), links.register_port(ports[1])],
+        ports,
+        links: links.clone(),
+    };
+    let [inbox0, inbox1] = &mut inboxes.rx;
     let mut latch = Latch::new(tokens, limits, now());
     let mut bufs = [vec![0u8; 65536], vec![0u8; 65536]];
     let mut done = Forwarded::default();
@@ -187,9 +200,11 @@ pub async fn run(
             .next_deadline()
             .min(now() + limits.idle / 4)
             .max(now());
-        let (side, len, src) = tokio::select! {
-            r = sockets[0].recv_from(buf0) => match r { Ok((n, src)) => (0, n, src), Err(_) => continue },
-            r = sockets[1].recv_from(buf1) => match r { Ok((n, src)) => (1, n, src), Err(_) => continue },
+        let got = tokio::select! {
+            r = sockets[0].recv_from(buf0) => match r { Ok((n, src)) => Got::Udp(0, n, src), Err(_) => continue },
+            r = sockets[1].recv_from(buf1) => match r { Ok((n, src)) => Got::Udp(1, n, src), Err(_) => continue },
+            Some((src, d)) = inbox0.recv() => Got::Link(0, src, d),
+            Some((src, d)) = inbox1.recv() => Got::Link(1, src, d),
             () = tokio::time::sleep_until(check.into()) => {
                 if let Some(expiry) = latch.expired(now()) {
                     debug!(?expiry, packets = done.packets, "relay allocation ended");
@@ -200,16 +215,51 @@ pub async fn run(
             }
             () = cancel.cancelled() => return done,
         };
-        match latch.on_packet(side, src, &bufs[side][..len], now()) {
+        let (side, src, data): (usize, SocketAddr, &[u8]) = match &got {
+            Got::Udp(side, len, src) => (*side, *src, &bufs[*side][..*len]),
+            Got::Link(side, src, d) => (*side, *src, &d[..]),
+        };
+        match latch.on_packet(side, src, data, now()) {
             Action::Forward { dest } => {
                 done.packets += 1;
-                done.bytes += len as u64;
-                // UDP: a full socket buffer drops the packet, as the network would.
-                let _ = sockets[1 - side].try_send_to(&bufs[side][..len], dest);
+                done.bytes += data.len() as u64;
+                // UDP: a full socket buffer drops the packet, as the network would; a link
+                // with a full queue drops it too.
+                if !links.send_to_link(dest, ports[1 - side], data) {
+                    let _ = sockets[1 - side].try_send_to(data, dest);
+                }
             }
-            Action::Latched => info!(side, %src, "relay side bound"),
+            Action::Latched => {
+                let over =
+                    if crate::multipath::link::is_link_addr(crate::quic::path::canonical(src)) {
+                        "tcp"
+                    } else {
+                        "udp"
+                    };
+                info!(side, src = %links.real(src), over, "relay side bound")
+            }
             Action::Bound | Action::Drop => {}
             Action::Policed => done.policed += 1,
+        }
+    }
+}
+
+enum Got {
+    Udp(usize, usize, SocketAddr),
+    Link(usize, SocketAddr, bytes::Bytes),
+}
+
+/// The two ports' inboxes for datagrams from TCP links; unregistered when dropped.
+struct Inboxes {
+    rx: [tokio::sync::mpsc::Receiver<crate::multipath::link::Datagram>; 2],
+    ports: [u16; 2],
+    links: Arc<LinkHub>,
+}
+
+impl Drop for Inboxes {
+    fn drop(&mut self) {
+        for p in self.ports {
+            self.links.unregister_port(p);
         }
     }
 }

@@ -184,6 +184,7 @@ impl ControlView {
                 .map(|(_, n)| n.clone())
         };
         let live = self.ctx.peers.snapshot();
+        let table = self.ctx.transport.paths().clone();
         let peer_entry = |id: &crate::identity::PeerId, name: Option<&str>| {
             let conn = live.iter().find(|(p, _)| p == id);
             let seen = self.ctx.peers.seen(id);
@@ -204,7 +205,7 @@ impl ControlView {
                 "name": name,
                 "id": id.to_string(),
                 "connected": conn.is_some(),
-                "path": conn.map(|(_, pc)| pc.path().kind()),
+                "path": conn.map(|(_, pc)| table.kind_of(pc.path())),
                 "presence": presence,
                 "last_seen_s": seen.last_up.map(ago),
                 "last_error": seen.last_failure.as_ref().filter(|_| failed_last).map(|(_, why)| why.clone()),
@@ -235,7 +236,7 @@ impl ControlView {
                     .into_iter()
                     .map(|v| {
                         serde_json::json!({
-                            "path": v.path.kind(),
+                            "path": table.kind_of(v.path),
                             "remote": v.path.addr().to_string(),
                             "active": v.active,
                             "alive": v.alive,
@@ -248,7 +249,7 @@ impl ControlView {
                     "peer": peer.to_string(),
                     "name": name_of(&peer),
                     "dialled_by_us": pc.initiator != peer,
-                    "path": path.kind(),
+                    "path": table.kind_of(path),
                     "remote": remote.to_string(),
                     "paths": paths,
                     "ip_version": if remote.is_ipv4() { 4 } else { 6 },

@@ -238,6 +238,22 @@ impl Node {
         self.accept(crate::protocol::rendezvous::ALPN, server)
     }
 
+    /// Serves TCP links (for peers whose network drops UDP) on `listeners`; a rendezvous only.
+    pub fn serve_links(&self, listeners: Vec<tokio::net::TcpListener>) {
+        let Some(server) = self.rendezvous_role.get().cloned() else {
+            return;
+        };
+        for listener in listeners {
+            let (ctx, tasks, server) = (self.ctx.clone(), self.ctx.tasks.clone(), server.clone());
+            self.ctx.tasks.spawn(async move {
+                crate::connect::accept_clients(listener, &ctx, |tcp, from| {
+                    tasks.spawn(server.clone().serve_link(tcp, from));
+                })
+                .await
+            });
+        }
+    }
+
     /// Keeps `role` and routes the connections that negotiate `alpn` to it.
     fn accept(&self, alpn: &[u8], role: Arc<dyn Serve>) -> Result<(), TransportError> {
         self.ctx.transport.serve(alpn, &role)?;

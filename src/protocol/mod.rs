@@ -5,6 +5,7 @@ pub mod catalog;
 pub mod control;
 pub mod header;
 pub mod http;
+pub mod link;
 pub mod media;
 pub mod probe;
 pub mod rendezvous;
@@ -70,6 +71,7 @@ mod fuzz_seeds {
     use std::path::{Path, PathBuf};
 
     use super::header::*;
+    use super::link;
     use super::media::{self, Parity, Tag};
     use super::rendezvous::{self, ClientMsg, RelayGrant, ServerMsg};
     use crate::identity::PeerId;
@@ -214,6 +216,16 @@ mod fuzz_seeds {
             "relay-bind".into(),
             rendezvous::relay_bind_packet(&[7; 16]),
         ));
+        // A TCP link's stream: a QUIC Initial-sized datagram for the rendezvous's port, and a
+        // relay bind for a relay port; an echo request.
+        let mut session = link::encode(3478, &[0xc3; 1200]).unwrap();
+        session.extend(link::encode(50000, &rendezvous::relay_bind_packet(&[7; 16])).unwrap());
+        out.push(("link_frame", "session".into(), session));
+        out.push((
+            "link_frame",
+            "echo".into(),
+            link::Echo::Request(42).encode().to_vec(),
+        ));
         let packets = rtp_packets();
         assert!(!packets.is_empty(), "the RTSP seeds hold interleaved RTP");
         let tag = |control: bool, kind| Tag {
@@ -284,6 +296,9 @@ mod fuzz_seeds {
                     matches!(rendezvous::decode::<ClientMsg>(bytes), Ok(Some(_)))
                         || matches!(rendezvous::decode::<ServerMsg>(bytes), Ok(Some(_)))
                         || rendezvous::parse_relay_bind(bytes).is_some()
+                }
+                "link_frame" => {
+                    matches!(link::decode(bytes), Ok(Some(_))) || link::Echo::parse(bytes).is_some()
                 }
                 _ => Tag::decode(bytes).is_some(),
             };

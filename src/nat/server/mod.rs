@@ -6,6 +6,7 @@
 
 pub mod broker;
 pub mod limits;
+pub mod link;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -88,6 +89,8 @@ struct Entry {
     observed: SocketAddr,
     local_addrs: Vec<SocketAddr>,
     rtt: Duration,
+    /// Registered over a TCP link (its observed address is a TCP one).
+    on_link: bool,
 }
 
 struct Inner {
@@ -123,11 +126,18 @@ pub(crate) struct Rendezvous {
     relay_ip: IpAddr,
     /// Wakes the timer when a request adds a deadline.
     wake: Notify,
+    /// TCP links per source address, and their TLS configuration.
+    links: link::LinkCount,
+    link_tls: Arc<rustls::ServerConfig>,
 }
 
 impl Rendezvous {
     pub(crate) fn new(config: RendezvousConfig, node: NodeCtx) -> std::io::Result<Arc<Self>> {
         let relay_ip = node.transport.local_addr()?.ip();
+        let link_tls =
+            link::server_tls(node.transport.identity()).map_err(std::io::Error::other)?;
+        // Peers on the TCP link ask over UDP whether UDP works again.
+        node.transport.paths().links().answer_echoes();
         let broker = Broker::new(config.limits.clone(), config.admission.clone());
         let this = Arc::new(Rendezvous {
             config,
@@ -139,6 +149,8 @@ impl Rendezvous {
             node,
             relay_ip,
             wake: Notify::new(),
+            links: link::LinkCount::default(),
+            link_tls,
         });
         this.node.tasks.spawn(this.clone().answer_due());
         Ok(this)
@@ -246,7 +258,8 @@ impl Rendezvous {
         let mut buf = BytesMut::new();
         let mut registered = false;
         let mut refused = None;
-        let ip = crate::quic::path::canonical(conn.remote_address()).ip();
+        // A peer on a TCP link counts at the link's real address.
+        let ip = self.real_addr(conn.remote_address()).ip();
         let end = loop {
             let msg = tokio::select! {
                 m = read_frame::<ClientMsg>(&mut recv, &mut buf) => m,
@@ -326,7 +339,7 @@ impl Rendezvous {
         tx: &mpsc::Sender<ServerMsg>,
         local_addrs: Vec<SocketAddr>,
     ) -> Result<(), String> {
-        let observed = crate::quic::path::canonical(conn.remote_address());
+        let observed = self.real_addr(conn.remote_address());
         let actions = {
             let mut inner = self.inner();
             let actions = match inner
@@ -348,6 +361,9 @@ impl Rendezvous {
                 observed,
                 local_addrs,
                 rtt: conn.rtt(),
+                on_link: crate::multipath::link::is_link_addr(crate::quic::path::canonical(
+                    conn.remote_address(),
+                )),
             };
             inner.entries.insert(peer, entry);
             self.count_peers(&inner);
@@ -357,6 +373,11 @@ impl Rendezvous {
         info!(%observed, "peer registered");
         self.run(actions);
         Ok(())
+    }
+
+    /// Where a connection really comes from: a TCP link's address for a peer on one.
+    fn real_addr(&self, addr: SocketAddr) -> SocketAddr {
+        self.node.transport.paths().links().real(addr)
     }
 
     fn unregister(&self, peer: PeerId, conn_id: usize) {
@@ -382,9 +403,10 @@ impl Rendezvous {
     ) {
         let planned = {
             let mut inner = self.inner();
+            let links = self.node.transport.paths().links().clone();
             for peer in [asker, target] {
                 if let Some(entry) = inner.entries.get_mut(&peer) {
-                    refresh_observed(&peer, entry);
+                    refresh_observed(&peer, entry, &links);
                 }
             }
             match (inner.entries.get(&asker), inner.entries.get(&target)) {
@@ -471,7 +493,14 @@ impl Rendezvous {
         self.node.tasks.spawn(
             async move {
                 let _held = held;
-                let done = relay::run(sockets, tokens, limits, cancel).await;
+                let done = relay::run(
+                    sockets,
+                    tokens,
+                    limits,
+                    this.node.transport.paths().links().clone(),
+                    cancel,
+                )
+                .await;
                 {
                     let mut inner = this.inner();
                     for t in &tokens {
@@ -508,17 +537,23 @@ impl Rendezvous {
 /// Takes the address `peer`'s registration connection has now as its observed one: quinn
 /// follows a NAT rebinding or an address change of the client (the keep-alives carry it),
 /// so an introduction never hands out a mapping that is gone.
-fn refresh_observed(peer: &PeerId, entry: &mut Entry) {
-    let now = crate::quic::path::canonical(entry.conn.remote_address());
+fn refresh_observed(peer: &PeerId, entry: &mut Entry, links: &crate::multipath::link::LinkHub) {
+    let remote = crate::quic::path::canonical(entry.conn.remote_address());
+    entry.on_link = crate::multipath::link::is_link_addr(remote);
+    let now = links.real(remote);
     if now != entry.observed {
         info!(%peer, was = %entry.observed, %now, "a registered peer's address changed (a NAT rebinding or a new network)");
         entry.observed = now;
     }
 }
 
-/// Where a registered peer can be reached: its observed address, then its own local ones.
+/// Where a registered peer can be reached: its observed address (not a TCP link's: nothing
+/// reaches a peer over UDP there), then its own local ones.
 fn candidates(entry: &Entry) -> Vec<SocketAddr> {
-    let mut out = vec![entry.observed];
+    let mut out = Vec::new();
+    if !entry.on_link {
+        out.push(entry.observed);
+    }
     for addr in &entry.local_addrs {
         if !out.contains(addr) {
             out.push(*addr);

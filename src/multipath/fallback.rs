@@ -1,0 +1,301 @@
+//! When a peer sends its rendezvous traffic over the TCP link instead of UDP, as a pure state
+//! machine: events and `now` in, actions and the next deadline out (`nat::link` is the driver
+//! that owns the TCP connection, the echo timer and the clock).
+//!
+//! - The registration's QUIC handshake got no answer for a second ([`Fallback::stalled`]): UDP
+//!   may be blocked, so the link is opened (it costs one TCP connection; nothing moves onto it
+//!   unless UDP stays silent).
+//! - While the link is open, an echo request goes over UDP to the rendezvous every
+//!   [`ECHO_EVERY`]. Traffic for the rendezvous host takes the link ([`Fallback::via_tcp`])
+//!   while no echo reply came for [`UDP_DEAD_AFTER`], and UDP again from the first reply: a
+//!   network that lets UDP through again gets it back within a second.
+//! - UDP answering for [`CLOSE_AFTER`] in a row closes the link. A link that fails while it
+//!   is needed is opened again after a backoff (1 s doubling to 10 s).
+
+use std::time::{Duration, Instant};
+
+/// How often an echo goes out over UDP while the link is open.
+pub const ECHO_EVERY: Duration = Duration::from_secs(1);
+/// No echo reply for this long: UDP to the rendezvous does not work.
+pub const UDP_DEAD_AFTER: Duration = Duration::from_millis(3_500);
+/// UDP working this long in a row: the link is closed.
+pub const CLOSE_AFTER: Duration = Duration::from_secs(30);
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(10);
+
+/// What the driver must do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Open the TCP link (report [`Fallback::link_up`] or [`Fallback::link_down`]).
+    Open,
+    /// Close the link.
+    Close,
+    /// Send an echo request over UDP to the rendezvous.
+    Echo,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    /// Closed; opened again at `retry` if set.
+    Down {
+        retry: Option<Instant>,
+    },
+    Opening,
+    Up,
+}
+
+#[derive(Debug)]
+pub struct Fallback {
+    link: Link,
+    /// The last echo reply.
+    last_reply: Option<Instant>,
+    /// Since when UDP has answered without a gap.
+    udp_since: Option<Instant>,
+    next_echo: Option<Instant>,
+    backoff: Duration,
+}
+
+impl Default for Fallback {
+    fn default() -> Self {
+        Fallback {
+            link: Link::Down { retry: None },
+            last_reply: None,
+            udp_since: None,
+            next_echo: None,
+            backoff: RETRY_FIRST,
+        }
+    }
+}
+
+impl Fallback {
+    /// Whether UDP to the rendezvous answered lately.
+    fn udp_alive(&self, now: Instant) -> bool {
+        self.last_reply
+            .is_some_and(|t| now.saturating_duration_since(t) < UDP_DEAD_AFTER)
+    }
+
+    /// Whether traffic for the rendezvous host goes over the link now.
+    pub fn via_tcp(&self, now: Instant) -> bool {
+        self.link == Link::Up && !self.udp_alive(now)
+    }
+
+    /// Whether the link is open.
+    pub fn is_up(&self) -> bool {
+        self.link == Link::Up
+    }
+
+    /// The registration's handshake has had no answer for a while.
+    pub fn stalled(&mut self, now: Instant) -> Vec<Action> {
+        match self.link {
+            Link::Down { .. } if !self.udp_alive(now) => {
+                self.link = Link::Opening;
+                self.next_echo = Some(now);
+                vec![Action::Open]
+            }
+            _ => vec![],
+        }
+    }
+
+    pub fn link_up(&mut self, now: Instant) {
+        self.link = Link::Up;
+        self.backoff = RETRY_FIRST;
+        self.next_echo.get_or_insert(now);
+    }
+
+    /// The link failed to open, or broke. It is opened again after the backoff while UDP
+    /// does not answer.
+    pub fn link_down(&mut self, now: Instant) {
+        let retry = (!self.udp_alive(now)).then_some(now + self.backoff);
+        self.backoff = (self.backoff * 2).min(RETRY_MAX);
+        self.link = Link::Down { retry };
+        if retry.is_none() {
+            self.next_echo = None;
+        }
+    }
+
+    pub fn echo_reply(&mut self, now: Instant) {
+        if !self.udp_alive(now) {
+            self.udp_since = Some(now);
+        }
+        self.last_reply = Some(now);
+    }
+
+    pub fn poll(&mut self, now: Instant) -> Vec<Action> {
+        let mut out = Vec::new();
+        if !self.udp_alive(now) {
+            self.udp_since = None;
+        }
+        match self.link {
+            Link::Down { retry: Some(at) } if now >= at => {
+                if self.udp_alive(now) {
+                    self.link = Link::Down { retry: None };
+                } else {
+                    self.link = Link::Opening;
+                    out.push(Action::Open);
+                }
+            }
+            Link::Up if self.udp_since.is_some_and(|s| now >= s + CLOSE_AFTER) => {
+                self.link = Link::Down { retry: None };
+                self.next_echo = None;
+                out.push(Action::Close);
+            }
+            _ => {}
+        }
+        let probing = !matches!(self.link, Link::Down { retry: None });
+        if !probing {
+            self.next_echo = None;
+        } else if self.next_echo.is_none_or(|t| now >= t) {
+            self.next_echo = Some(now + ECHO_EVERY);
+            out.push(Action::Echo);
+        }
+        out
+    }
+
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let retry = match self.link {
+            Link::Down { retry } => retry,
+            _ => None,
+        };
+        let dead = self.last_reply.map(|t| t + UDP_DEAD_AFTER);
+        let close = match self.link {
+            Link::Up => self.udp_since.map(|s| s + CLOSE_AFTER),
+            _ => None,
+        };
+        [self.next_echo, retry, dead, close]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// Runs the machine to `until`, answering echoes when `udp(t)` says UDP works then.
+    fn run(
+        f: &mut Fallback,
+        from: Instant,
+        until: Instant,
+        udp: impl Fn(Instant) -> bool,
+    ) -> Vec<(Instant, Action)> {
+        let mut t = from;
+        let mut log = Vec::new();
+        while t <= until {
+            for a in f.poll(t) {
+                log.push((t, a));
+                match a {
+                    Action::Echo if udp(t) => f.echo_reply(t + ms(5)),
+                    Action::Open => f.link_up(t + ms(10)),
+                    _ => {}
+                }
+            }
+            t = f.next_deadline().unwrap_or(until + ms(1)).max(t + ms(1));
+        }
+        log
+    }
+
+    #[test]
+    fn blocked_udp_moves_to_the_link_and_back_when_udp_answers_then_closes_it() {
+        let t0 = Instant::now();
+        let mut f = Fallback::default();
+        assert_eq!(f.poll(t0), vec![], "nothing while UDP is not known to fail");
+        assert_eq!(f.stalled(t0), vec![Action::Open]);
+        assert_eq!(f.stalled(t0 + ms(100)), vec![], "one open at a time");
+        assert!(!f.via_tcp(t0), "not before the link is up");
+        f.link_up(t0 + ms(50));
+        assert!(
+            f.via_tcp(t0 + ms(50)),
+            "no echo reply yet: the link carries it"
+        );
+        let opened_udp = t0 + Duration::from_secs(20);
+        let log = run(
+            &mut f,
+            t0 + ms(50),
+            opened_udp + Duration::from_secs(40),
+            |t| t >= opened_udp,
+        );
+        let echoes = log
+            .iter()
+            .filter(|(t, a)| *a == Action::Echo && *t < opened_udp);
+        assert!(echoes.count() >= 19, "an echo a second while on the link");
+        assert!(f.via_tcp(opened_udp - ms(1)) || !f.is_up());
+        let closed = log.iter().find(|(_, a)| *a == Action::Close).unwrap().0;
+        assert!(
+            closed >= opened_udp + CLOSE_AFTER
+                && closed <= opened_udp + CLOSE_AFTER + ECHO_EVERY * 2
+        );
+        assert!(!f.via_tcp(closed));
+        assert!(
+            !log.iter().any(|(t, a)| *a == Action::Echo && *t > closed),
+            "no echo once closed"
+        );
+    }
+
+    #[test]
+    fn the_first_echo_reply_takes_udp_back_and_silence_returns_to_the_link() {
+        let t0 = Instant::now();
+        let mut f = Fallback::default();
+        f.stalled(t0);
+        f.link_up(t0);
+        assert!(f.via_tcp(t0));
+        f.echo_reply(t0 + ms(1000));
+        assert!(!f.via_tcp(t0 + ms(1000)), "UDP again at the first reply");
+        assert!(!f.via_tcp(t0 + ms(1000) + UDP_DEAD_AFTER - ms(1)));
+        assert!(
+            f.via_tcp(t0 + ms(1000) + UDP_DEAD_AFTER),
+            "silent UDP: the link again"
+        );
+        assert_eq!(
+            f.next_deadline()
+                .map(|d| d <= t0 + ms(1000) + UDP_DEAD_AFTER),
+            Some(true)
+        );
+    }
+
+    #[test]
+    fn a_broken_link_is_opened_again_with_backoff_while_udp_is_silent() {
+        let t0 = Instant::now();
+        let mut f = Fallback::default();
+        f.stalled(t0);
+        f.link_down(t0 + ms(100));
+        assert!(!f.via_tcp(t0 + ms(100)));
+        let mut opens = Vec::new();
+        let mut t = t0 + ms(100);
+        while t < t0 + Duration::from_secs(40) {
+            for a in f.poll(t) {
+                if a == Action::Open {
+                    opens.push(t);
+                    f.link_down(t);
+                }
+            }
+            t = f.next_deadline().unwrap().max(t + ms(1));
+        }
+        let gaps: Vec<u64> = opens.windows(2).map(|w| (w[1] - w[0]).as_secs()).collect();
+        assert_eq!(&gaps[..4], &[2, 4, 8, 10], "doubling to 10 s: {gaps:?}");
+        // UDP answers: no more attempts.
+        f.echo_reply(t);
+        f.poll(t + RETRY_MAX);
+        assert!(f.poll(t + ms(1)).iter().all(|a| *a != Action::Open));
+    }
+
+    #[test]
+    fn a_stall_while_udp_answers_opens_nothing() {
+        let t0 = Instant::now();
+        let mut f = Fallback::default();
+        f.stalled(t0);
+        f.link_up(t0);
+        f.echo_reply(t0);
+        let log = run(&mut f, t0, t0 + CLOSE_AFTER + ms(2000), |_| true);
+        assert!(log.iter().any(|(_, a)| *a == Action::Close));
+        assert_eq!(
+            f.stalled(t0 + CLOSE_AFTER + ms(2100)),
+            vec![],
+            "UDP answers: a slow handshake is not a block"
+        );
+    }
+}
