@@ -459,3 +459,106 @@ async fn the_allow_file_admits_and_a_reload_grants_and_revokes() {
     rz.signal("HUP");
     rz.wait_log("line 2: invalid peer id");
 }
+
+/// The rendezvous's TCP link port (for networks that drop UDP) against hostile clients: one
+/// that speaks no TLS is closed; of three silent clients from one address with
+/// `--max-peers-per-ip 2`, one is closed at once while a real link from another address gets
+/// in; an authenticated link that sends a frame the protocol forbids is closed, and the
+/// process keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_tcp_link_clients_are_closed_and_the_rendezvous_keeps_serving() {
+    let dir = TempDir::new("rz-link");
+    let rz = Proc::spawn(
+        "rendezvous",
+        std::process::Command::new(tunnel_bin())
+            .args([
+                "rendezvous",
+                "--listen",
+                "127.0.0.1:0",
+                "--max-peers-per-ip",
+                "2",
+            ])
+            .arg("--identity")
+            .arg(dir.path("rz.pem")),
+    );
+    let line = rz.line_matching(|l| l.starts_with("rendezvous listening on "));
+    let addr: SocketAddr = line
+        .trim_start_matches("rendezvous listening on ")
+        .trim()
+        .parse()
+        .unwrap();
+    // A TCP connection to the rendezvous from `from` (127.0.0.0/8 is all loopback).
+    let from = |ip: &str| {
+        let ip: std::net::IpAddr = ip.parse().unwrap();
+        async move {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(SocketAddr::new(ip, 0)).unwrap();
+            socket.connect(addr).await.unwrap()
+        }
+    };
+    // The read ends (EOF or reset): the rendezvous closed it.
+    async fn closed_by_server(mut tcp: TcpStream) {
+        let mut buf = [0u8; 256];
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    }
+    let mut garbage = from("127.0.0.3").await;
+    garbage
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::timeout(WAIT, closed_by_server(garbage))
+        .await
+        .expect("a client that speaks no TLS is closed");
+    // Three silent clients from one address: one is closed at once; two hold its places.
+    let mut silent = tokio::task::JoinSet::new();
+    for _ in 0..3 {
+        let tcp = from("127.0.0.1").await;
+        silent.spawn(closed_by_server(tcp));
+    }
+    tokio::time::timeout(WAIT, silent.join_next())
+        .await
+        .expect("one of three silent clients is closed at once");
+    rz.wait_stderr_for(WAIT, |log| log.contains("TCP link refused"));
+    // A real link (TLS with a peer key, ALPN tunnel-link/1) from another address gets in.
+    let peer = identity();
+    let config = tunnel::quic::tls::client_config(
+        &peer,
+        None,
+        Default::default(),
+        tunnel::protocol::link::ALPN,
+    )
+    .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("tunnel").unwrap();
+    let mut link = tokio::time::timeout(
+        WAIT,
+        tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, from("127.0.0.2").await),
+    )
+    .await
+    .expect("a link from another address is not held up")
+    .unwrap();
+    rz.wait_stderr_for(WAIT, |log| log.contains("TCP link up"));
+    // A frame of length 0 is forbidden: the link is closed.
+    link.write_all(&[0, 0, 0x0d, 0x96]).await.unwrap();
+    link.flush().await.unwrap();
+    let mut buf = [0u8; 64];
+    let end = tokio::time::timeout(WAIT, link.read(&mut buf)).await;
+    assert!(
+        matches!(end, Ok(Ok(0)) | Ok(Err(_))),
+        "the link was not closed"
+    );
+    rz.wait_stderr_for(WAIT, |log| log.contains("TCP link ended: bad frame"));
+    // Still serving: `tunnel status` answers.
+    let out = std::process::Command::new(tunnel_bin())
+        .args(["status", "--json", "--identity"])
+        .arg(dir.path("rz.pem"))
+        .output()
+        .unwrap();
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(s["role"], "rendezvous", "{s:#}");
+    silent.abort_all();
+}

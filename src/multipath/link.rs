@@ -145,6 +145,17 @@ impl LinkHub {
         }
     }
 
+    /// Whether the rendezvous's traffic goes over the link now.
+    pub fn via_tcp(&self) -> bool {
+        self.via_tcp.load(Ordering::Acquire)
+    }
+
+    /// TCP links open: the peers' on a rendezvous, ours to it (0 or 1) on a peer.
+    pub fn count(&self) -> usize {
+        self.links.read().unwrap_or_else(|p| p.into_inner()).len()
+            + usize::from(self.read_client().is_some())
+    }
+
     /// Whether traffic for `addr` goes over the link now (a relay path that does is
     /// `relay-tcp`).
     pub fn carries(&self, addr: SocketAddr) -> bool {

@@ -155,6 +155,7 @@ pub fn exposition(status: &serde_json::Value) -> String {
         "rtsp_sessions",
         "media_flows",
         "tasks",
+        "tcp_links",
     ] {
         let g = Gauge::<i64>::default();
         g.set(num(&c[key]) as i64);
@@ -168,6 +169,7 @@ pub fn exposition(status: &serde_json::Value) -> String {
         ("rtp_resent", "rtp_resent"),
         ("rtp_repaired", "rtp_repaired"),
         ("rtp_rebuilt", "rtp_rebuilt"),
+        ("path_switches", "path_switches"),
     ] {
         let counter = Counter::<u64>::default();
         counter.inc_by(num(&c[key]) as u64);
