@@ -58,6 +58,8 @@ pub struct LinkHub {
     local: SocketAddr,
     client: RwLock<Option<ClientRoute>>,
     via_tcp: AtomicBool,
+    /// Follows `via_tcp` (a registration stalled over UDP starts again once it is on).
+    via_tcp_watch: tokio::sync::watch::Sender<bool>,
     /// Rendezvous side: link address (canonical) → link.
     links: RwLock<HashMap<SocketAddr, ServerLink>>,
     /// Rendezvous side: relay port → the allocation's inbox.
@@ -83,6 +85,7 @@ impl LinkHub {
             local,
             client: RwLock::new(None),
             via_tcp: AtomicBool::new(false),
+            via_tcp_watch: tokio::sync::watch::Sender::new(false),
             links: RwLock::default(),
             ports: RwLock::default(),
             next_link: AtomicU64::new(1),
@@ -134,7 +137,7 @@ impl LinkHub {
 
     pub fn clear_client(&self) {
         *self.client.write().unwrap_or_else(|p| p.into_inner()) = None;
-        self.via_tcp.store(false, Ordering::Release);
+        self.set_via_tcp(false);
         self.refresh_any();
     }
 
@@ -143,6 +146,12 @@ impl LinkHub {
         if self.via_tcp.swap(on, Ordering::AcqRel) && !on {
             self.note_network_change();
         }
+        self.via_tcp_watch.send_if_modified(|v| std::mem::replace(v, on) != on);
+    }
+
+    /// Follows whether the rendezvous's traffic goes over the link.
+    pub fn watch_via_tcp(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.via_tcp_watch.subscribe()
     }
 
     /// Whether the rendezvous's traffic goes over the link now.
@@ -189,10 +198,10 @@ impl LinkHub {
     pub fn add_link(&self, real: SocketAddr, tx: LinkTx) -> SocketAddr {
         let n = self.next_link.fetch_add(1, Ordering::Relaxed);
         // 0.b.c.d (never 0.0.0.0) and a port: distinct for the first 2^40 links.
+        // (An address below 2^24 is 0.b.c.d.)
         let low = (n % 0xff_ffff + 1) as u32;
-        let [_, b, c, d] = low.to_be_bytes();
         let port = (n / 0xff_ffff % 0xffff + 1) as u16;
-        let addr = SocketAddr::new(Ipv4Addr::new(0, b, c, d).into(), port);
+        let addr = SocketAddr::new(Ipv4Addr::from(low).into(), port);
         self.links
             .write()
             .unwrap_or_else(|p| p.into_inner())

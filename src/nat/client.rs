@@ -160,13 +160,25 @@ impl Actor {
         let transport = &self.node.transport;
         let addr = transport.resolve(&self.server).await?;
         let mut connecting = transport.connect_rendezvous(addr)?;
+        let mut on_link = transport.paths().links().watch_via_tcp();
         let handshake = async {
             tokio::select! {
-                c = &mut connecting => c,
-                () = tokio::time::sleep(STALL_AFTER) => {
-                    self.link.stalled(addr);
-                    connecting.await
+                c = &mut connecting => return c,
+                () = tokio::time::sleep(STALL_AFTER) => self.link.stalled(addr),
+            }
+            let on_tcp = tokio::select! {
+                c = &mut connecting => return c,
+                on = async { on_link.wait_for(|on| *on).await.is_ok() } => on,
+            };
+            // The link carries it now: a new handshake goes out at once (quinn would resend
+            // the stalled one only at its next, doubling, timeout), and the stalled one is
+            // dropped.
+            match on_tcp.then(|| transport.connect_rendezvous(addr)) {
+                Some(Ok(again)) => {
+                    drop(connecting);
+                    again.await
                 }
+                _ => connecting.await,
             }
         };
         let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)

@@ -118,7 +118,9 @@ pub async fn dial_introduced(
             }
         }
     }
-    let deadline = if direct {
+    // On a network that drops UDP (our rendezvous traffic is on the TCP link) no direct
+    // handshake can complete: the relay starts at once (the path layer keeps probing).
+    let deadline = if direct && !transport.paths().links().via_tcp() {
         direct_deadline
     } else {
         Duration::ZERO
