@@ -146,7 +146,8 @@ impl LinkHub {
         if self.via_tcp.swap(on, Ordering::AcqRel) && !on {
             self.note_network_change();
         }
-        self.via_tcp_watch.send_if_modified(|v| std::mem::replace(v, on) != on);
+        self.via_tcp_watch
+            .send_if_modified(|v| std::mem::replace(v, on) != on);
     }
 
     /// Follows whether the rendezvous's traffic goes over the link.
