@@ -103,8 +103,11 @@ async fn run(node: NodeCtx, mut stalls: mpsc::Receiver<SocketAddr>) {
                 true => {
                     info!(server = ?server, "UDP to the rendezvous gets no answer: its traffic (registration, relay) goes over the TCP link")
                 }
-                false => {
+                false if machine.is_up() => {
                     info!(server = ?server, "UDP to the rendezvous answers: its traffic goes over UDP again")
+                }
+                false => {
+                    info!(server = ?server, "the TCP link is down: the rendezvous's traffic goes over UDP until it is back")
                 }
             }
         }
