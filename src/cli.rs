@@ -702,10 +702,14 @@ async fn rendezvous(args: RendezvousArgs) -> Result<(), Failure> {
         .copied()
         .or(file.listen)
         .unwrap_or_else(|| SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 3478)));
-    let more_tcp: Vec<SocketAddr> = match args.listen.len() {
-        0 => file.listen_tcp.clone(),
-        _ => args.listen[1..].to_vec(),
-    };
+    // Flags add to the file's list.
+    let more_tcp: Vec<SocketAddr> = args
+        .listen
+        .iter()
+        .skip(1)
+        .chain(&file.listen_tcp)
+        .copied()
+        .collect();
     let config = rendezvous_config(&args, &file)?;
     let relay = config.limits.relay;
     let listed = match &config.admission {
@@ -720,7 +724,7 @@ async fn rendezvous(args: RendezvousArgs) -> Result<(), Failure> {
     // TCP on the UDP socket's own address and port (the TCP link), then the others.
     let mut tcp = Vec::new();
     for addr in std::iter::once(local).chain(more_tcp) {
-        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        let listener = bind_tcp_dual_stack(addr).map_err(|e| {
             usage(format!(
                 "cannot listen on TCP {addr} (for peers whose network drops UDP): {e}; choose another address with --listen ADDR"
             ))
@@ -751,6 +755,21 @@ async fn rendezvous(args: RendezvousArgs) -> Result<(), Failure> {
     serve_status(&node, &args.common, &rules, "rendezvous").await?;
     node.run_until_signal(drain, ()).await;
     Ok(())
+}
+
+/// A TCP listener on `addr`; an IPv6 wildcard takes IPv4 too, as the UDP socket does (some
+/// hosts default to IPv6 only).
+fn bind_tcp_dual_stack(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    tokio::net::TcpListener::from_std(socket.into())
 }
 
 /// Who may register: the ids of `--allow`, the file's `allow`, and both allow files; anyone

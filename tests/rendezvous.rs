@@ -562,3 +562,35 @@ async fn hostile_tcp_link_clients_are_closed_and_the_rendezvous_keeps_serving() 
     assert_eq!(s["role"], "rendezvous", "{s:#}");
     silent.abort_all();
 }
+
+/// A TCP link that completes its TLS handshake and then sends nothing is closed after the
+/// rendezvous's link idle time (a registered peer's keep-alives keep a real one busy).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_tcp_link_is_closed_after_its_idle_time() {
+    let node = rendezvous_with(RendezvousConfig {
+        link_idle: Duration::from_millis(300),
+        ..RendezvousConfig::default()
+    });
+    let listener = tokio::net::TcpListener::bind(loopback()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    node.serve_links(vec![listener]);
+    let config = tunnel::quic::tls::client_config(
+        &identity(),
+        None,
+        Default::default(),
+        tunnel::protocol::link::ALPN,
+    )
+    .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("tunnel").unwrap();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let mut link = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let mut buf = [0u8; 16];
+    let end = tokio::time::timeout(WAIT, link.read(&mut buf))
+        .await
+        .expect("a silent link is closed, not kept");
+    assert!(matches!(end, Ok(0) | Err(_)), "{end:?}");
+    stop(vec![node]).await;
+}

@@ -49,6 +49,8 @@ pub struct Fallback {
     link: Link,
     /// The last echo reply.
     last_reply: Option<Instant>,
+    /// When UDP is declared dead unless another reply comes: a deadline until `poll` passes it.
+    dead_at: Option<Instant>,
     /// Since when UDP has answered without a gap.
     udp_since: Option<Instant>,
     next_echo: Option<Instant>,
@@ -60,6 +62,7 @@ impl Default for Fallback {
         Fallback {
             link: Link::Down { retry: None },
             last_reply: None,
+            dead_at: None,
             udp_since: None,
             next_echo: None,
             backoff: RETRY_FIRST,
@@ -84,15 +87,20 @@ impl Fallback {
         self.link == Link::Up
     }
 
-    /// The registration's handshake has had no answer for a while.
+    /// The registration's handshake has had no answer for a while. With the link down, it
+    /// is opened; with the link carrying the rendezvous's traffic, that link carries nothing
+    /// (a TCP path that went silent): a new one replaces it.
     pub fn stalled(&mut self, now: Instant) -> Vec<Action> {
+        if self.udp_alive(now) {
+            return vec![];
+        }
         match self.link {
-            Link::Down { .. } if !self.udp_alive(now) => {
+            Link::Down { .. } | Link::Up => {
                 self.link = Link::Opening;
-                self.next_echo = Some(now);
+                self.next_echo.get_or_insert(now);
                 vec![Action::Open]
             }
-            _ => vec![],
+            Link::Opening => vec![],
         }
     }
 
@@ -118,12 +126,16 @@ impl Fallback {
             self.udp_since = Some(now);
         }
         self.last_reply = Some(now);
+        self.dead_at = Some(now + UDP_DEAD_AFTER);
     }
 
     pub fn poll(&mut self, now: Instant) -> Vec<Action> {
         let mut out = Vec::new();
         if !self.udp_alive(now) {
             self.udp_since = None;
+        }
+        if self.dead_at.is_some_and(|d| now >= d) {
+            self.dead_at = None;
         }
         match self.link {
             Link::Down { retry: Some(at) } if now >= at => {
@@ -156,7 +168,7 @@ impl Fallback {
             Link::Down { retry } => retry,
             _ => None,
         };
-        let dead = self.last_reply.map(|t| t + UDP_DEAD_AFTER);
+        let dead = self.dead_at;
         let close = match self.link {
             Link::Up => self.udp_since.map(|s| s + CLOSE_AFTER),
             _ => None,
@@ -194,7 +206,9 @@ mod tests {
                     _ => {}
                 }
             }
-            t = f.next_deadline().unwrap_or(until + ms(1)).max(t + ms(1));
+            let next = f.next_deadline().unwrap_or(until + ms(1));
+            assert!(next > t, "a deadline in the past after poll({t:?}): {f:?}");
+            t = next;
         }
         log
     }
@@ -273,7 +287,9 @@ mod tests {
                     f.link_down(t);
                 }
             }
-            t = f.next_deadline().unwrap().max(t + ms(1));
+            let next = f.next_deadline().unwrap();
+            assert!(next > t, "a deadline in the past after poll: {f:?}");
+            t = next;
         }
         let gaps: Vec<u64> = opens.windows(2).map(|w| (w[1] - w[0]).as_secs()).collect();
         assert_eq!(&gaps[..4], &[2, 4, 8, 10], "doubling to 10 s: {gaps:?}");
@@ -281,6 +297,50 @@ mod tests {
         f.echo_reply(t);
         f.poll(t + RETRY_MAX);
         assert!(f.poll(t + ms(1)).iter().all(|a| *a != Action::Open));
+    }
+
+    #[test]
+    fn after_poll_no_deadline_is_in_the_past() {
+        // UDP answered once, then went quiet for good, with the link closed and open.
+        for open in [false, true] {
+            let t0 = Instant::now();
+            let mut f = Fallback::default();
+            if open {
+                f.stalled(t0);
+                f.link_up(t0);
+            }
+            f.echo_reply(t0);
+            let mut t = t0;
+            for _ in 0..200 {
+                f.poll(t);
+                match f.next_deadline() {
+                    Some(next) => {
+                        assert!(next > t, "{f:?}");
+                        t = next;
+                    }
+                    None => break,
+                }
+            }
+            assert!(t >= t0 + UDP_DEAD_AFTER, "time moved on");
+            assert_eq!(f.via_tcp(t), open);
+        }
+    }
+
+    #[test]
+    fn a_stall_on_a_link_that_carries_nothing_replaces_it() {
+        let t0 = Instant::now();
+        let mut f = Fallback::default();
+        f.stalled(t0);
+        f.link_up(t0);
+        assert!(f.via_tcp(t0));
+        assert_eq!(f.stalled(t0 + ms(12_000)), vec![Action::Open]);
+        assert!(
+            !f.via_tcp(t0 + ms(12_000)),
+            "nothing over it until the new one is up"
+        );
+        assert_eq!(f.stalled(t0 + ms(12_100)), vec![], "one open at a time");
+        f.link_up(t0 + ms(12_200));
+        assert!(f.via_tcp(t0 + ms(12_200)));
     }
 
     #[test]

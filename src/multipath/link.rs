@@ -52,8 +52,6 @@ struct ClientRoute {
 /// Every link of this process.
 #[derive(Debug)]
 pub struct LinkHub {
-    /// Whether there is any link at all (the send path's only cost without one).
-    any: AtomicBool,
     /// The socket's address (its family decides how addresses are shown to quinn).
     local: SocketAddr,
     client: RwLock<Option<ClientRoute>>,
@@ -81,7 +79,6 @@ impl LinkHub {
     pub fn new(local: SocketAddr) -> Self {
         let (inject_tx, inject_rx) = mpsc::channel(INJECT_QUEUE);
         LinkHub {
-            any: AtomicBool::new(false),
             local,
             client: RwLock::new(None),
             via_tcp: AtomicBool::new(false),
@@ -109,16 +106,6 @@ impl LinkHub {
         self.network.send_modify(|n| *n += 1);
     }
 
-    fn refresh_any(&self) {
-        let any = self.read_client().is_some()
-            || !self
-                .links
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .is_empty();
-        self.any.store(any, Ordering::Release);
-    }
-
     fn read_client(&self) -> std::sync::RwLockReadGuard<'_, Option<ClientRoute>> {
         self.client.read().unwrap_or_else(|p| p.into_inner())
     }
@@ -132,20 +119,16 @@ impl LinkHub {
             ip: canonical(SocketAddr::new(ip, 0)).ip(),
             tx,
         });
-        self.refresh_any();
     }
 
     pub fn clear_client(&self) {
         *self.client.write().unwrap_or_else(|p| p.into_inner()) = None;
         self.set_via_tcp(false);
-        self.refresh_any();
     }
 
     /// Sends the rendezvous host's traffic over the link (`true`) or over UDP.
     pub fn set_via_tcp(&self, on: bool) {
-        if self.via_tcp.swap(on, Ordering::AcqRel) && !on {
-            self.note_network_change();
-        }
+        self.via_tcp.store(on, Ordering::Release);
         self.via_tcp_watch
             .send_if_modified(|v| std::mem::replace(v, on) != on);
     }
@@ -162,8 +145,10 @@ impl LinkHub {
 
     /// TCP links open: the peers' on a rendezvous, ours to it (0 or 1) on a peer.
     pub fn count(&self) -> usize {
-        self.links.read().unwrap_or_else(|p| p.into_inner()).len()
-            + usize::from(self.read_client().is_some())
+        // One lock at a time.
+        let theirs = self.links.read().unwrap_or_else(|p| p.into_inner()).len();
+        let ours = usize::from(self.read_client().is_some());
+        theirs + ours
     }
 
     /// Whether traffic for `addr` goes over the link now (a relay path that does is
@@ -207,7 +192,6 @@ impl LinkHub {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(addr, ServerLink { real, tx });
-        self.refresh_any();
         for_socket(addr, self.local)
     }
 
@@ -216,20 +200,20 @@ impl LinkHub {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&canonical(addr));
-        self.refresh_any();
     }
 
     /// The real address behind a link address; any other address as it is (canonical).
-    pub fn real(&self, addr: SocketAddr) -> SocketAddr {
+    /// `None` for a link address whose link is gone (nothing may be counted under it).
+    pub fn real(&self, addr: SocketAddr) -> Option<SocketAddr> {
         let addr = canonical(addr);
         if !is_link_addr(addr) {
-            return addr;
+            return Some(addr);
         }
         self.links
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(&addr)
-            .map_or(addr, |l| l.real)
+            .map(|l| l.real)
     }
 
     /// The inbox of relay port `port`, for datagrams links bring to it; closed (removed) when
@@ -289,9 +273,6 @@ impl LinkHub {
     /// Sends what quinn or the path layer addressed to `to` over a link, when one carries it.
     /// `segment`: the size of each datagram in `contents` (segmentation offload).
     pub fn route(&self, to: SocketAddr, contents: &[u8], segment: Option<usize>) -> bool {
-        if !self.any.load(Ordering::Acquire) {
-            return false;
-        }
         let port = self.local.port();
         let segments = contents.chunks(segment.unwrap_or(contents.len()).max(1));
         if is_link_addr(canonical(to)) {
@@ -315,13 +296,21 @@ impl LinkHub {
         true
     }
 
-    /// Handles an echo packet that came over UDP from `from`; the reply to send, if any.
-    pub fn on_echo(&self, echo: Echo) -> Option<[u8; link::ECHO_LEN]> {
+    /// Handles an echo packet that came over UDP (never over a link) from `from`; the reply
+    /// to send, if any. A reply counts only from the rendezvous host.
+    pub fn on_echo(&self, echo: Echo, from: SocketAddr) -> Option<[u8; link::ECHO_LEN]> {
         match echo {
             Echo::Request(n) if self.answer_echo.load(Ordering::Acquire) => {
                 Some(Echo::Reply(n).encode())
             }
             Echo::Reply(n) => {
+                let ours = self
+                    .read_client()
+                    .as_ref()
+                    .is_some_and(|c| c.ip == canonical(from).ip());
+                if !ours {
+                    return None;
+                }
                 // Only a reply to one of the last few requests counts.
                 let sent = self.echo_nonce.load(Ordering::Acquire);
                 if n <= sent && n.saturating_add(8) > sent {
@@ -380,6 +369,14 @@ pub fn is_link_addr(addr: SocketAddr) -> bool {
 mod tests {
     use super::*;
 
+    /// Whether `f` is ready at once.
+    fn futures_now(f: impl std::future::Future) -> bool {
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        let mut f = std::pin::pin!(f);
+        f.as_mut().poll(&mut cx).is_ready()
+    }
+
     #[test]
     fn link_addresses_are_distinct_and_map_to_the_real_one() {
         let hub = LinkHub::new("[::]:3478".parse().unwrap());
@@ -390,11 +387,18 @@ mod tests {
             let a = hub.add_link(real, tx.clone());
             assert!(is_link_addr(canonical(a)), "{a}");
             assert!(seen.insert(a), "{a} twice");
-            assert_eq!(hub.real(a), real);
+            assert_eq!(hub.real(a), Some(real));
         }
         let other: SocketAddr = "198.51.100.20:1".parse().unwrap();
-        assert_eq!(hub.real(other), other);
+        assert_eq!(hub.real(other), Some(other));
         assert!(!is_link_addr(other));
+        let gone = hub.add_link(real, tx.clone());
+        hub.remove_link(gone);
+        assert_eq!(
+            hub.real(gone),
+            None,
+            "nothing is counted under a link that is gone"
+        );
         assert!(!is_link_addr("0.0.0.0:0".parse().unwrap()));
     }
 
@@ -426,11 +430,31 @@ mod tests {
     #[test]
     fn echo_replies_count_only_for_recent_requests_and_only_the_rendezvous_answers() {
         let hub = LinkHub::new("0.0.0.0:1".parse().unwrap());
-        assert_eq!(hub.on_echo(Echo::Request(5)), None);
+        let rz: SocketAddr = "198.51.100.1:3478".parse().unwrap();
+        assert_eq!(hub.on_echo(Echo::Request(5), rz), None);
         hub.answer_echoes();
-        assert_eq!(hub.on_echo(Echo::Request(5)), Some(Echo::Reply(5).encode()));
+        assert_eq!(
+            hub.on_echo(Echo::Request(5), rz),
+            Some(Echo::Reply(5).encode())
+        );
+        let (tx, _rx) = mpsc::channel(1);
+        hub.set_client(rz.ip(), tx);
         let req = Echo::parse(&hub.next_echo()).unwrap();
         let Echo::Request(n) = req else { panic!() };
-        assert_eq!(hub.on_echo(Echo::Reply(n + 1)), None);
+        assert_eq!(hub.on_echo(Echo::Reply(n + 1), rz), None);
+        assert!(
+            !futures_now(hub.echo_replied.notified()),
+            "a nonce not sent yet"
+        );
+        // Counted (a notification) only from the rendezvous host; never answered.
+        hub.on_echo(Echo::Reply(n), "198.51.100.66:3478".parse().unwrap());
+        let woke = futures_now(hub.echo_replied.notified());
+        assert!(!woke, "a reply from elsewhere does not count");
+        assert_eq!(
+            hub.on_echo(Echo::Reply(n), rz),
+            None,
+            "replies are never answered"
+        );
+        assert!(futures_now(hub.echo_replied.notified()));
     }
 }

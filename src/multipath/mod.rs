@@ -247,13 +247,14 @@ impl PathTable {
         }
     }
 
-    /// Probes and addresses of the datagrams quinn is about to read.
-    fn on_received(&self, bufs: &[IoSliceMut<'_>], meta: &mut [RecvMeta]) {
+    /// Probes and addresses of the datagrams quinn is about to read; `udp`: they came over
+    /// UDP (not a TCP link), where echoes are answered and counted.
+    fn on_received(&self, bufs: &[IoSliceMut<'_>], meta: &mut [RecvMeta], udp: bool) {
         let mut events: Vec<(Arc<Entry>, SocketAddr, Probe)> = Vec::new();
-        for (buf, m) in bufs.iter().zip(meta.iter()) {
+        for (buf, m) in bufs.iter().zip(meta.iter()).filter(|_| udp) {
             let data = &buf[..m.len.min(buf.len())];
             if data.first() == Some(&0) && data.len() == crate::protocol::link::ECHO_LEN {
-                if let Some(reply) = Echo::parse(data).and_then(|e| self.links.on_echo(e)) {
+                if let Some(reply) = Echo::parse(data).and_then(|e| self.links.on_echo(e, m.addr)) {
                     self.send_udp(m.addr, &reply);
                 }
             }
@@ -465,19 +466,19 @@ impl AsyncUdpSocket for PathSocket {
             .fetch_xor(true, std::sync::atomic::Ordering::Relaxed);
         if links_first {
             if let Poll::Ready(n) = self.poll_links(cx, bufs, meta) {
-                self.table.on_received(&bufs[..n], &mut meta[..n]);
+                self.table.on_received(&bufs[..n], &mut meta[..n], false);
                 return Poll::Ready(Ok(n));
             }
         }
-        let n = match self.inner.poll_recv(cx, bufs, meta) {
-            Poll::Ready(Ok(n)) => n,
+        let (n, udp) = match self.inner.poll_recv(cx, bufs, meta) {
+            Poll::Ready(Ok(n)) => (n, true),
             Poll::Pending if !links_first => match self.poll_links(cx, bufs, meta) {
-                Poll::Ready(n) => n,
+                Poll::Ready(n) => (n, false),
                 Poll::Pending => return Poll::Pending,
             },
             other => return other,
         };
-        self.table.on_received(&bufs[..n], &mut meta[..n]);
+        self.table.on_received(&bufs[..n], &mut meta[..n], udp);
         Poll::Ready(Ok(n))
     }
 

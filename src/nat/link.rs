@@ -104,7 +104,10 @@ async fn run(node: NodeCtx, mut stalls: mpsc::Receiver<SocketAddr>) {
                     info!(server = ?server, "UDP to the rendezvous gets no answer: its traffic (registration, relay) goes over the TCP link")
                 }
                 false if machine.is_up() => {
-                    info!(server = ?server, "UDP to the rendezvous answers: its traffic goes over UDP again")
+                    info!(server = ?server, "UDP to the rendezvous answers: its traffic goes over UDP again");
+                    // Our addresses toward peers are new (UDP mappings): live connections
+                    // punch again.
+                    links.note_network_change();
                 }
                 false => {
                     info!(server = ?server, "the TCP link is down: the rendezvous's traffic goes over UDP until it is back")
@@ -114,7 +117,13 @@ async fn run(node: NodeCtx, mut stalls: mpsc::Receiver<SocketAddr>) {
         tokio::select! {
             () = sleep_until_opt(machine.next_deadline()) => {}
             s = stalls.recv() => {
-                let Some(s) = s else { return };
+                let Some(s) = s else {
+                    if let Some(link) = current.take() {
+                        link.cancel();
+                    }
+                    links.clear_client();
+                    return;
+                };
                 server = Some(s);
                 pending.extend(machine.stalled(now()));
             }
@@ -164,7 +173,7 @@ async fn open(
     let ip = server.ip();
     let l = links.clone();
     let end = tokio::select! {
-        e = pump(stream, rx, move |port, d| l.from_rendezvous(ip, port, d)) => e,
+        e = pump(stream, rx, None, move |port, d| l.from_rendezvous(ip, port, d)) => e,
         () = stop.cancelled() => "closed".into(),
     };
     info!(%server, "TCP link ended: {end}");
@@ -197,6 +206,7 @@ async fn dial(
                 .await
                 .map_err(|e| format!("TCP {to}: {e}"))?;
             let _ = tcp.set_nodelay(true);
+            watch_liveness(&tcp);
             let name = rustls::pki_types::ServerName::try_from(tls::SERVER_NAME)
                 .map_err(|e| e.to_string())?;
             let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
@@ -217,12 +227,30 @@ async fn dial(
     Err(errors.join("; "))
 }
 
+/// How long a TCP link may leave data unacknowledged, and how often an idle one is probed:
+/// a link over a path that went silent breaks in about 10 s (not the kernel's ~15 min), so
+/// its peer opens a new one while its relayed connections still live.
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
+const KEEPALIVE: Duration = Duration::from_secs(5);
+
+/// Sets a link's TCP socket to notice a dead path (keep-alive probes, a user timeout).
+pub(crate) fn watch_liveness(tcp: &TcpStream) {
+    let s = socket2::SockRef::from(tcp);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE)
+        .with_interval(KEEPALIVE)
+        .with_retries(2);
+    let _ = s.set_tcp_keepalive(&keepalive);
+    let _ = s.set_tcp_user_timeout(Some(TCP_USER_TIMEOUT));
+}
+
 /// Carries frames both ways on a link until it ends: each frame read is handed to `on_frame`
 /// (port, datagram), each one from `rx` is written (several per write when they queue).
-/// Returns why it ended.
+/// `idle`: the link ends when no frame came for that long. Returns why it ended.
 pub(crate) async fn pump<S>(
     stream: S,
     mut rx: mpsc::Receiver<Bytes>,
+    idle: Option<Duration>,
     mut on_frame: impl FnMut(u16, Bytes),
 ) -> String
 where
@@ -231,21 +259,32 @@ where
     let (mut read, write) = tokio::io::split(stream);
     let reader = async {
         let mut buf = BytesMut::with_capacity(64 * 1024);
+        let mut last_frame = now();
         loop {
             loop {
                 match link::decode(&buf) {
                     Ok(Some((port, range))) => {
-                        let frame = buf.split_to(range.end).freeze();
-                        on_frame(port, frame.slice(range));
+                        // A copy: a slice would keep the whole read buffer alive while the
+                        // datagram waits in a queue.
+                        on_frame(port, Bytes::copy_from_slice(&buf[range.clone()]));
+                        let _ = buf.split_to(range.end);
+                        last_frame = now();
                     }
                     Ok(None) => break,
                     Err(e) => return format!("bad frame: {e}"),
                 }
             }
-            if buf.capacity() - buf.len() < link::HEADER + link::MAX_DATAGRAM {
-                buf.reserve(link::HEADER + link::MAX_DATAGRAM);
-            }
-            match read.read_buf(&mut buf).await {
+            buf.reserve(link::HEADER + link::MAX_DATAGRAM);
+            let read = read.read_buf(&mut buf);
+            let read = match idle {
+                Some(idle) => match tokio::time::timeout_at((last_frame + idle).into(), read).await
+                {
+                    Ok(r) => r,
+                    Err(_) => return format!("no frame for {idle:?}"),
+                },
+                None => read.await,
+            };
+            match read {
                 Ok(0) => return "the other end closed it".to_string(),
                 Ok(_) => {}
                 Err(e) => return e.to_string(),

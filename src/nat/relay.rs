@@ -236,7 +236,7 @@ pub async fn run(
                     } else {
                         "udp"
                     };
-                info!(side, src = %links.real(src), over, "relay side bound")
+                info!(side, src = %links.real(src).unwrap_or(src), over, "relay side bound")
             }
             Action::Bound | Action::Drop => {}
             Action::Policed => done.policed += 1,

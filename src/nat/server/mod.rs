@@ -46,6 +46,9 @@ pub struct RendezvousConfig {
     pub admission: Admission,
     /// How long a peer has to register after connecting.
     pub register_timeout: Duration,
+    /// A TCP link that brings no frame for this long is closed (a registered peer's QUIC
+    /// keep-alives, every 10 s, keep its link busy).
+    pub link_idle: Duration,
 }
 
 impl Default for RendezvousConfig {
@@ -55,6 +58,7 @@ impl Default for RendezvousConfig {
             relay: RelayLimits::default(),
             admission: Admission::Open,
             register_timeout: Duration::from_secs(10),
+            link_idle: Duration::from_secs(60),
         }
     }
 }
@@ -259,7 +263,10 @@ impl Rendezvous {
         let mut registered = false;
         let mut refused = None;
         // A peer on a TCP link counts at the link's real address.
-        let ip = self.real_addr(conn.remote_address()).ip();
+        let Some(ip) = self.real_addr(conn.remote_address()).map(|a| a.ip()) else {
+            conn.close(close_code::PROTOCOL_ERROR, b"its TCP link is gone");
+            return;
+        };
         let end = loop {
             let msg = tokio::select! {
                 m = read_frame::<ClientMsg>(&mut recv, &mut buf) => m,
@@ -277,6 +284,10 @@ impl Rendezvous {
             };
             match msg {
                 ClientMsg::Register { mut local_addrs } => {
+                    // A link address is no place to punch to.
+                    local_addrs.retain(|a| {
+                        !crate::multipath::link::is_link_addr(crate::quic::path::canonical(*a))
+                    });
                     local_addrs.truncate(MAX_LOCAL_ADDRS);
                     if let Err(message) = self.register(peer, &conn, &tx, local_addrs) {
                         let _ = tx.try_send(ServerMsg::Error {
@@ -339,7 +350,9 @@ impl Rendezvous {
         tx: &mpsc::Sender<ServerMsg>,
         local_addrs: Vec<SocketAddr>,
     ) -> Result<(), String> {
-        let observed = self.real_addr(conn.remote_address());
+        let observed = self
+            .real_addr(conn.remote_address())
+            .ok_or_else(|| "its TCP link is gone: connect again".to_string())?;
         let actions = {
             let mut inner = self.inner();
             let actions = match inner
@@ -376,7 +389,7 @@ impl Rendezvous {
     }
 
     /// Where a connection really comes from: a TCP link's address for a peer on one.
-    fn real_addr(&self, addr: SocketAddr) -> SocketAddr {
+    fn real_addr(&self, addr: SocketAddr) -> Option<SocketAddr> {
         self.node.transport.paths().links().real(addr)
     }
 
@@ -540,7 +553,10 @@ impl Rendezvous {
 fn refresh_observed(peer: &PeerId, entry: &mut Entry, links: &crate::multipath::link::LinkHub) {
     let remote = crate::quic::path::canonical(entry.conn.remote_address());
     entry.on_link = crate::multipath::link::is_link_addr(remote);
-    let now = links.real(remote);
+    // A link that is gone leaves the last address known (the connection goes with it).
+    let Some(now) = links.real(remote) else {
+        return;
+    };
     if now != entry.observed {
         info!(%peer, was = %entry.observed, %now, "a registered peer's address changed (a NAT rebinding or a new network)");
         entry.observed = now;
