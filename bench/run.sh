@@ -29,6 +29,13 @@ cargo bench --bench suite
 for _ in 1 2 3; do
   cargo test --release --test natlab -- --nocapture --test-threads 1 2>/dev/null | grep -o 'natlab [a-z]*: A=.*' >> docs/bench/natlab.log
 done
+# Path types and path changes, A's link delayed 20 ms: time to first byte per path type and
+# the longest gap of a live download and an RTSP stream when the path changes (an ignored
+# test; about 90 s a run), three runs (docs/bench/README.md, "Path types and path changes").
+: > docs/bench/paths.log
+for _ in 1 2 3; do
+  cargo test --release --test natlab -- --ignored --nocapture --test-threads 1 bench_path_types 2>/dev/null | grep -o 'natlab bench: .*' >> docs/bench/paths.log
+done
 # RTSP: first frame per client and mode (docs/bench/rtsp.md).
 cargo build --release
 python3 bench/rtsp_bench.py target/release/tunnel

@@ -1591,9 +1591,9 @@ const A_DROPS_UDP: &str = "table inet block {\n chain f {\n  type filter hook fo
 const A_ONLY_TCP_443: &str = "table inet block {\n chain f {\n  type filter hook forward priority -10; policy accept;\n  iifname \"lan0\" meta l4proto udp drop\n  iifname \"lan0\" tcp dport != 443 drop\n }\n}\n";
 
 /// A scenario whose A sits behind `block` (nftables in natA) from before it starts, B public,
-/// the rendezvous listening also on `more_listen` (TCP).
-fn running_behind(tag: &str, block: &str, more_listen: &[&str]) -> Running {
-    let lab = Lab::up(tag, "cone", "public", 0, 0);
+/// the rendezvous listening also on `more_listen` (TCP); A's WAN link delayed `delay_ms`.
+fn running_behind(tag: &str, block: &str, more_listen: &[&str], delay_ms: u32) -> Running {
+    let lab = Lab::up(tag, "cone", "public", 0, delay_ms);
     nft_in(&lab, "natA", block);
     let dir = TempDir::new(&format!("natlab-{tag}"));
     let body = random_bytes(2_000_000);
@@ -1637,7 +1637,7 @@ fn a_network_that_drops_udp_gets_through_over_tcp_and_moves_to_direct_when_udp_o
     if !lab_available() {
         return;
     }
-    let run = running_behind("tu", A_DROPS_UDP, &[]);
+    let run = running_behind("tu", A_DROPS_UDP, &[], 0);
     let started = Instant::now();
     // 64 MiB at 2 MB/s: 32 s, past the next introduction after UDP opens (every 10 s).
     let live = run.live_download("live", 64, "2M");
@@ -1651,6 +1651,8 @@ fn a_network_that_drops_udp_gets_through_over_tcp_and_moves_to_direct_when_udp_o
     );
     let s = settled_or_busy_status(&run.dir, "a.pem");
     assert_eq!(s["connections"][0]["path"], "relay-tcp", "{s:#}");
+    assert_eq!(s["rendezvous_via_tcp"], true, "{s:#}");
+    assert_eq!(s["counters"]["tcp_links"], 1, "{s:#}");
     std::thread::sleep(Duration::from_secs(3));
     let opened = Instant::now();
     nft_in(&run.lab, "natA", "delete table inet block");
@@ -1665,7 +1667,8 @@ fn a_network_that_drops_udp_gets_through_over_tcp_and_moves_to_direct_when_udp_o
         changes[0].contains("from=relay") && changes[0].contains("to=direct"),
         "{changes:?}"
     );
-    run.one_connection_on("direct");
+    let [a, _] = one_connection_each_on(&run.dir, "direct");
+    assert_eq!(a["rendezvous_via_tcp"], false, "{a:#}");
     assert_eq!(run.connect.stderr().matches(" connected").count(), 1);
     println!(
         "natlab tu: UDP dropped: connected over relay-tcp in {:.2} s (download started at once); UDP opened: the same connection direct {:.1} s later; 64 MiB byte for byte",
@@ -1681,7 +1684,7 @@ fn a_network_that_lets_only_tcp_443_out_gets_through_on_the_rendezvous_s_443() {
     if !lab_available() {
         return;
     }
-    let run = running_behind("t4", A_ONLY_TCP_443, &["198.51.100.1:443"]);
+    let run = running_behind("t4", A_ONLY_TCP_443, &["198.51.100.1:443"], 0);
     let child = run.curl("got", &[]);
     let first_byte = run.check(child, "got");
     assert_eq!(run.path(), "relay-tcp", "{}", run.connect.stderr());
@@ -1843,4 +1846,426 @@ fn a_nat_rebinding_on_a_relayed_path_leaves_the_download_intact() {
         "natlab rb: A's NAT rebound under a relayed download: the relay latched the new port {:.1} s later; 64 MiB byte for byte, one connection",
         relatched.as_secs_f64()
     );
+}
+
+// The benchmark of path types and path changes (bench/run.sh runs it; figures in
+// docs/bench/README.md): with A's WAN link delayed 20 ms each way, the time to first byte on
+// each path type, and the longest silence a live stream sees when its connection changes
+// path. It asserts only that each run worked (bytes exact, the expected paths, no ffmpeg
+// error relay → direct) and prints one `natlab bench:` line per figure.
+
+/// A's WAN link delay, each way, in the benchmark.
+const BENCH_DELAY_MS: u32 = 20;
+/// A live HTTP stream paced by its source, and a reader that times every read.
+const STREAM: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/natlab/stream.py");
+/// The live stream's rate (bytes/s) and length: 12 s of it.
+const STREAM_RATE: usize = 2_000_000;
+const STREAM_BYTES: usize = 24_000_000;
+/// Seconds of video ffmpeg plays in the benchmark.
+const BENCH_PLAY_S: u32 = 20;
+
+/// A lab whose connection, once a client asks, takes `path`: `direct` (both behind cone
+/// NATs), `relay` (B public behind a firewall that drops A's direct packets) or `relay-tcp`
+/// (A's network drops UDP, B public); A's WAN link delayed [`BENCH_DELAY_MS`].
+fn bench_running(tag: &str, path: &str) -> Running {
+    match path {
+        "direct" => Running::start(tag, "cone", "cone", 0, BENCH_DELAY_MS),
+        "relay" => {
+            let run = Running::start(tag, "cone", "public", 0, BENCH_DELAY_MS);
+            nft_in(&run.lab, "hB", B_DROPS_A_DIRECT);
+            run
+        }
+        "relay-tcp" => running_behind(tag, A_DROPS_UDP, &[], BENCH_DELAY_MS),
+        _ => unreachable!("no lab for path {path}"),
+    }
+}
+
+/// As [`B_DROPS_A_DIRECT`], and what expose sends straight to A's NAT too: the direct path
+/// dead both ways. (With A's packets alone dropped, B's data went on arriving, unacknowledged,
+/// until shortly before the switch: the reads paused 0.13 and 0.53 s in two trial runs.)
+const B_CUTS_A_DIRECT: &str = "table inet fw {\n chain input {\n  type filter hook input priority 0; policy accept;\n  ip saddr 198.51.100.10 udp dport 4433 drop\n }\n chain output {\n  type filter hook output priority 0; policy accept;\n  ip daddr 198.51.100.10 udp sport 4433 drop\n }\n}\n";
+
+/// A path change under a live stream, and what makes it.
+#[derive(Clone, Copy, PartialEq)]
+enum Change {
+    /// B's firewall, dropping A's direct packets, opens: relay → direct.
+    FirewallOpens,
+    /// B's firewall starts dropping its direct packets with A, both ways: direct → relay.
+    FirewallCloses,
+    /// A's network, dropping UDP, lets it through: relay-tcp → direct.
+    UdpOpens,
+}
+
+impl Change {
+    /// The path before and after.
+    fn paths(self) -> (&'static str, &'static str) {
+        match self {
+            Change::FirewallOpens => ("relay", "direct"),
+            Change::FirewallCloses => ("direct", "relay"),
+            Change::UdpOpens => ("relay-tcp", "direct"),
+        }
+    }
+
+    /// The lab, whose connection takes the first path.
+    fn running(self, tag: &str) -> Running {
+        match self {
+            Change::FirewallOpens => bench_running(tag, "relay"),
+            Change::FirewallCloses => Running::start(tag, "cone", "public", 0, BENCH_DELAY_MS),
+            Change::UdpOpens => bench_running(tag, "relay-tcp"),
+        }
+    }
+
+    /// How long the stream runs on the first path before the change. Relay → direct must
+    /// come while the first introduction's candidates are still pinged (3 s from the dial);
+    /// later, the switch would wait for the next introduction (15 s).
+    fn settle(self) -> Duration {
+        match self {
+            Change::FirewallOpens => Duration::from_secs(1),
+            Change::FirewallCloses | Change::UdpOpens => Duration::from_secs(2),
+        }
+    }
+
+    fn make(self, lab: &Lab) {
+        match self {
+            Change::FirewallOpens => nft_in(lab, "hB", "delete table inet fw"),
+            Change::FirewallCloses => nft_in(lab, "hB", B_CUTS_A_DIRECT),
+            Change::UdpOpens => nft_in(lab, "natA", "delete table inet block"),
+        }
+    }
+
+    fn what(self) -> &'static str {
+        match self {
+            Change::FirewallOpens => "B's firewall opened",
+            Change::FirewallCloses => "B's firewall closed",
+            Change::UdpOpens => "A's network let UDP through",
+        }
+    }
+}
+
+/// The wall clock in seconds since midnight UTC, as [`log_seconds`] reads a log line's.
+fn wall_seconds() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+        % 86_400.0
+}
+
+/// Seconds from `a` to `b` (seconds since midnight), negative if `b` came first.
+fn secs_between(a: f64, b: f64) -> f64 {
+    let d = b - a;
+    if d > 43_200.0 {
+        d - 86_400.0
+    } else if d < -43_200.0 {
+        d + 86_400.0
+    } else {
+        d
+    }
+}
+
+/// The longest silence of a live stream across a path change.
+struct Hiccup {
+    /// The longest gap between successive events (reads, new decoded frames) that began
+    /// between the change being made and 1 s after both sides changed path, in seconds.
+    gap: f64,
+    /// When that gap began, from the change being made.
+    began: f64,
+    /// From the change being made to the path change in connect's log, and in expose's.
+    took: [f64; 2],
+    /// The longest gap that began elsewhere: the stream's own unevenness.
+    elsewhere: f64,
+}
+
+impl Hiccup {
+    /// Of a stream whose events came at `times`, the change made at `made` (seconds since
+    /// midnight UTC), and the first `path changed` line of connect's log and of expose's.
+    fn of(times: &[f64], made: f64, changes: [&str; 2]) -> Hiccup {
+        let took = changes.map(|l| secs_between(made, log_seconds(l).expect("a timed log line")));
+        let until = made + took[0].max(took[1]) + 1.0;
+        let mut h = Hiccup {
+            gap: 0.0,
+            began: f64::NAN,
+            took,
+            elsewhere: 0.0,
+        };
+        for w in times.windows(2) {
+            let gap = secs_between(w[0], w[1]);
+            let near = secs_between(made - 0.1, w[0]) >= 0.0 && secs_between(w[0], until) >= 0.0;
+            if !near {
+                h.elsewhere = h.elsewhere.max(gap);
+            } else if gap > h.gap {
+                h.gap = gap;
+                h.began = secs_between(made, w[0]);
+            }
+        }
+        h
+    }
+
+    /// The details of a figure line.
+    fn details(&self, change: Change) -> String {
+        format!(
+            "{}: connect changed path {:.2} s later, expose {:.2} s; the gap began {:+.2} s; longest gap elsewhere {:.3} s",
+            change.what(),
+            self.took[0],
+            self.took[1],
+            self.began,
+            self.elsewhere
+        )
+    }
+}
+
+impl Running {
+    /// Swaps the HTTP server in hB for stream.py's live one, on the same port and directory.
+    fn serve_live(&mut self) {
+        self._http.signal("KILL");
+        self._http.wait_exit(WAIT);
+        let live = Proc::spawn(
+            "live stream server in hB",
+            self.lab
+                .cmd("hB", "python3")
+                .args(["-u", STREAM, "serve"])
+                .arg(self.dir.path("www"))
+                .args(["8000", &STREAM_RATE.to_string()]),
+        );
+        live.line_matching(|l| l == "ready");
+        self._http = live;
+    }
+
+    /// stream.py's reader in hA, through the tunnel, of a fresh [`STREAM_BYTES`] file `name`
+    /// that [`Running::serve_live`]'s server sends live.
+    fn live_stream(&self, name: &str) -> (std::process::Child, Vec<u8>) {
+        let body = random_bytes(STREAM_BYTES);
+        std::fs::write(self.dir.path(&format!("www/{name}")), &body).unwrap();
+        let child = self
+            .lab
+            .cmd("hA", "python3")
+            .args([STREAM, "get", "8080", &format!("/{name}")])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        (child, body)
+    }
+
+    /// Waits for [`Running::live_stream`]'s reader; checks every byte; the wall-clock time
+    /// of each of its reads (seconds since midnight UTC).
+    fn wait_live_stream(&self, (child, body): (std::process::Child, Vec<u8>)) -> Vec<f64> {
+        let result = child.wait_with_output().unwrap();
+        let out = String::from_utf8_lossy(&result.stdout);
+        let mut lines = out.lines();
+        let hex: String = sha256(&body).iter().map(|b| format!("{b:02x}")).collect();
+        let summary = lines.next().unwrap_or_default();
+        assert!(
+            result.status.success() && summary == format!("bytes={} sha256={hex}", body.len()),
+            "the live stream failed: {summary} {}\nconnect:\n{}\nexpose:\n{}",
+            String::from_utf8_lossy(&result.stderr),
+            self.connect.stderr(),
+            self.expose.stderr()
+        );
+        lines.map(|l| l.parse().unwrap()).collect()
+    }
+}
+
+/// A live download (stream.py, [`STREAM_RATE`]) starts on `change`'s first path; a moment
+/// later `change` is made; prints the longest silence of its reads across the path change.
+fn download_hiccup(tag: &str, change: Change) {
+    let (from, to) = change.paths();
+    let mut run = change.running(tag);
+    run.serve_live();
+    let live = run.live_stream("live");
+    run.connect
+        .wait_stderr_for(WAIT, |log| log.contains(&format!("connected path={from} ")));
+    std::thread::sleep(change.settle());
+    let made = wall_seconds();
+    change.make(&run.lab);
+    for p in [&run.connect, &run.expose] {
+        p.wait_stderr_for(WAIT, |log| !path_changes(log).is_empty());
+    }
+    let reads = run.wait_live_stream(live);
+    let changes = [&run.connect, &run.expose].map(|p| path_changes(&p.stderr()).remove(0));
+    // (expose's relay path is UDP in each case.)
+    assert!(
+        changes[0].contains(&format!("from={from} "))
+            && changes.iter().all(|c| c.contains(&format!("to={to} "))),
+        "{changes:?}"
+    );
+    let h = Hiccup::of(&reads, made, [&changes[0], &changes[1]]);
+    assert!(
+        reads
+            .last()
+            .is_some_and(|&t| secs_between(made + h.took[0].max(h.took[1]) + 1.0, t) > 0.0),
+        "the stream ended before the path changed: {changes:?}"
+    );
+    println!(
+        "natlab bench: hiccup download {from}->{to} {:.3} s ({}; {STREAM_BYTES} bytes at {} MB/s exact)",
+        h.gap,
+        h.details(change),
+        STREAM_RATE / 1_000_000
+    );
+}
+
+/// [`Progress`] and the wall-clock time (seconds since midnight UTC) of every update that
+/// found new frames.
+#[derive(Default)]
+struct Frames {
+    progress: Progress,
+    grew_at: Vec<f64>,
+}
+
+impl Frames {
+    fn update(&mut self, ffmpeg: &Proc) {
+        let before = self.progress.frames;
+        self.progress.update(ffmpeg);
+        if self.progress.frames > before {
+            self.grew_at.push(wall_seconds());
+        }
+    }
+}
+
+/// ffmpeg in hA plays B's RTSP camera (as in
+/// `a_live_rtsp_stream_moves_from_the_relay_to_the_direct_path_without_a_decoder_error`, its
+/// default transport: RTP as QUIC datagrams) on `change`'s first path; once it decoded a few
+/// frames `change` is made (B's firewall opens or closes); prints the longest wall-clock
+/// interval with no new decoded frame across the path change (ffmpeg reports every 50 ms),
+/// the frames, and ffmpeg's error lines (none allowed relay → direct).
+fn rtsp_hiccup(tag: &str, change: Change) {
+    let (from, to) = change.paths();
+    // Declared first, dropped last: every process below goes before the namespaces.
+    let lab = Lab::up(tag, "cone", "public", 0, BENCH_DELAY_MS);
+    let dir = TempDir::new(&format!("natlab-{tag}"));
+    let rendezvous = start_rendezvous(&lab, &dir);
+    let camera = Proc::spawn(
+        "rtsp server in hB",
+        lab.cmd("hB", "/usr/bin/python3").args([RTSP_SERVER, "0"]),
+    );
+    let port = camera.line_matching(|l| l.starts_with("ready "))[6..]
+        .trim()
+        .to_owned();
+    let (expose, id_b) = expose(
+        &lab,
+        "hB",
+        &format!("cam=rtsp://127.0.0.1:{port}"),
+        &peer_id(&dir.path("a.pem")),
+        &dir.path("b.pem"),
+    );
+    let connect = Proc::spawn(
+        "connect",
+        lab.cmd("hA", tunnel_bin())
+            .args(["connect", &id_b, "--rendezvous", RENDEZVOUS])
+            .args(["--local", "127.0.0.1:0=cam", "--identity"])
+            .arg(dir.path("a.pem")),
+    );
+    let local = connect.line_matching(|l| l.contains(" -> cam on "));
+    let url = format!("rtsp://{}/test", local.split_whitespace().next().unwrap());
+    // Relay → direct must come while the first introduction's candidates are still pinged:
+    // a few frames in. Direct → relay after 2 s of video, as the download's.
+    let settle = match change {
+        Change::FirewallOpens => {
+            nft_in(&lab, "hB", B_DROPS_A_DIRECT);
+            5
+        }
+        Change::FirewallCloses => 2 * FPS,
+        Change::UdpOpens => unreachable!("the RTSP part changes B's firewall"),
+    };
+    let mut ffmpeg = Proc::spawn(
+        "ffmpeg in hA",
+        lab.cmd("hA", "ffmpeg")
+            .args(["-nostdin", "-hide_banner", "-loglevel", "error", "-nostats"])
+            .args(["-progress", "pipe:1", "-stats_period", "0.05", "-i", &url])
+            .args(["-t", &BENCH_PLAY_S.to_string(), "-f", "null", "-"]),
+    );
+    connect.wait_stderr_for(WAIT, |log| log.contains(&format!("connected path={from} ")));
+    let mut frames = Frames::default();
+    let mut poll_until = |what: &str, limit: Duration, done: &dyn Fn(&Frames) -> bool| {
+        let deadline = Instant::now() + limit;
+        while !done(&frames) {
+            assert!(
+                Instant::now() < deadline,
+                "{what} ({} frames):\n{}",
+                frames.progress.frames,
+                logs_of(&[&ffmpeg, &connect, &expose, &rendezvous, &camera])
+            );
+            std::thread::sleep(Duration::from_millis(10));
+            frames.update(&ffmpeg);
+        }
+    };
+    poll_until("ffmpeg decoded too little before the change", WAIT, &|f| {
+        assert!(!f.progress.ended, "ffmpeg ended before the change");
+        f.progress.frames >= settle
+    });
+    assert!(
+        path_changes(&connect.stderr()).is_empty(),
+        "{}",
+        connect.stderr()
+    );
+    let made = wall_seconds();
+    change.make(&lab);
+    poll_until("no path change while ffmpeg played", WAIT, &|f| {
+        assert!(!f.progress.ended, "ffmpeg ended before the path changed");
+        [&connect, &expose]
+            .iter()
+            .all(|p| !path_changes(&p.stderr()).is_empty())
+    });
+    let limit = Duration::from_secs(BENCH_PLAY_S.into()) + WAIT;
+    poll_until("ffmpeg did not finish", limit, &|f| f.progress.ended);
+    let code = ffmpeg.wait_exit(WAIT);
+    let why = || logs_of(&[&ffmpeg, &connect, &expose]);
+    assert_eq!(code, Some(0), "ffmpeg's exit:\n{}", why());
+    let errors = ffmpeg.stderr().lines().count();
+    assert!(
+        errors == 0 || change != Change::FirewallOpens,
+        "ffmpeg reported errors:\n{}",
+        why()
+    );
+    let changes = [&connect, &expose].map(|p| path_changes(&p.stderr()).remove(0));
+    assert!(
+        changes
+            .iter()
+            .all(|c| c.contains(&format!("from={from} ")) && c.contains(&format!("to={to} "))),
+        "{changes:?}"
+    );
+    let h = Hiccup::of(&frames.grew_at, made, [&changes[0], &changes[1]]);
+    println!(
+        "natlab bench: hiccup rtsp {from}->{to} {:.3} s frames {}/{} ({}; {errors} error lines from ffmpeg)",
+        h.gap,
+        frames.progress.frames,
+        BENCH_PLAY_S * FPS,
+        h.details(change)
+    );
+}
+
+/// Time to first byte per path type, and the hiccup of a live download when the path
+/// changes relay → direct, direct → relay and relay-tcp → direct, and of a live RTSP stream
+/// relay → direct and direct → relay; A's WAN link delayed 20 ms each way. Each time to first byte is curl's,
+/// the connection made on demand once both peers are registered.
+#[test]
+#[ignore = "benchmark: bench/run.sh runs it"]
+fn bench_path_types_and_path_change_hiccups() {
+    if !lab_available() {
+        return;
+    }
+    for (tag, path) in [("bd", "direct"), ("br", "relay"), ("bt", "relay-tcp")] {
+        let run = bench_running(tag, path);
+        let registered = |log: &str| log.contains("registered with the rendezvous");
+        run.expose.wait_stderr_for(WAIT, registered);
+        run.connect.wait_stderr_for(WAIT, registered);
+        let child = run.curl("got", &[]);
+        let first_byte = run.check(child, "got");
+        assert_eq!(run.path(), path, "{}", run.connect.stderr());
+        println!(
+            "natlab bench: ttfb {path} {:.3} s",
+            first_byte.as_secs_f64()
+        );
+    }
+    for (tag, change) in [
+        ("hr", Change::FirewallOpens),
+        ("hd", Change::FirewallCloses),
+        ("ht", Change::UdpOpens),
+    ] {
+        download_hiccup(tag, change);
+    }
+    if rtsp_tools_available() {
+        rtsp_hiccup("hv", Change::FirewallOpens);
+        rtsp_hiccup("hw", Change::FirewallCloses);
+    }
 }

@@ -367,6 +367,13 @@ impl Rendezvous {
                     return Err(message);
                 }
             };
+            if let Some(was) = inner
+                .entries
+                .get(&peer)
+                .filter(|e| e.conn_id == conn.stable_id() && e.observed != observed)
+            {
+                info!(%peer, was = %was.observed, now = %observed, "a registered peer's address changed (a NAT rebinding or a new network)");
+            }
             let entry = Entry {
                 conn_id: conn.stable_id(),
                 conn: conn.clone(),
