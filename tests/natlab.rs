@@ -1593,15 +1593,32 @@ const A_ONLY_TCP_443: &str = "table inet block {\n chain f {\n  type filter hook
 /// A scenario whose A sits behind `block` (nftables in natA) from before it starts, B public,
 /// the rendezvous listening also on `more_listen` (TCP); A's WAN link delayed `delay_ms`.
 fn running_behind(tag: &str, block: &str, more_listen: &[&str], delay_ms: u32) -> Running {
-    let lab = Lab::up(tag, "cone", "public", 0, delay_ms);
-    nft_in(&lab, "natA", block);
+    let listen: Vec<&str> = std::iter::once(RENDEZVOUS)
+        .chain(more_listen.iter().copied())
+        .collect();
+    running_blocked(tag, "public", &[("natA", block)], &listen, delay_ms)
+}
+
+/// A scenario with B behind `mode_b`, nftables `blocks` (namespace, script) in place before
+/// any process starts, the rendezvous listening on `listen` (none: its default, `[::]:3478`).
+fn running_blocked(
+    tag: &str,
+    mode_b: &str,
+    blocks: &[(&str, &str)],
+    listen: &[&str],
+    delay_ms: u32,
+) -> Running {
+    let lab = Lab::up(tag, "cone", mode_b, 0, delay_ms);
+    for (ns, block) in blocks {
+        nft_in(&lab, ns, block);
+    }
     let dir = TempDir::new(&format!("natlab-{tag}"));
     let body = random_bytes(2_000_000);
     std::fs::create_dir_all(dir.path("www")).unwrap();
     std::fs::write(dir.path("www/blob"), &body).unwrap();
     let mut cmd = lab.cmd("wan", tunnel_bin());
-    cmd.args(["rendezvous", "--listen", RENDEZVOUS]);
-    for l in more_listen {
+    cmd.arg("rendezvous");
+    for l in listen {
         cmd.args(["--listen", l]);
     }
     let rendezvous = Proc::spawn("rendezvous", cmd.arg("--identity").arg(dir.path("rz.pem")));
@@ -2268,4 +2285,48 @@ fn bench_path_types_and_path_change_hiccups() {
         rtsp_hiccup("hv", Change::FirewallOpens);
         rtsp_hiccup("hw", Change::FirewallCloses);
     }
+}
+
+/// Both peers' networks drop UDP (A and B behind cone NATs whose routers drop all UDP from
+/// their LANs): each reaches the rendezvous (on its default dual-stack address) over a TCP
+/// link, and the relay carries the connection from one link to the other: a fetch byte for
+/// byte over `relay-tcp` on both sides.
+#[test]
+fn both_networks_drop_udp_and_the_relay_joins_their_tcp_links() {
+    if !lab_available() {
+        return;
+    }
+    let run = running_blocked(
+        "tt",
+        "cone",
+        // (The same rule in each router: it drops what comes from its own LAN.)
+        &[("natA", A_DROPS_UDP), ("natB", A_DROPS_UDP)],
+        &[],
+        0,
+    );
+    let child = run.curl("got", &[]);
+    let first_byte = run.check(child, "got");
+    assert_eq!(run.path(), "relay-tcp", "{}", run.connect.stderr());
+    assert_eq!(
+        run.rendezvous.stderr().matches("TCP link up").count(),
+        2,
+        "{}",
+        run.rendezvous.stderr()
+    );
+    assert!(
+        run.rendezvous
+            .stderr()
+            .lines()
+            .filter(|l| l.contains("relay side bound") && l.contains("over=\"tcp\""))
+            .count()
+            >= 2,
+        "both relay sides bound over their links: {}",
+        run.rendezvous.stderr()
+    );
+    let b = settled_status_in(&run.dir, "b.pem");
+    assert_eq!(b["connections"][0]["path"], "relay-tcp", "{b:#}");
+    println!(
+        "natlab tt: both networks drop UDP: 2 MB over relay-tcp on both sides, first byte after {:.2} s",
+        first_byte.as_secs_f64()
+    );
 }
