@@ -93,34 +93,6 @@ pub(crate) fn server_tls(
     Ok(Arc::new(tls::server_config(identity, &[link::ALPN])?))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn links_are_counted_per_host_and_in_all_and_given_back() {
-        let c = LinkCount::default();
-        let a: IpAddr = "198.51.100.10".parse().unwrap();
-        let b: IpAddr = "198.51.100.20".parse().unwrap();
-        let h1 = c.hold(a, 2, 3).unwrap();
-        let _h2 = c.hold(a, 2, 3).unwrap();
-        assert_eq!(c.hold(a, 2, 3).err(), Some(Full::Address));
-        let _h3 = c.hold(b, 2, 3).unwrap();
-        assert_eq!(c.hold(b, 2, 3).err(), Some(Full::All));
-        drop(h1);
-        assert!(c.hold(b, 2, 3).is_ok(), "a place given back");
-        // One IPv6 host: every address of its /64 counts together.
-        let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
-        let c = LinkCount::default();
-        let _x = c.hold(v6("2001:db8:1:2::1"), 1, 10).unwrap();
-        assert_eq!(
-            c.hold(v6("2001:db8:1:2::ffff"), 1, 10).err(),
-            Some(Full::Address)
-        );
-        assert!(c.hold(v6("2001:db8:1:3::1"), 1, 10).is_ok());
-    }
-}
-
 impl Rendezvous {
     /// Serves one accepted TCP connection as a link until it ends or the node stops.
     pub(crate) async fn serve_link(self: Arc<Self>, tcp: TcpStream, from: SocketAddr) {
@@ -180,5 +152,33 @@ impl Rendezvous {
         }
         .instrument(span)
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn links_are_counted_per_host_and_in_all_and_given_back() {
+        let c = LinkCount::default();
+        let a: IpAddr = "198.51.100.10".parse().unwrap();
+        let b: IpAddr = "198.51.100.20".parse().unwrap();
+        let h1 = c.hold(a, 2, 3).unwrap();
+        let _h2 = c.hold(a, 2, 3).unwrap();
+        assert_eq!(c.hold(a, 2, 3).err(), Some(Full::Address));
+        let _h3 = c.hold(b, 2, 3).unwrap();
+        assert_eq!(c.hold(b, 2, 3).err(), Some(Full::All));
+        drop(h1);
+        assert!(c.hold(b, 2, 3).is_ok(), "a place given back");
+        // One IPv6 host: every address of its /64 counts together.
+        let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
+        let c = LinkCount::default();
+        let _x = c.hold(v6("2001:db8:1:2::1"), 1, 10).unwrap();
+        assert_eq!(
+            c.hold(v6("2001:db8:1:2::ffff"), 1, 10).err(),
+            Some(Full::Address)
+        );
+        assert!(c.hold(v6("2001:db8:1:3::1"), 1, 10).is_ok());
     }
 }
