@@ -164,11 +164,18 @@ impl Running {
             &[mode_a, mode_b, &loss_s, &delay_s],
             &[("LAB_V6", net.v6), ("LAB_V4_HOSTS", v4_hosts)],
         );
+        let listen: Vec<&str> = net.listen.map(|l| l.0).into_iter().collect();
+        Running::start_in(lab, tag, net, &listen)
+    }
+
+    /// The processes of a scenario in `lab`, the rendezvous listening on `listen` (none: its
+    /// default, `[::]:3478`).
+    fn start_in(lab: Lab, tag: &str, net: &Net, listen: &[&str]) -> Running {
         let dir = TempDir::new(&format!("natlab-{tag}"));
         let body = random_bytes(2_000_000);
         std::fs::create_dir_all(dir.path("www")).unwrap();
         std::fs::write(dir.path("www/blob"), &body).unwrap();
-        let rendezvous = start_rendezvous_on(&lab, &dir, net.listen.map(|l| l.0));
+        let rendezvous = start_rendezvous_on(&lab, &dir, listen);
         let http = http_server(&lab, "hB", &dir.path("www"));
         let id_a = peer_id(&dir.path("a.pem"));
         let (expose, id_b) = expose_on(
@@ -256,15 +263,16 @@ impl Running {
 }
 
 fn start_rendezvous(lab: &Lab, dir: &TempDir) -> Proc {
-    start_rendezvous_on(lab, dir, Some(RENDEZVOUS))
+    start_rendezvous_on(lab, dir, &[RENDEZVOUS])
 }
 
-/// The rendezvous on the WAN, listening on `listen` (`None`: its default, `[::]:3478`).
-fn start_rendezvous_on(lab: &Lab, dir: &TempDir, listen: Option<&str>) -> Proc {
+/// The rendezvous on the WAN, listening on `listen` (none: its default, `[::]:3478`; more
+/// than one: TCP on the others too).
+fn start_rendezvous_on(lab: &Lab, dir: &TempDir, listen: &[&str]) -> Proc {
     let mut cmd = lab.cmd("wan", tunnel_bin());
     cmd.arg("rendezvous");
-    if let Some(listen) = listen {
-        cmd.args(["--listen", listen]);
+    for l in listen {
+        cmd.args(["--listen", l]);
     }
     let rendezvous = Proc::spawn("rendezvous", cmd.arg("--identity").arg(dir.path("rz.pem")));
     rendezvous.line_matching(|l| l.starts_with("rendezvous listening"));
@@ -512,6 +520,21 @@ impl Running {
         (child, body)
     }
 
+    /// [`live_download`](Self::live_download), once connect says it connected on `path`.
+    fn live_download_on(
+        &self,
+        name: &str,
+        mib: usize,
+        rate: &str,
+        path: &str,
+    ) -> (std::process::Child, Vec<u8>) {
+        let live = self.live_download(name, mib, rate);
+        let connected = format!("connected path={path} ");
+        self.connect
+            .wait_stderr_for(WAIT, |log| log.contains(&connected));
+        live
+    }
+
     fn wait_live(&self, name: &str, (child, body): (std::process::Child, Vec<u8>)) {
         let result = child.wait_with_output().unwrap();
         assert!(
@@ -567,9 +590,7 @@ fn relay_then_direct(tag: &str, opening: Opening) {
         Opening::WhileTheFirstDialRuns => "8M",
         Opening::AtTheBackgroundPunch => "2M",
     };
-    let live = run.live_download("live", 64, rate);
-    run.connect
-        .wait_stderr_for(WAIT, |log| log.contains("connected path=relay"));
+    let live = run.live_download_on("live", 64, rate, "relay");
     if opening == Opening::AtTheBackgroundPunch {
         // A new introduction comes once the candidates probed after the relay won stayed
         // silent (5 s) and the retry interval (10 s) passed.
@@ -630,9 +651,7 @@ fn a_dead_direct_path_hands_the_live_download_to_the_relay_and_back() {
     }
     let run = Running::start("fo", "cone", "public", 0, 0);
     // 64 MiB at 4 MB/s: 16 s.
-    let live = run.live_download("live", 64, "4M");
-    run.connect
-        .wait_stderr_for(WAIT, |log| log.contains("connected path=direct"));
+    let live = run.live_download_on("live", 64, "4M", "direct");
     std::thread::sleep(Duration::from_secs(2));
     let cut = Instant::now();
     nft_in(&run.lab, "hB", B_DROPS_A_DIRECT);
@@ -680,24 +699,74 @@ const PLAY_S: u32 = 30;
 const FPS: u32 = 25;
 
 /// Whether ffmpeg and GStreamer's RTSP server for python3-gi are here, for the RTSP
-/// scenario: skipped loudly when not, except under TUNNEL_REQUIRE_TOOLS=1 (CI), where it fails.
+/// scenarios: skipped loudly when not, except under TUNNEL_REQUIRE_TOOLS=1 (CI), where it fails.
 fn rtsp_tools_available() -> bool {
-    let server = Command::new("/usr/bin/python3")
-        .args([
-            "-c",
-            "import gi; gi.require_version('GstRtspServer', '1.0')",
-        ])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !server {
-        assert_ne!(
-            std::env::var("TUNNEL_REQUIRE_TOOLS").as_deref(),
-            Ok("1"),
-            "the NAT lab's RTSP scenario needs gst-rtsp-server for python3-gi"
-        );
-        eprintln!("SKIPPED: the NAT lab's RTSP scenario needs gst-rtsp-server for python3-gi");
+    have_gst_rtsp_server() && have("ffmpeg")
+}
+
+/// The RTSP scenario's processes: the camera (tests/fixtures/rtsp_server.py) and `expose`
+/// in hB, the rendezvous, `connect` in hA with a local port for it, and the URL a player
+/// uses there. Destructured with `lab` first, so the namespaces go last.
+struct CameraLab {
+    lab: Lab,
+    dir: TempDir,
+    rendezvous: Proc,
+    camera: Proc,
+    expose: Proc,
+    connect: Proc,
+    url: String,
+}
+
+/// A [`CameraLab`] with A behind a cone NAT and B public, A's link delayed `delay_ms`.
+fn camera_lab(tag: &str, delay_ms: u32) -> CameraLab {
+    let lab = Lab::up(tag, "cone", "public", 0, delay_ms);
+    let dir = TempDir::new(&format!("natlab-{tag}"));
+    let rendezvous = start_rendezvous(&lab, &dir);
+    let camera = Proc::spawn(
+        "rtsp server in hB",
+        lab.cmd("hB", "/usr/bin/python3").args([RTSP_SERVER, "0"]),
+    );
+    let port = camera.line_matching(|l| l.starts_with("ready "))[6..]
+        .trim()
+        .to_owned();
+    let (expose, id_b) = expose(
+        &lab,
+        "hB",
+        &format!("cam=rtsp://127.0.0.1:{port}"),
+        &peer_id(&dir.path("a.pem")),
+        &dir.path("b.pem"),
+    );
+    let connect = Proc::spawn(
+        "connect",
+        lab.cmd("hA", tunnel_bin())
+            .args(["connect", &id_b, "--rendezvous", RENDEZVOUS])
+            .args(["--local", "127.0.0.1:0=cam", "--identity"])
+            .arg(dir.path("a.pem")),
+    );
+    let local = connect.line_matching(|l| l.contains(" -> cam on "));
+    let url = format!("rtsp://{}/test", local.split_whitespace().next().unwrap());
+    CameraLab {
+        lab,
+        dir,
+        rendezvous,
+        camera,
+        expose,
+        connect,
+        url,
     }
-    server && have("ffmpeg")
+}
+
+/// ffmpeg in hA playing `url` for `seconds` with its default transport, decoding to null:
+/// only errors on stderr (a decoder's among them), its progress every `period` seconds on
+/// stdout.
+fn play(lab: &Lab, url: &str, period: &str, seconds: u32) -> Proc {
+    Proc::spawn(
+        "ffmpeg in hA",
+        lab.cmd("hA", "ffmpeg")
+            .args(["-nostdin", "-hide_banner", "-loglevel", "error", "-nostats"])
+            .args(["-progress", "pipe:1", "-stats_period", period, "-i", url])
+            .args(["-t", &seconds.to_string(), "-f", "null", "-"]),
+    )
 }
 
 /// What ffmpeg's `-progress pipe:1` said so far: the last `frame=N`, and whether it wrote
@@ -749,41 +818,18 @@ fn a_live_rtsp_stream_moves_from_the_relay_to_the_direct_path_without_a_decoder_
         return;
     }
     // Declared first, dropped last: every process below goes before the namespaces.
-    let lab = Lab::up("rs", "cone", "public", 0, 0);
-    let dir = TempDir::new("natlab-rs");
-    let rendezvous = start_rendezvous(&lab, &dir);
-    let camera = Proc::spawn(
-        "rtsp server in hB",
-        lab.cmd("hB", "/usr/bin/python3").args([RTSP_SERVER, "0"]),
-    );
-    let port = camera.line_matching(|l| l.starts_with("ready "))[6..]
-        .trim()
-        .to_owned();
-    let (expose, id_b) = expose(
-        &lab,
-        "hB",
-        &format!("cam=rtsp://127.0.0.1:{port}"),
-        &peer_id(&dir.path("a.pem")),
-        &dir.path("b.pem"),
-    );
-    let connect = Proc::spawn(
-        "connect",
-        lab.cmd("hA", tunnel_bin())
-            .args(["connect", &id_b, "--rendezvous", RENDEZVOUS])
-            .args(["--local", "127.0.0.1:0=cam", "--identity"])
-            .arg(dir.path("a.pem")),
-    );
-    let local = connect.line_matching(|l| l.contains(" -> cam on "));
-    let url = format!("rtsp://{}/test", local.split_whitespace().next().unwrap());
+    let CameraLab {
+        lab,
+        dir,
+        rendezvous,
+        camera,
+        expose,
+        connect,
+        url,
+    } = camera_lab("rs", 0);
     nft_in(&lab, "hB", B_DROPS_A_DIRECT);
     // Only errors on stderr (a decoder's among them); the frame count on stdout.
-    let mut ffmpeg = Proc::spawn(
-        "ffmpeg in hA",
-        lab.cmd("hA", "ffmpeg")
-            .args(["-nostdin", "-hide_banner", "-loglevel", "error", "-nostats"])
-            .args(["-progress", "pipe:1", "-stats_period", "0.25", "-i", &url])
-            .args(["-t", &PLAY_S.to_string(), "-f", "null", "-"]),
-    );
+    let mut ffmpeg = play(&lab, &url, "0.25", PLAY_S);
     connect.wait_stderr_for(WAIT, |log| log.contains("connected path=relay"));
     let mut progress = Progress::default();
     let deadline = Instant::now() + WAIT;
@@ -1612,37 +1658,7 @@ fn running_blocked(
     for (ns, block) in blocks {
         nft_in(&lab, ns, block);
     }
-    let dir = TempDir::new(&format!("natlab-{tag}"));
-    let body = random_bytes(2_000_000);
-    std::fs::create_dir_all(dir.path("www")).unwrap();
-    std::fs::write(dir.path("www/blob"), &body).unwrap();
-    let mut cmd = lab.cmd("wan", tunnel_bin());
-    cmd.arg("rendezvous");
-    for l in listen {
-        cmd.args(["--listen", l]);
-    }
-    let rendezvous = Proc::spawn("rendezvous", cmd.arg("--identity").arg(dir.path("rz.pem")));
-    rendezvous.line_matching(|l| l.starts_with("rendezvous listening"));
-    let http = http_server(&lab, "hB", &dir.path("www"));
-    let id_a = peer_id(&dir.path("a.pem"));
-    let (expose, id_b) = expose(&lab, "hB", "web=127.0.0.1:8000", &id_a, &dir.path("b.pem"));
-    let connect = Proc::spawn(
-        "connect",
-        lab.cmd("hA", tunnel_bin())
-            .args(["connect", &id_b, "--rendezvous", RENDEZVOUS])
-            .args(["--local", "127.0.0.1:8080=web", "--identity"])
-            .arg(dir.path("a.pem")),
-    );
-    connect.line_matching(|l| l.contains("-> web on"));
-    Running {
-        connect,
-        expose,
-        rendezvous,
-        _http: http,
-        body,
-        dir,
-        lab,
-    }
+    Running::start_in(lab, tag, &V4, listen)
 }
 
 /// A's network drops all UDP: connect registers and gets its relay over a TCP link to the
@@ -1657,9 +1673,7 @@ fn a_network_that_drops_udp_gets_through_over_tcp_and_moves_to_direct_when_udp_o
     let run = running_behind("tu", A_DROPS_UDP, &[], 0);
     let started = Instant::now();
     // 64 MiB at 2 MB/s: 32 s, past the next introduction after UDP opens (every 10 s).
-    let live = run.live_download("live", 64, "2M");
-    run.connect
-        .wait_stderr_for(WAIT, |log| log.contains("connected path=relay-tcp"));
+    let live = run.live_download_on("live", 64, "2M", "relay-tcp");
     let connected = started.elapsed();
     assert!(
         run.rendezvous.stderr().contains("TCP link up"),
@@ -1790,9 +1804,7 @@ fn the_connecting_host_moves_to_a_new_address_mid_download_and_the_download_comp
     }
     let run = Running::start("mv", "cone", "cone", 0, 0);
     // 64 MiB at 4 MB/s: 16 s.
-    let live = run.live_download("live", 64, "4M");
-    run.connect
-        .wait_stderr_for(WAIT, |log| log.contains("connected path=direct"));
+    let live = run.live_download_on("live", 64, "4M", "direct");
     std::thread::sleep(Duration::from_secs(3));
     let moved = Instant::now();
     move_a(&run.lab);
@@ -1835,9 +1847,7 @@ fn a_nat_rebinding_on_a_relayed_path_leaves_the_download_intact() {
     let run = Running::start("rb", "cone", "public", 0, 0);
     nft_in(&run.lab, "hB", B_DROPS_A_DIRECT);
     // 64 MiB at 4 MB/s: 16 s.
-    let live = run.live_download("live", 64, "4M");
-    run.connect
-        .wait_stderr_for(WAIT, |log| log.contains("connected path=relay"));
+    let live = run.live_download_on("live", 64, "4M", "relay");
     std::thread::sleep(Duration::from_secs(3));
     let binds = |log: &str| log.matches("relay side bound").count();
     let before = binds(&run.rendezvous.stderr());
@@ -2148,32 +2158,15 @@ impl Frames {
 fn rtsp_hiccup(tag: &str, change: Change) {
     let (from, to) = change.paths();
     // Declared first, dropped last: every process below goes before the namespaces.
-    let lab = Lab::up(tag, "cone", "public", 0, BENCH_DELAY_MS);
-    let dir = TempDir::new(&format!("natlab-{tag}"));
-    let rendezvous = start_rendezvous(&lab, &dir);
-    let camera = Proc::spawn(
-        "rtsp server in hB",
-        lab.cmd("hB", "/usr/bin/python3").args([RTSP_SERVER, "0"]),
-    );
-    let port = camera.line_matching(|l| l.starts_with("ready "))[6..]
-        .trim()
-        .to_owned();
-    let (expose, id_b) = expose(
-        &lab,
-        "hB",
-        &format!("cam=rtsp://127.0.0.1:{port}"),
-        &peer_id(&dir.path("a.pem")),
-        &dir.path("b.pem"),
-    );
-    let connect = Proc::spawn(
-        "connect",
-        lab.cmd("hA", tunnel_bin())
-            .args(["connect", &id_b, "--rendezvous", RENDEZVOUS])
-            .args(["--local", "127.0.0.1:0=cam", "--identity"])
-            .arg(dir.path("a.pem")),
-    );
-    let local = connect.line_matching(|l| l.contains(" -> cam on "));
-    let url = format!("rtsp://{}/test", local.split_whitespace().next().unwrap());
+    let CameraLab {
+        lab,
+        dir: _dir,
+        rendezvous,
+        camera,
+        expose,
+        connect,
+        url,
+    } = camera_lab(tag, BENCH_DELAY_MS);
     // Relay → direct must come while the first introduction's candidates are still pinged:
     // a few frames in. Direct → relay after 2 s of video, as the download's.
     let settle = match change {
@@ -2184,13 +2177,7 @@ fn rtsp_hiccup(tag: &str, change: Change) {
         Change::FirewallCloses => 2 * FPS,
         Change::UdpOpens => unreachable!("the RTSP part changes B's firewall"),
     };
-    let mut ffmpeg = Proc::spawn(
-        "ffmpeg in hA",
-        lab.cmd("hA", "ffmpeg")
-            .args(["-nostdin", "-hide_banner", "-loglevel", "error", "-nostats"])
-            .args(["-progress", "pipe:1", "-stats_period", "0.05", "-i", &url])
-            .args(["-t", &BENCH_PLAY_S.to_string(), "-f", "null", "-"]),
-    );
+    let mut ffmpeg = play(&lab, &url, "0.05", BENCH_PLAY_S);
     connect.wait_stderr_for(WAIT, |log| log.contains(&format!("connected path={from} ")));
     let mut frames = Frames::default();
     let mut poll_until = |what: &str, limit: Duration, done: &dyn Fn(&Frames) -> bool| {

@@ -97,21 +97,7 @@ fn an_rtsp_camera_plays_through_the_tunnel_with_ffmpeg() {
     if !have("ffmpeg") || !have("/usr/bin/python3") {
         return;
     }
-    let gi_ok = Command::new("/usr/bin/python3")
-        .args([
-            "-c",
-            "import gi; gi.require_version('GstRtspServer', '1.0')",
-        ])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !gi_ok {
-        assert_ne!(
-            std::env::var("TUNNEL_REQUIRE_TOOLS").as_deref(),
-            Ok("1"),
-            "gst-rtsp-server for python3-gi is required but missing"
-        );
-        eprintln!("SKIPPED: python3-gi with gir1.2-gst-rtsp-server-1.0 is not installed");
+    if !have_gst_rtsp_server() {
         return;
     }
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/rtsp_server.py");

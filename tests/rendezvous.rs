@@ -266,6 +266,22 @@ async fn one_node_serves_as_rendezvous_and_exposes_on_one_endpoint() {
     stop(vec![cli, other, both]).await;
 }
 
+/// `tunnel rendezvous` as a process on 127.0.0.1 (identity `rz.pem` in `dir`) with `args`;
+/// its address once it listens.
+fn rendezvous_process(dir: &TempDir, args: &[&str]) -> (Proc, SocketAddr) {
+    let rz = Proc::spawn(
+        "rendezvous",
+        std::process::Command::new(tunnel_bin())
+            .args(["rendezvous", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .arg("--identity")
+            .arg(dir.path("rz.pem")),
+    );
+    let line = rz.line_matching(|l| l.starts_with("rendezvous listening on "));
+    let addr = line.rsplit(' ').next().unwrap().trim().parse().unwrap();
+    (rz, addr)
+}
+
 fn rendezvous_with(config: RendezvousConfig) -> Node {
     let node = Node::bind(loopback(), identity(), Tuning::default()).unwrap();
     node.serve_rendezvous(config).unwrap();
@@ -405,16 +421,9 @@ async fn the_allow_file_admits_and_a_reload_grants_and_revokes() {
         format!("# who may register\n{e_id}  # the camera host\n"),
     )
     .unwrap();
-    let rz = Proc::spawn(
-        "rendezvous",
-        std::process::Command::new(tunnel_bin())
-            .args(["rendezvous", "--listen", "127.0.0.1:0", "--allow-file"])
-            .arg(&allow)
-            .arg("--identity")
-            .arg(dir.path("rz.pem")),
-    );
-    let line = rz.line_matching(|l| l.starts_with("rendezvous listening on "));
-    let rz_addr = line.rsplit(' ').next().unwrap().to_owned();
+    let allow_file = allow.to_str().unwrap();
+    let (rz, rz_addr) = rendezvous_process(&dir, &["--allow-file", allow_file]);
+    let rz_addr = rz_addr.to_string();
     let expose = Proc::spawn(
         "expose",
         std::process::Command::new(tunnel_bin())
@@ -468,25 +477,7 @@ async fn the_allow_file_admits_and_a_reload_grants_and_revokes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_tcp_link_clients_are_closed_and_the_rendezvous_keeps_serving() {
     let dir = TempDir::new("rz-link");
-    let rz = Proc::spawn(
-        "rendezvous",
-        std::process::Command::new(tunnel_bin())
-            .args([
-                "rendezvous",
-                "--listen",
-                "127.0.0.1:0",
-                "--max-peers-per-ip",
-                "2",
-            ])
-            .arg("--identity")
-            .arg(dir.path("rz.pem")),
-    );
-    let line = rz.line_matching(|l| l.starts_with("rendezvous listening on "));
-    let addr: SocketAddr = line
-        .trim_start_matches("rendezvous listening on ")
-        .trim()
-        .parse()
-        .unwrap();
+    let (rz, addr) = rendezvous_process(&dir, &["--max-peers-per-ip", "2"]);
     // A TCP connection to the rendezvous from `from` (127.0.0.0/8 is all loopback).
     let from = |ip: &str| {
         let ip: std::net::IpAddr = ip.parse().unwrap();

@@ -88,7 +88,7 @@ impl Driver {
         let mut next_waiter = 0u64;
         // This host's addresses changed (a new address, UDP back after the TCP link): the
         // live connection punches again at once.
-        let mut network = self.node.transport.paths().links().network_changes();
+        let mut network = self.node.transport.paths().network_changes();
         let stop = self.node.stop.clone();
         let actions = machine.start(now());
         self.apply(&mut io, actions);

@@ -188,29 +188,52 @@ mod tests {
         Duration::from_millis(n)
     }
 
-    /// Runs the machine to `until`, answering echoes when `udp(t)` says UDP works then.
+    /// A machine whose registration stalled at `t0` and whose link came up at once.
+    fn on_the_link(t0: Instant) -> Fallback {
+        let mut f = Fallback::default();
+        f.stalled(t0);
+        f.link_up(t0);
+        f
+    }
+
+    /// Runs the machine from deadline to deadline until `until` (or until it has none),
+    /// handing each action to `react`; every deadline after a poll must be ahead of it.
+    /// Returns the actions and the time it stopped at.
+    fn step(
+        f: &mut Fallback,
+        from: Instant,
+        until: Instant,
+        mut react: impl FnMut(&mut Fallback, Instant, Action),
+    ) -> (Vec<(Instant, Action)>, Instant) {
+        let mut t = from;
+        let mut log = Vec::new();
+        while t <= until {
+            for a in f.poll(t) {
+                log.push((t, a));
+                react(f, t, a);
+            }
+            let Some(next) = f.next_deadline() else {
+                break;
+            };
+            assert!(next > t, "a deadline in the past after poll({t:?}): {f:?}");
+            t = next;
+        }
+        (log, t)
+    }
+
+    /// [`step`], answering echoes when `udp(t)` says UDP works then, the link up at once.
     fn run(
         f: &mut Fallback,
         from: Instant,
         until: Instant,
         udp: impl Fn(Instant) -> bool,
     ) -> Vec<(Instant, Action)> {
-        let mut t = from;
-        let mut log = Vec::new();
-        while t <= until {
-            for a in f.poll(t) {
-                log.push((t, a));
-                match a {
-                    Action::Echo if udp(t) => f.echo_reply(t + ms(5)),
-                    Action::Open => f.link_up(t + ms(10)),
-                    _ => {}
-                }
-            }
-            let next = f.next_deadline().unwrap_or(until + ms(1));
-            assert!(next > t, "a deadline in the past after poll({t:?}): {f:?}");
-            t = next;
-        }
-        log
+        step(f, from, until, |f, t, a| match a {
+            Action::Echo if udp(t) => f.echo_reply(t + ms(5)),
+            Action::Open => f.link_up(t + ms(10)),
+            _ => {}
+        })
+        .0
     }
 
     #[test]
@@ -253,9 +276,7 @@ mod tests {
     #[test]
     fn the_first_echo_reply_takes_udp_back_and_silence_returns_to_the_link() {
         let t0 = Instant::now();
-        let mut f = Fallback::default();
-        f.stalled(t0);
-        f.link_up(t0);
+        let mut f = on_the_link(t0);
         assert!(f.via_tcp(t0));
         f.echo_reply(t0 + ms(1000));
         assert!(!f.via_tcp(t0 + ms(1000)), "UDP again at the first reply");
@@ -279,18 +300,17 @@ mod tests {
         f.link_down(t0 + ms(100));
         assert!(!f.via_tcp(t0 + ms(100)));
         let mut opens = Vec::new();
-        let mut t = t0 + ms(100);
-        while t < t0 + Duration::from_secs(40) {
-            for a in f.poll(t) {
+        let (_, t) = step(
+            &mut f,
+            t0 + ms(100),
+            t0 + Duration::from_secs(40),
+            |f, t, a| {
                 if a == Action::Open {
                     opens.push(t);
                     f.link_down(t);
                 }
-            }
-            let next = f.next_deadline().unwrap();
-            assert!(next > t, "a deadline in the past after poll: {f:?}");
-            t = next;
-        }
+            },
+        );
         let gaps: Vec<u64> = opens.windows(2).map(|w| (w[1] - w[0]).as_secs()).collect();
         assert_eq!(&gaps[..4], &[2, 4, 8, 10], "doubling to 10 s: {gaps:?}");
         // UDP answers: no more attempts.
@@ -304,23 +324,12 @@ mod tests {
         // UDP answered once, then went quiet for good, with the link closed and open.
         for open in [false, true] {
             let t0 = Instant::now();
-            let mut f = Fallback::default();
-            if open {
-                f.stalled(t0);
-                f.link_up(t0);
-            }
+            let mut f = match open {
+                true => on_the_link(t0),
+                false => Fallback::default(),
+            };
             f.echo_reply(t0);
-            let mut t = t0;
-            for _ in 0..200 {
-                f.poll(t);
-                match f.next_deadline() {
-                    Some(next) => {
-                        assert!(next > t, "{f:?}");
-                        t = next;
-                    }
-                    None => break,
-                }
-            }
+            let (_, t) = step(&mut f, t0, t0 + Duration::from_secs(200), |_, _, _| {});
             assert!(t >= t0 + UDP_DEAD_AFTER, "time moved on");
             assert_eq!(f.via_tcp(t), open);
         }
@@ -329,9 +338,7 @@ mod tests {
     #[test]
     fn a_stall_on_a_link_that_carries_nothing_replaces_it() {
         let t0 = Instant::now();
-        let mut f = Fallback::default();
-        f.stalled(t0);
-        f.link_up(t0);
+        let mut f = on_the_link(t0);
         assert!(f.via_tcp(t0));
         assert_eq!(f.stalled(t0 + ms(12_000)), vec![Action::Open]);
         assert!(
@@ -346,9 +353,7 @@ mod tests {
     #[test]
     fn a_stall_while_udp_answers_opens_nothing() {
         let t0 = Instant::now();
-        let mut f = Fallback::default();
-        f.stalled(t0);
-        f.link_up(t0);
+        let mut f = on_the_link(t0);
         f.echo_reply(t0);
         let log = run(&mut f, t0, t0 + CLOSE_AFTER + ms(2000), |_| true);
         assert!(log.iter().any(|(_, a)| *a == Action::Close));

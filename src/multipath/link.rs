@@ -65,14 +65,14 @@ pub struct LinkHub {
     next_link: AtomicU64,
     inject_tx: mpsc::Sender<Datagram>,
     inject_rx: Mutex<mpsc::Receiver<Datagram>>,
+    /// At least the datagrams waiting in `inject_rx`: while 0, the socket's busy receive
+    /// path does not look at the links (one atomic load instead of a lock and a poll).
+    injected: std::sync::atomic::AtomicUsize,
     /// Whether this process answers echo requests (the rendezvous does).
     answer_echo: AtomicBool,
     /// The nonce of the last echo request sent, and the replies' signal.
     echo_nonce: AtomicU64,
     pub echo_replied: Notify,
-    /// Counts the times this host's addresses toward peers changed (a new local address, or
-    /// the rendezvous's traffic back from the link to UDP): live connections punch again.
-    network: tokio::sync::watch::Sender<u64>,
 }
 
 impl LinkHub {
@@ -88,22 +88,12 @@ impl LinkHub {
             next_link: AtomicU64::new(1),
             inject_tx,
             inject_rx: Mutex::new(inject_rx),
+            injected: Default::default(),
             answer_echo: AtomicBool::new(false),
             // Random, so that an off-path sender cannot guess the replies that count.
             echo_nonce: AtomicU64::new(random_start()),
             echo_replied: Notify::new(),
-            network: tokio::sync::watch::Sender::new(0),
         }
-    }
-
-    /// Changes each time this host's addresses toward peers change.
-    pub fn network_changes(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.network.subscribe()
-    }
-
-    /// This host's addresses toward peers changed.
-    pub fn note_network_change(&self) {
-        self.network.send_modify(|n| *n += 1);
     }
 
     fn read_client(&self) -> std::sync::RwLockReadGuard<'_, Option<ClientRoute>> {
@@ -164,7 +154,20 @@ impl LinkHub {
     /// A datagram from the rendezvous host's `port` came over the link.
     pub fn from_rendezvous(&self, ip: IpAddr, port: u16, datagram: Bytes) {
         let from = for_socket(SocketAddr::new(ip, port), self.local);
-        let _ = self.inject_tx.try_send((from, datagram));
+        self.inject((from, datagram));
+    }
+
+    /// Queues a datagram for quinn (dropped when the queue is full, as a UDP buffer would).
+    fn inject(&self, d: Datagram) {
+        self.injected.fetch_add(1, Ordering::AcqRel);
+        if self.inject_tx.try_send(d).is_err() {
+            self.injected.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Whether datagrams from links may be waiting for quinn.
+    pub fn has_injected(&self) -> bool {
+        self.injected.load(Ordering::Acquire) > 0
     }
 
     /// The echo request to send over UDP now.
@@ -242,28 +245,33 @@ impl LinkHub {
             .unwrap_or_else(|p| p.into_inner())
             .get(&port)
             .cloned();
-        let _ = match relay {
-            Some(inbox) => inbox.try_send((from, datagram)),
-            None => self.inject_tx.try_send((from, datagram)),
-        };
+        match relay {
+            Some(inbox) => {
+                let _ = inbox.try_send((from, datagram));
+            }
+            None => self.inject((from, datagram)),
+        }
     }
 
     /// Sends `datagram` from this host's `port` to the link known as `to`: `false` when
     /// `to` is no link address (send it over UDP); a link address whose link is gone drops it.
     pub fn send_to_link(&self, to: SocketAddr, port: u16, datagram: &[u8]) -> bool {
-        let to = canonical(to);
+        self.send_segments_to_link(to, port, std::iter::once(datagram))
+    }
+
+    /// [`send_to_link`](Self::send_to_link) for several datagrams, the link looked up once.
+    fn send_segments_to_link<'a>(
+        &self,
+        to: SocketAddr,
+        port: u16,
+        datagrams: impl Iterator<Item = &'a [u8]>,
+    ) -> bool {
         if !is_link_addr(to) {
             return false;
         }
-        if let Some(l) = self
-            .links
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&to)
-        {
-            if let Ok(frame) = link::encode(port, datagram) {
-                let _ = l.tx.try_send(frame.into());
-            }
+        let links = self.links.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(l) = links.get(&canonical(to)) {
+            send_frames(&l.tx, port, datagrams);
         }
         true
     }
@@ -273,12 +281,8 @@ impl LinkHub {
     /// Sends what quinn or the path layer addressed to `to` over a link, when one carries it.
     /// `segment`: the size of each datagram in `contents` (segmentation offload).
     pub fn route(&self, to: SocketAddr, contents: &[u8], segment: Option<usize>) -> bool {
-        let port = self.local.port();
-        let segments = contents.chunks(segment.unwrap_or(contents.len()).max(1));
-        if is_link_addr(canonical(to)) {
-            for s in segments {
-                self.send_to_link(to, port, s);
-            }
+        let segments = || contents.chunks(segment.unwrap_or(contents.len()).max(1));
+        if self.send_segments_to_link(to, self.local.port(), segments()) {
             return true;
         }
         if !self.via_tcp.load(Ordering::Acquire) {
@@ -288,11 +292,7 @@ impl LinkHub {
         let Some(c) = client.as_ref().filter(|c| c.ip == canonical(to).ip()) else {
             return false;
         };
-        for s in segments {
-            if let Ok(frame) = link::encode(to.port(), s) {
-                let _ = c.tx.try_send(frame.into());
-            }
-        }
+        send_frames(&c.tx, to.port(), segments());
         true
     }
 
@@ -335,6 +335,7 @@ impl LinkHub {
         while n < max {
             match rx.poll_recv(cx) {
                 std::task::Poll::Ready(Some(d)) => {
+                    self.injected.fetch_sub(1, Ordering::AcqRel);
                     take(d);
                     n += 1;
                 }
@@ -349,6 +350,16 @@ impl LinkHub {
     }
 }
 
+/// Frames each datagram for `port` onto a link; a full queue drops it, as a full UDP buffer
+/// would.
+fn send_frames<'a>(tx: &LinkTx, port: u16, datagrams: impl Iterator<Item = &'a [u8]>) {
+    for d in datagrams {
+        if let Ok(frame) = link::encode(port, d) {
+            let _ = tx.try_send(frame.into());
+        }
+    }
+}
+
 /// Where echo nonces start: random, well below where they could wrap.
 fn random_start() -> u64 {
     use ring::rand::SecureRandom;
@@ -357,9 +368,9 @@ fn random_start() -> u64 {
     u64::from(u32::from_ne_bytes(b))
 }
 
-/// Whether `addr` (canonical) is a link address.
+/// Whether `addr` (in either form) is a link address.
 pub fn is_link_addr(addr: SocketAddr) -> bool {
-    match addr.ip() {
+    match canonical(addr).ip() {
         IpAddr::V4(v4) => v4.octets()[0] == 0 && !v4.is_unspecified(),
         IpAddr::V6(_) => false,
     }
@@ -385,7 +396,7 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         for _ in 0..1000 {
             let a = hub.add_link(real, tx.clone());
-            assert!(is_link_addr(canonical(a)), "{a}");
+            assert!(is_link_addr(a), "{a}");
             assert!(seen.insert(a), "{a} twice");
             assert_eq!(hub.real(a), Some(real));
         }

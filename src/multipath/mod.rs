@@ -124,6 +124,9 @@ pub struct PathTable {
     pub switches: std::sync::atomic::AtomicU64,
     /// TCP links: where datagrams go when UDP cannot carry them.
     links: Arc<LinkHub>,
+    /// Counts the times this host's addresses toward peers changed (a new local address, or
+    /// the rendezvous's traffic back from the TCP link to UDP): live connections punch again.
+    network: watch::Sender<u64>,
 }
 
 impl PathTable {
@@ -136,7 +139,18 @@ impl PathTable {
             next_seq: Default::default(),
             switches: Default::default(),
             links: Arc::new(LinkHub::new(local)),
+            network: watch::Sender::new(0),
         }))
+    }
+
+    /// Changes each time this host's addresses toward peers change.
+    pub fn network_changes(&self) -> watch::Receiver<u64> {
+        self.network.subscribe()
+    }
+
+    /// This host's addresses toward peers changed.
+    pub fn note_network_change(&self) {
+        self.network.send_modify(|n| *n += 1);
     }
 
     /// The TCP links under this socket.
@@ -251,31 +265,26 @@ impl PathTable {
     /// UDP (not a TCP link), where echoes are answered and counted.
     fn on_received(&self, bufs: &[IoSliceMut<'_>], meta: &mut [RecvMeta], udp: bool) {
         let mut events: Vec<(Arc<Entry>, SocketAddr, Probe)> = Vec::new();
-        for (buf, m) in bufs.iter().zip(meta.iter()).filter(|_| udp) {
-            let data = &buf[..m.len.min(buf.len())];
-            if data.first() == Some(&0) && data.len() == crate::protocol::link::ECHO_LEN {
-                if let Some(reply) = Echo::parse(data).and_then(|e| self.links.on_echo(e, m.addr)) {
-                    self.send_udp(m.addr, &reply);
-                }
-            }
-        }
         {
             let routes = self.read();
-            if routes.tags.is_empty() {
-                return;
-            }
+            let paths = !routes.tags.is_empty();
             for (buf, m) in bufs.iter().zip(meta.iter_mut()) {
                 let data = &buf[..m.len.min(buf.len())];
+                // Ours start with a zero byte; QUIC's never do.
                 if data.first() == Some(&0) {
                     for datagram in data.chunks(m.stride.max(1)) {
-                        if let Some(p) = Probe::parse(datagram) {
+                        if let Some(p) = Probe::parse(datagram).filter(|_| paths) {
                             if let Some(e) = routes.tags.get(p.tag()) {
                                 events.push((e.clone(), m.addr, p));
+                            }
+                        } else if let Some(e) = Echo::parse(datagram).filter(|_| udp) {
+                            if let Some(reply) = self.links.on_echo(e, m.addr) {
+                                self.send_udp(m.addr, &reply);
                             }
                         }
                     }
                 }
-                if let Some(alias) = routes.recv.get(&m.addr) {
+                if let Some(alias) = routes.recv.get(&m.addr).filter(|_| paths) {
                     m.addr = *alias;
                 }
             }
@@ -383,8 +392,8 @@ pub fn attach(
 pub struct PathSocket {
     inner: Arc<dyn AsyncUdpSocket>,
     table: Arc<PathTable>,
-    /// Which source `poll_recv` reads first this time (the UDP socket or the links), so
-    /// neither starves the other.
+    /// Which source `poll_recv` reads first this time (the UDP socket or the links) while
+    /// both have datagrams, so neither starves the other.
     links_first: std::sync::atomic::AtomicBool,
 }
 
@@ -461,9 +470,12 @@ impl AsyncUdpSocket for PathSocket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
-        let links_first = !self
-            .links_first
-            .fetch_xor(true, std::sync::atomic::Ordering::Relaxed);
+        // The links are looked at first every other call while they have datagrams, and
+        // whenever the UDP socket has none (which also registers the waker for them).
+        let links_first = self.table.links.has_injected()
+            && !self
+                .links_first
+                .fetch_xor(true, std::sync::atomic::Ordering::Relaxed);
         if links_first {
             if let Poll::Ready(n) = self.poll_links(cx, bufs, meta) {
                 self.table.on_received(&bufs[..n], &mut meta[..n], false);

@@ -232,7 +232,7 @@ impl Actor {
                     if now != local_addrs {
                         info!(was = ?local_addrs, now = ?now, "this host's addresses changed: registering them; live connections punch again");
                         local_addrs = now;
-                        transport.paths().links().note_network_change();
+                        transport.paths().note_network_change();
                         send(ClientMsg::Register { local_addrs: local_addrs.clone() }).await?;
                     }
                 }

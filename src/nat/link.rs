@@ -107,7 +107,7 @@ async fn run(node: NodeCtx, mut stalls: mpsc::Receiver<SocketAddr>) {
                     info!(server = ?server, "UDP to the rendezvous answers: its traffic goes over UDP again");
                     // Our addresses toward peers are new (UDP mappings): live connections
                     // punch again.
-                    links.note_network_change();
+                    node.transport.paths().note_network_change();
                 }
                 false => {
                     info!(server = ?server, "the TCP link is down: the rendezvous's traffic goes over UDP until it is back")
@@ -166,6 +166,9 @@ async fn open(
             return;
         }
     };
+    if stop.is_cancelled() {
+        return; // replaced while it dialled: the route is the newer link's
+    }
     let (tx, rx) = mpsc::channel(LINK_QUEUE);
     links.set_client(server.ip(), tx);
     info!(%server, %via, "TCP link to the rendezvous up");
@@ -189,17 +192,20 @@ async fn dial(
     if server.port() != HTTPS_PORT {
         ports.push(HTTPS_PORT);
     }
+    let config = tls::client_config(
+        node.transport.identity(),
+        None,
+        tls::WrongPeerSlot::default(),
+        link::ALPN,
+    )
+    .map_err(|e| e.to_string())?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    // The attempts are this future's: dropping it (the driver's timeout) drops them.
     let mut attempts = tokio::task::JoinSet::new();
     for (i, port) in ports.into_iter().enumerate() {
         let to = SocketAddr::new(server.ip(), port);
         let delay = SECOND_PORT_AFTER * i as u32;
-        let config = tls::client_config(
-            node.transport.identity(),
-            None,
-            tls::WrongPeerSlot::default(),
-            link::ALPN,
-        )
-        .map_err(|e| e.to_string())?;
+        let connector = connector.clone();
         attempts.spawn(async move {
             tokio::time::sleep(delay).await;
             let tcp = TcpStream::connect(to)
@@ -209,7 +215,7 @@ async fn dial(
             watch_liveness(&tcp);
             let name = rustls::pki_types::ServerName::try_from(tls::SERVER_NAME)
                 .map_err(|e| e.to_string())?;
-            let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            let tls = connector
                 .connect(name, tcp)
                 .await
                 .map_err(|e| format!("TLS {to}: {e}"))?;

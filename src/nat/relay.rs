@@ -230,12 +230,10 @@ pub async fn run(
                 }
             }
             Action::Latched => {
-                let over =
-                    if crate::multipath::link::is_link_addr(crate::quic::path::canonical(src)) {
-                        "tcp"
-                    } else {
-                        "udp"
-                    };
+                let over = match crate::multipath::link::is_link_addr(src) {
+                    true => "tcp",
+                    false => "udp",
+                };
                 info!(side, src = %links.real(src).unwrap_or(src), over, "relay side bound")
             }
             Action::Bound | Action::Drop => {}

@@ -182,5 +182,10 @@ pub fn peer_id_of(conn: &quinn::Connection) -> Option<PeerId> {
         .peer_identity()?
         .downcast::<Vec<CertificateDer<'static>>>()
         .ok()?;
+    peer_id_in(&certs)
+}
+
+/// The peer id of the certificate chain a peer presented (QUIC or a TLS stream).
+pub fn peer_id_in(certs: &[CertificateDer<'_>]) -> Option<PeerId> {
     PeerId::from_certificate(certs.first()?).ok()
 }

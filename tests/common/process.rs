@@ -250,6 +250,28 @@ pub fn have(program: &str) -> bool {
     found
 }
 
+/// Whether GStreamer's RTSP server for python3-gi (the RTSP test camera,
+/// tests/fixtures/rtsp_server.py) is installed; as [`have`] when it is not.
+pub fn have_gst_rtsp_server() -> bool {
+    let found = Command::new("/usr/bin/python3")
+        .args([
+            "-c",
+            "import gi; gi.require_version('GstRtspServer', '1.0')",
+        ])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        if std::env::var("TUNNEL_REQUIRE_TOOLS").as_deref() == Ok("1") {
+            panic!("gst-rtsp-server for python3-gi is required (TUNNEL_REQUIRE_TOOLS=1) but not installed");
+        }
+        eprintln!(
+            "SKIPPED: gst-rtsp-server for python3-gi (gir1.2-gst-rtsp-server-1.0) is not installed"
+        );
+    }
+    found
+}
+
 /// Waits until something accepts TCP on `addr`: for third-party servers that cannot say
 /// when they are ready. Bounded by `WAIT`.
 pub fn wait_connectable(addr: &str) {

@@ -17,7 +17,6 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, Instrument};
 
 use super::Rendezvous;
-use crate::identity::PeerId;
 use crate::multipath::link::LINK_QUEUE;
 use crate::nat::link::pump;
 use crate::protocol::link;
@@ -129,12 +128,7 @@ impl Rendezvous {
                 Ok(Err(e)) => return debug!("TCP link handshake failed: {e}"),
                 Err(_) => return debug!("TCP link handshake took over {HANDSHAKE_TIMEOUT:?}"),
             };
-            let peer = stream
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .and_then(|c| PeerId::from_certificate(c).ok());
+            let peer = stream.get_ref().1.peer_certificates().and_then(tls::peer_id_in);
             if let Some(peer) = peer {
                 tracing::Span::current().record("peer", tracing::field::display(peer));
             }

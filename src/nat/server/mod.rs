@@ -93,8 +93,6 @@ struct Entry {
     observed: SocketAddr,
     local_addrs: Vec<SocketAddr>,
     rtt: Duration,
-    /// Registered over a TCP link (its observed address is a TCP one).
-    on_link: bool,
 }
 
 struct Inner {
@@ -285,9 +283,7 @@ impl Rendezvous {
             match msg {
                 ClientMsg::Register { mut local_addrs } => {
                     // A link address is no place to punch to.
-                    local_addrs.retain(|a| {
-                        !crate::multipath::link::is_link_addr(crate::quic::path::canonical(*a))
-                    });
+                    local_addrs.retain(|a| !crate::multipath::link::is_link_addr(*a));
                     local_addrs.truncate(MAX_LOCAL_ADDRS);
                     if let Err(message) = self.register(peer, &conn, &tx, local_addrs) {
                         let _ = tx.try_send(ServerMsg::Error {
@@ -381,9 +377,6 @@ impl Rendezvous {
                 observed,
                 local_addrs,
                 rtt: conn.rtt(),
-                on_link: crate::multipath::link::is_link_addr(crate::quic::path::canonical(
-                    conn.remote_address(),
-                )),
             };
             inner.entries.insert(peer, entry);
             self.count_peers(&inner);
@@ -558,8 +551,7 @@ impl Rendezvous {
 /// follows a NAT rebinding or an address change of the client (the keep-alives carry it),
 /// so an introduction never hands out a mapping that is gone.
 fn refresh_observed(peer: &PeerId, entry: &mut Entry, links: &crate::multipath::link::LinkHub) {
-    let remote = crate::quic::path::canonical(entry.conn.remote_address());
-    entry.on_link = crate::multipath::link::is_link_addr(remote);
+    let remote = entry.conn.remote_address();
     // A link that is gone leaves the last address known (the connection goes with it).
     let Some(now) = links.real(remote) else {
         return;
@@ -574,7 +566,7 @@ fn refresh_observed(peer: &PeerId, entry: &mut Entry, links: &crate::multipath::
 /// reaches a peer over UDP there), then its own local ones.
 fn candidates(entry: &Entry) -> Vec<SocketAddr> {
     let mut out = Vec::new();
-    if !entry.on_link {
+    if !crate::multipath::link::is_link_addr(entry.conn.remote_address()) {
         out.push(entry.observed);
     }
     for addr in &entry.local_addrs {
