@@ -8,14 +8,18 @@
 #[path = "../tests/common/process.rs"]
 #[allow(dead_code)]
 mod process;
+#[path = "suite/quinn_probe.rs"]
+mod quinn_probe;
+#[path = "suite/veth.rs"]
+mod veth;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use process::{free_port, start_pair_of, tunnel_bin, wait_connectable, Proc, TempDir};
+use process::{command_in, free_port, start_pair_at, tunnel_bin, wait_connectable, Proc, TempDir};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -41,11 +45,41 @@ struct System {
     _dir: Option<TempDir>,
 }
 
-/// Target servers in this process: `bulk` (first byte U = sink and report, D + u64 = send
-/// that many bytes, E = echo) and `greet` (says hello at once, then holds the connection).
-async fn start_targets() -> (SocketAddr, SocketAddr) {
-    let bulk = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let greet = TcpListener::bind("127.0.0.1:0").await.unwrap();
+/// Where a system's two sides run: the side next to the target servers in network namespace
+/// `server_netns` (or here) at `server_ip`, the side next to the clients here at `client_ip`.
+/// On loopback both are 127.0.0.1 here; on the veth path (`veth.rs`) two namespaces.
+#[derive(Clone)]
+struct Place {
+    server_netns: Option<String>,
+    server_ip: IpAddr,
+    client_ip: IpAddr,
+}
+
+impl Place {
+    fn loopback() -> Place {
+        let lo = IpAddr::from([127, 0, 0, 1]);
+        Place {
+            server_netns: None,
+            server_ip: lo,
+            client_ip: lo,
+        }
+    }
+
+    fn ns(&self) -> Option<&str> {
+        self.server_netns.as_deref()
+    }
+
+    /// `program` on the servers' side.
+    fn server_cmd(&self, program: &str) -> Command {
+        command_in(self.ns(), program)
+    }
+}
+
+/// Target servers in this process on `ip`: `bulk` (first byte U = sink and report, D + u64 =
+/// send that many bytes, E = echo) and `greet` (says hello at once, then holds the connection).
+async fn start_targets(ip: IpAddr) -> (SocketAddr, SocketAddr) {
+    let bulk = TcpListener::bind((ip, 0)).await.unwrap();
+    let greet = TcpListener::bind((ip, 0)).await.unwrap();
     let (b, g) = (bulk.local_addr().unwrap(), greet.local_addr().unwrap());
     tokio::spawn(async move {
         loop {
@@ -132,20 +166,28 @@ fn direct(bulk: SocketAddr, greet: SocketAddr) -> System {
 }
 
 fn tunnel(bulk: SocketAddr, greet: SocketAddr) -> System {
-    tunnel_of(tunnel_bin(), "tunnel", bulk, greet)
+    tunnel_of(tunnel_bin(), "tunnel", &Place::loopback(), bulk, greet)
 }
 
 /// Another build of the tunnel (`BENCH_BASELINE_BIN`, e.g. the last commit before a refactor),
 /// measured in the same rounds, so a change is judged against its own same-run baseline.
-fn tunnel_baseline(bulk: SocketAddr, greet: SocketAddr) -> Option<System> {
+fn tunnel_baseline(place: &Place, bulk: SocketAddr, greet: SocketAddr) -> Option<System> {
     let bin = std::env::var("BENCH_BASELINE_BIN").ok()?;
     let label = std::env::var("BENCH_BASELINE_LABEL").unwrap_or_else(|_| "baseline".into());
-    Some(tunnel_of(&bin, &format!("tunnel ({label})"), bulk, greet))
+    Some(tunnel_of(
+        &bin,
+        &format!("tunnel ({label})"),
+        place,
+        bulk,
+        greet,
+    ))
 }
 
-fn tunnel_of(bin: &str, name: &str, bulk: SocketAddr, greet: SocketAddr) -> System {
-    let pair = start_pair_of(
+fn tunnel_of(bin: &str, name: &str, place: &Place, bulk: SocketAddr, greet: SocketAddr) -> System {
+    let pair = start_pair_at(
         bin,
+        place.ns(),
+        &SocketAddr::new(place.server_ip, 0).to_string(),
         &[("bulk", &bulk.to_string()), ("greet", &greet.to_string())],
         &["--eager"],
     );
@@ -163,23 +205,24 @@ fn tunnel_of(bin: &str, name: &str, bulk: SocketAddr, greet: SocketAddr) -> Syst
     }
 }
 
-fn bore(bulk: SocketAddr, greet: SocketAddr) -> Option<System> {
+fn bore(place: &Place, bulk: SocketAddr, greet: SocketAddr) -> Option<System> {
     if !process::have("bore") {
         return None;
     }
+    let client_ip = place.client_ip.to_string();
     let server = Proc::spawn(
         "bore server",
         Command::new("bore").args([
             "server",
             "--bind-addr",
-            "127.0.0.1",
+            &client_ip,
             "--min-port",
             "20000",
             "--max-port",
             "40000",
         ]),
     );
-    wait_connectable("127.0.0.1:7835");
+    wait_connectable(&format!("{client_ip}:7835"));
     let mut procs = vec![];
     let mut pids = vec![("server".to_string(), server.pid())];
     let mut addrs = vec![];
@@ -187,16 +230,17 @@ fn bore(bulk: SocketAddr, greet: SocketAddr) -> Option<System> {
         let port = 20000 + (free_port() % 20000);
         let p = Proc::spawn(
             "bore local",
-            Command::new("bore")
+            place
+                .server_cmd("bore")
                 .args([
                     "local",
                     &target.port().to_string(),
                     "--local-host",
-                    "127.0.0.1",
+                    &target.ip().to_string(),
                 ])
-                .args(["--to", "127.0.0.1", "--port", &port.to_string()]),
+                .args(["--to", &client_ip, "--port", &port.to_string()]),
         );
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let addr = SocketAddr::new(place.client_ip, port);
         wait_connectable(&addr.to_string());
         pids.push(("local".to_string(), p.pid()));
         procs.push(p);
@@ -213,13 +257,14 @@ fn bore(bulk: SocketAddr, greet: SocketAddr) -> Option<System> {
     })
 }
 
-fn rathole(bulk: SocketAddr, greet: SocketAddr, noise: bool) -> Option<System> {
+fn rathole(place: &Place, bulk: SocketAddr, greet: SocketAddr, noise: bool) -> Option<System> {
     if !process::have("rathole") {
         return None;
     }
     let dir = TempDir::new("rathole");
     let control = free_port();
     let (pb, pg) = (free_port(), free_port());
+    let client_ip = place.client_ip;
     let (server_noise, client_noise) = if noise {
         let out = Command::new("rathole").arg("--genkey").output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -238,7 +283,7 @@ fn rathole(bulk: SocketAddr, greet: SocketAddr, noise: bool) -> Option<System> {
     std::fs::write(
         dir.path("server.toml"),
         format!(
-            "[server]\nbind_addr = \"127.0.0.1:{control}\"\n{server_noise}\
+            "[server]\nbind_addr = \"{client_ip}:{control}\"\n{server_noise}\
              [server.services.bulk]\ntoken = \"t\"\nbind_addr = \"127.0.0.1:{pb}\"\n\
              [server.services.greet]\ntoken = \"t\"\nbind_addr = \"127.0.0.1:{pg}\"\n"
         ),
@@ -247,7 +292,7 @@ fn rathole(bulk: SocketAddr, greet: SocketAddr, noise: bool) -> Option<System> {
     std::fs::write(
         dir.path("client.toml"),
         format!(
-            "[client]\nremote_addr = \"127.0.0.1:{control}\"\n{client_noise}\
+            "[client]\nremote_addr = \"{client_ip}:{control}\"\n{client_noise}\
              [client.services.bulk]\ntoken = \"t\"\nlocal_addr = \"{bulk}\"\n\
              [client.services.greet]\ntoken = \"t\"\nlocal_addr = \"{greet}\"\n"
         ),
@@ -261,7 +306,8 @@ fn rathole(bulk: SocketAddr, greet: SocketAddr, noise: bool) -> Option<System> {
     );
     let client = Proc::spawn(
         "rathole client",
-        Command::new("rathole")
+        place
+            .server_cmd("rathole")
             .arg("--client")
             .arg(dir.path("client.toml")),
     );
@@ -395,6 +441,11 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU seconds (user + system) the processes `pids` have used so far.
+fn cpu_seconds(pids: &[u32]) -> f64 {
+    pids.iter().map(|p| cpu_ticks(*p)).sum::<u64>() as f64 / 100.0
+}
+
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit(')').next().unwrap_or("");
@@ -478,11 +529,23 @@ fn main() {
         });
         return;
     }
-    if std::env::args().any(|a| a == "--worker-dumbpipe") {
-        rt.block_on(dumbpipe_worker());
-        return;
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |i: usize| args.get(i).map(String::as_str).unwrap_or("");
+    match arg(1) {
+        "--worker-dumbpipe" => rt.block_on(dumbpipe_worker()),
+        "--worker-veth" => rt.block_on(veth::worker(arg(2), arg(3))),
+        "--serve-targets" => rt.block_on(async {
+            let (b, g) = start_targets(arg(2).parse().unwrap()).await;
+            println!("targets {b} {g}");
+            std::future::pending::<()>().await;
+        }),
+        "--quinn-server" => rt.block_on(quinn_probe::serve(arg(2).parse().unwrap())),
+        "--quinn-client" => rt.block_on(quinn_probe::client(
+            arg(2).parse().unwrap(),
+            arg(3).parse().unwrap(),
+        )),
+        _ => rt.block_on(suite()),
     }
-    rt.block_on(suite());
 }
 
 /// Inside a network namespace whose only interface is `lo` (dumbpipe looks for public
@@ -490,7 +553,7 @@ fn main() {
 /// `connect-tcp` for each, then one JSON line of measurements per line read on stdin.
 async fn dumbpipe_worker() {
     let size = env_num("BENCH_BYTES", GIB);
-    let (bulk_addr, _) = start_targets().await;
+    let (bulk_addr, _) = start_targets(IpAddr::from([127, 0, 0, 1])).await;
     let greet = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let greet_addr = greet.local_addr().unwrap();
     tokio::spawn(serve_greet(greet));
@@ -509,20 +572,8 @@ async fn dumbpipe_worker() {
         );
         procs.push(listen);
     }
-    for listen in &procs[..2].iter().collect::<Vec<_>>() {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let ticket = loop {
-            if let Some(t) = listen
-                .stderr()
-                .lines()
-                .find_map(|l| l.strip_prefix("dumbpipe connect-tcp ").map(str::to_owned))
-            {
-                break t;
-            }
-            assert!(Instant::now() < deadline, "no ticket: {}", listen.stderr());
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
-        locals.push((ticket, free_port()));
+    for listen in &procs[..2] {
+        locals.push((dumbpipe_ticket(listen), free_port()));
     }
     for (ticket, port) in &locals {
         procs.push(Proc::spawn(
@@ -550,28 +601,106 @@ async fn dumbpipe_worker() {
         .unwrap_or(false)
     {
         line.clear();
-        let m = measure(b, g, size).await;
+        let pids: Vec<u32> = procs.iter().map(Proc::pid).collect();
+        let m = measure(b, g, size, &pids).await;
         println!("{}", serde_json::to_string(&m).unwrap());
     }
     drop(procs);
 }
 
-/// The per-round measurements of one system.
+/// The ticket `dumbpipe listen-tcp` prints once it is up (after its relay look-ups time out).
+fn dumbpipe_ticket(listen: &Proc) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(t) = listen
+            .stderr()
+            .lines()
+            .find_map(|l| l.strip_prefix("dumbpipe connect-tcp ").map(str::to_owned))
+        {
+            return t.trim().to_owned();
+        }
+        assert!(Instant::now() < deadline, "no ticket: {}", listen.stderr());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// dumbpipe with its listening side in the servers' namespace (only where that namespace
+/// and this one have no route out: it looks for public relays).
+fn dumbpipe(place: &Place, bulk: SocketAddr, greet: SocketAddr) -> Option<System> {
+    if !process::have("dumbpipe") {
+        return None;
+    }
+    let mut procs = Vec::new();
+    let mut pids = Vec::new();
+    let mut addrs = Vec::new();
+    for target in [bulk, greet] {
+        let listen = Proc::spawn(
+            "dumbpipe listen-tcp",
+            place.server_cmd("dumbpipe").args([
+                "listen-tcp",
+                "--host",
+                &target.to_string(),
+                "--ipv4-addr",
+                &SocketAddr::new(place.server_ip, 0).to_string(),
+            ]),
+        );
+        let ticket = dumbpipe_ticket(&listen);
+        let local = SocketAddr::new(IpAddr::from([127, 0, 0, 1]), free_port());
+        let connect = Proc::spawn(
+            "dumbpipe connect-tcp",
+            Command::new("dumbpipe").args([
+                "connect-tcp",
+                "--addr",
+                &local.to_string(),
+                "--ipv4-addr",
+                &SocketAddr::new(place.client_ip, 0).to_string(),
+                &ticket,
+            ]),
+        );
+        wait_connectable(&local.to_string());
+        pids.push(("listen".to_string(), listen.pid()));
+        pids.push(("connect".to_string(), connect.pid()));
+        procs.push(listen);
+        procs.push(connect);
+        addrs.push(local);
+    }
+    Some(System {
+        name: DUMBPIPE.into(),
+        bulk: addrs[0],
+        greet: addrs[1],
+        pids,
+        _procs: procs,
+        _dir: None,
+    })
+}
+
+/// The per-round measurements of one system; `pids` are its processes, whose CPU time per
+/// GiB moved is measured over the one-stream transfers.
 async fn measure(
     bulk_addr: SocketAddr,
     greet_addr: SocketAddr,
     size: u64,
+    pids: &[u32],
 ) -> BTreeMap<String, f64> {
     let gbit = |bps: f64| bps * 8.0 / 1e9;
+    let gib = size as f64 / GIB as f64;
     let mut r = BTreeMap::new();
-    r.insert(
-        "upload_1_gbit".into(),
-        gbit(bulk(bulk_addr, size, 1, true).await),
-    );
-    r.insert(
-        "download_1_gbit".into(),
-        gbit(bulk(bulk_addr, size, 1, false).await),
-    );
+    for (dir, upload) in [("up", true), ("down", false)] {
+        let cpu = cpu_seconds(pids);
+        let bps = bulk(bulk_addr, size, 1, upload).await;
+        let key = if upload {
+            "upload_1_gbit"
+        } else {
+            "download_1_gbit"
+        };
+        r.insert(key.into(), gbit(bps));
+        if !pids.is_empty() {
+            r.insert(
+                format!("cpu_s_per_gib_{dir}"),
+                (cpu_seconds(pids) - cpu) / gib,
+            );
+        }
+    }
     r.insert(
         "download_8_gbit".into(),
         gbit(bulk(bulk_addr, size, 8, false).await),
@@ -681,67 +810,83 @@ impl Drop for DumbpipeWorker {
     }
 }
 
-async fn suite() {
-    let rounds = env_num("BENCH_ROUNDS", 3) as usize;
-    let size = env_num("BENCH_BYTES", GIB);
-    let scale_n = env_num("BENCH_IDLE_STREAMS", 10_000) as usize;
-    let (bulk_addr, _) = start_targets().await;
-    let greeter = Proc::spawn(
-        "greet server",
-        Command::new(std::env::current_exe().unwrap()).arg("--serve-greet"),
-    );
-    let greet_addr: SocketAddr = greeter
-        .line_matching(|l| l.contains(':'))
-        .trim()
-        .parse()
-        .unwrap();
-    type Factory = Box<dyn Fn() -> Option<System>>;
-    let mut factories: Vec<(&str, Factory)> = vec![
-        (
-            "direct TCP",
-            Box::new(move || Some(direct(bulk_addr, greet_addr))),
-        ),
-        (
-            "tunnel",
-            Box::new(move || Some(tunnel(bulk_addr, greet_addr))),
-        ),
-        ("bore 0.6", Box::new(move || bore(bulk_addr, greet_addr))),
-        (
-            "rathole 0.5 (tcp, no encryption)",
-            Box::new(move || rathole(bulk_addr, greet_addr, false)),
-        ),
-        (
-            "rathole 0.5 (noise)",
-            Box::new(move || rathole(bulk_addr, greet_addr, true)),
-        ),
+type Factory = Box<dyn Fn() -> Option<System>>;
+/// System -> metric -> its values over the rounds.
+type Results = BTreeMap<String, BTreeMap<String, Vec<f64>>>;
+
+const QUINN: &str = "quinn 0.11 alone (memory to memory)";
+const DUMBPIPE: &str = "dumbpipe 0.40 (QUIC)";
+
+/// Whether `name` is measured under `BENCH_ONLY` (direct TCP always is: every figure's
+/// baseline).
+fn wanted(name: &str) -> bool {
+    std::env::var("BENCH_ONLY")
+        .ok()
+        .is_none_or(|o| name.contains(&o) || name == "direct TCP")
+}
+
+/// The systems measured on `place` with the target servers `bulk` and `greet`.
+fn factories(place: &Place, bulk: SocketAddr, greet: SocketAddr) -> Vec<(&'static str, Factory)> {
+    let at = || place.clone();
+    let mut f: Vec<(&str, Factory)> = vec![
+        ("direct TCP", Box::new(move || Some(direct(bulk, greet)))),
+        ("tunnel", {
+            let p = at();
+            Box::new(move || Some(tunnel_of(tunnel_bin(), "tunnel", &p, bulk, greet)))
+        }),
+        ("bore 0.6", {
+            let p = at();
+            Box::new(move || bore(&p, bulk, greet))
+        }),
+        ("rathole 0.5 (tcp, no encryption)", {
+            let p = at();
+            Box::new(move || rathole(&p, bulk, greet, false))
+        }),
+        ("rathole 0.5 (noise)", {
+            let p = at();
+            Box::new(move || rathole(&p, bulk, greet, true))
+        }),
     ];
     if std::env::var_os("BENCH_BASELINE_BIN").is_some() {
-        let baseline: Factory = Box::new(move || tunnel_baseline(bulk_addr, greet_addr));
-        factories.insert(2, ("tunnel (baseline)", baseline));
+        let p = at();
+        f.insert(
+            2,
+            (
+                "tunnel (baseline)",
+                Box::new(move || tunnel_baseline(&p, bulk, greet)),
+            ),
+        );
     }
-    // name -> metric -> values over rounds
-    let mut results: BTreeMap<String, BTreeMap<String, Vec<f64>>> = BTreeMap::new();
-    let only = std::env::var("BENCH_ONLY").ok();
-    let mut dumbpipe = if only.as_deref().is_none_or(|o| "dumbpipe".contains(o)) {
-        DumbpipeWorker::start()
-    } else {
-        None
-    };
+    // Between two namespaces with no route out, dumbpipe runs as the others do; on loopback
+    // it needs a worker in a namespace of its own (`DumbpipeWorker`).
+    if place.server_netns.is_some() {
+        let p = at();
+        f.push((DUMBPIPE, Box::new(move || dumbpipe(&p, bulk, greet))));
+    }
+    f
+}
+
+/// `rounds` rounds of every wanted system on `place`, in turn, then the quinn-only probe.
+async fn run_rounds(
+    place: &Place,
+    factories: &[(&str, Factory)],
+    rounds: usize,
+    size: u64,
+    mut dumbpipe: Option<&mut DumbpipeWorker>,
+) -> Results {
+    let mut results = Results::new();
     for round in 0..rounds {
-        if let Some(worker) = dumbpipe.as_mut() {
+        if let Some(worker) = dumbpipe.as_deref_mut() {
             eprintln!("round {}/{rounds}: dumbpipe", round + 1);
             if let Some(m) = worker.measure() {
-                let r = results.entry("dumbpipe 0.40 (QUIC)".into()).or_default();
+                let r = results.entry(DUMBPIPE.into()).or_default();
                 for (k, v) in m {
                     r.entry(k).or_default().push(v);
                 }
             }
         }
-        for (name, make) in &factories {
-            if only
-                .as_deref()
-                .is_some_and(|o| !name.contains(o) && *name != "direct TCP")
-            {
+        for (name, make) in factories {
+            if !wanted(name) {
                 continue;
             }
             let Some(sys) = make() else {
@@ -751,15 +896,29 @@ async fn suite() {
             eprintln!("round {}/{rounds}: {}", round + 1, sys.name);
             // Warm up: connections and lazily made state exist before timing.
             bulk(sys.bulk, 8 << 20, 1, false).await;
+            let pids: Vec<u32> = sys.pids.iter().map(|(_, p)| *p).collect();
             let r = results.entry(sys.name.clone()).or_default();
-            for (k, v) in measure(sys.bulk, sys.greet, size).await {
+            for (k, v) in measure(sys.bulk, sys.greet, size, &pids).await {
                 r.entry(k).or_default().push(v);
             }
             drop(sys);
         }
+        if wanted(QUINN) {
+            eprintln!("round {}/{rounds}: {QUINN}", round + 1);
+            if let Some(mut probe) = quinn_probe::Probe::start(place.ns(), place.server_ip) {
+                let m = tokio::task::block_in_place(|| probe.measure(size));
+                let r = results.entry(QUINN.into()).or_default();
+                for (k, v) in m {
+                    r.entry(k).or_default().push(v);
+                }
+            }
+        }
     }
-    drop(dumbpipe);
-    let medians: BTreeMap<String, BTreeMap<String, f64>> = results
+    results
+}
+
+fn medians(results: &Results) -> BTreeMap<String, BTreeMap<String, f64>> {
+    results
         .iter()
         .map(|(n, m)| {
             (
@@ -769,12 +928,52 @@ async fn suite() {
                     .collect(),
             )
         })
-        .collect();
+        .collect()
+}
 
+async fn suite() {
+    let rounds = env_num("BENCH_ROUNDS", 3) as usize;
+    let size = env_num("BENCH_BYTES", GIB);
+    let scale_n = env_num("BENCH_IDLE_STREAMS", 10_000) as usize;
+    let (bulk_addr, _) = start_targets(IpAddr::from([127, 0, 0, 1])).await;
+    let greeter = Proc::spawn(
+        "greet server",
+        Command::new(std::env::current_exe().unwrap()).arg("--serve-greet"),
+    );
+    let greet_addr: SocketAddr = greeter
+        .line_matching(|l| l.contains(':'))
+        .trim()
+        .parse()
+        .unwrap();
+    let only = std::env::var("BENCH_ONLY").ok();
+    let loopback = Place::loopback();
+    let factories = factories(&loopback, bulk_addr, greet_addr);
+    let mut dumbpipe = if wanted(DUMBPIPE) && only.as_deref() != Some("direct TCP") {
+        DumbpipeWorker::start()
+    } else {
+        None
+    };
+    let results = if env_num("BENCH_LOOPBACK", 1) == 1 {
+        run_rounds(&loopback, &factories, rounds, size, dumbpipe.as_mut()).await
+    } else {
+        Results::new()
+    };
+    drop(dumbpipe);
+    let medians = medians(&results);
     // Written now too, so a later failure does not lose the rounds.
     write_report(&json!({
         "machine": machine(), "rounds": rounds, "bytes_per_transfer": size,
-        "raw": results, "median": medians, "scale": {}, "media": null,
+        "raw": results, "median": medians, "scale": {}, "media": null, "veth": null,
+    }));
+    // The 1500-byte-MTU path between two namespaces (`veth.rs`).
+    let veth = if env_num("BENCH_VETH", 1) == 1 {
+        veth::run()
+    } else {
+        Value::Null
+    };
+    write_report(&json!({
+        "machine": machine(), "rounds": rounds, "bytes_per_transfer": size,
+        "raw": results, "median": medians, "scale": {}, "media": null, "veth": veth,
     }));
     eprintln!("scale: {scale_n} idle streams");
     let mut scale_results = BTreeMap::new();
@@ -788,7 +987,8 @@ async fn suite() {
         }
     }
 
-    let media_wanted = only.as_deref().is_none_or(|o| "tunnel".contains(o));
+    let media_wanted =
+        only.as_deref().is_none_or(|o| "tunnel".contains(o)) && env_num("BENCH_MEDIA", 1) == 1;
     let media = if media_wanted {
         media_under_load(bulk_addr, tunnel).await
     } else {
@@ -811,7 +1011,8 @@ async fn suite() {
                     media_under_load(bulk_addr, tunnel).await
                 } else {
                     media_under_load(bulk_addr, |b, g| {
-                        tunnel_baseline(b, g).expect("BENCH_BASELINE_BIN is set")
+                        tunnel_baseline(&Place::loopback(), b, g)
+                            .expect("BENCH_BASELINE_BIN is set")
                     })
                     .await
                 };
@@ -828,6 +1029,7 @@ async fn suite() {
         "raw": results,
         "median": medians,
         "scale": scale_results,
+        "veth": veth,
     });
     write_report(&report);
 }

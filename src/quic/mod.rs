@@ -83,8 +83,9 @@ impl Default for Tuning {
 }
 
 impl Tuning {
-    /// The transport configuration of a connection; `loopback` for a peer on this host.
-    fn transport_config(&self, loopback: bool) -> quinn::TransportConfig {
+    /// The transport configuration of a connection; `loopback` for a peer on this host. (Public
+    /// for the benchmark's quinn-only probe, which measures quinn under the same settings.)
+    pub fn transport_config(&self, loopback: bool) -> quinn::TransportConfig {
         let mut t = quinn::TransportConfig::default();
         t.max_concurrent_bidi_streams(VarInt::from_u32(self.max_streams))
             // Overflow streams of media flows (RTP packets above the datagram limit).

@@ -191,14 +191,39 @@ pub fn start_pair(services: &[(&str, &str)], extra_connect: &[&str]) -> TunnelPa
 
 /// [`start_pair`] with another build of the binary (the benchmark's same-run baseline).
 pub fn start_pair_of(bin: &str, services: &[(&str, &str)], extra_connect: &[&str]) -> TunnelPair {
+    start_pair_at(bin, None, "127.0.0.1:0", services, extra_connect)
+}
+
+/// `program` run in network namespace `netns` (`ip netns exec`, which execs it: the child's
+/// pid is the program's), or here.
+pub fn command_in(netns: Option<&str>, program: &str) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "exec", ns, program]);
+            cmd
+        }
+        None => Command::new(program),
+    }
+}
+
+/// As [`start_pair_of`], with `expose` in network namespace `expose_netns` listening on
+/// `listen`; `connect` runs here.
+pub fn start_pair_at(
+    bin: &str,
+    expose_netns: Option<&str>,
+    listen: &str,
+    services: &[(&str, &str)],
+    extra_connect: &[&str],
+) -> TunnelPair {
     let dir = TempDir::new("pair");
     let (id_e, id_c) = (dir.path("expose.pem"), dir.path("connect.pem"));
     let connect_id = peer_id(&id_c);
-    let mut cmd = Command::new(bin);
+    let mut cmd = command_in(expose_netns, bin);
     cmd.args([
         "expose",
         "--listen",
-        "127.0.0.1:0",
+        listen,
         "--allow",
         &connect_id,
         "--identity",

@@ -1,0 +1,140 @@
+//! The 1500-byte-MTU path: two network namespaces joined by a veth pair (MTU 1500, what an
+//! Ethernet or Wi-Fi link carries; loopback lets QUIC use 64 KB packets, which no WAN path
+//! does). The client side (load generator, `tunnel connect`, the peers' client halves) runs in
+//! namespace A at 198.51.100.1, the target servers and the exposing halves in namespace B at
+//! 198.51.100.2. Neither namespace has a route anywhere else, so dumbpipe runs here as the
+//! others do.
+//!
+//! `run` (as root, from the suite) makes the namespaces and starts this bench binary in A as a
+//! worker (`--worker-veth A B`), which runs the rounds and prints its results as one JSON
+//! line; the namespaces and every process in them go when `Lab` drops, also on failure.
+
+use std::net::{IpAddr, SocketAddr};
+use std::process::{Command, Stdio};
+
+use serde_json::{json, Value};
+
+use crate::process::{command_in, Proc};
+use crate::{env_num, factories, medians, run_rounds, Place, GIB};
+
+const CLIENT_IP: [u8; 4] = [198, 51, 100, 1];
+const SERVER_IP: [u8; 4] = [198, 51, 100, 2];
+const MTU: &str = "1500";
+
+/// Two namespaces and the veth pair between them.
+struct Lab {
+    a: String,
+    b: String,
+}
+
+fn ip(args: &[&str]) -> bool {
+    Command::new("ip")
+        .args(args)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+impl Lab {
+    fn new() -> Option<Lab> {
+        let tag = std::process::id();
+        let lab = Lab {
+            a: format!("tbva{tag}"),
+            b: format!("tbvb{tag}"),
+        };
+        let (va, vb) = (format!("tva{tag}"), format!("tvb{tag}"));
+        let ok = ip(&["netns", "add", &lab.a])
+            && ip(&["netns", "add", &lab.b])
+            && ip(&[
+                "link", "add", &va, "netns", &lab.a, "type", "veth", "peer", "name", &vb, "netns",
+                &lab.b,
+            ])
+            && ip(&["-n", &lab.a, "addr", "add", "198.51.100.1/24", "dev", &va])
+            && ip(&["-n", &lab.b, "addr", "add", "198.51.100.2/24", "dev", &vb])
+            && ip(&["-n", &lab.a, "link", "set", &va, "mtu", MTU, "up"])
+            && ip(&["-n", &lab.b, "link", "set", &vb, "mtu", MTU, "up"])
+            && ip(&["-n", &lab.a, "link", "set", "lo", "up"])
+            && ip(&["-n", &lab.b, "link", "set", "lo", "up"]);
+        if !ok {
+            eprintln!("veth: cannot make two network namespaces (not root?): skipped");
+            return None;
+        }
+        Some(lab)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            if let Ok(o) = Command::new("ip").args(["netns", "pids", ns]).output() {
+                for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                    let _ = Command::new("kill").args(["-9", pid]).status();
+                }
+            }
+            ip(&["netns", "del", ns]);
+        }
+    }
+}
+
+/// The veth rounds: `{ "raw": …, "median": …, "mtu": 1500 }`, or null when the namespaces
+/// cannot be made.
+pub fn run() -> Value {
+    let Some(lab) = Lab::new() else {
+        return Value::Null;
+    };
+    eprintln!(
+        "veth: 1500-byte MTU path between namespaces {} and {}",
+        lab.a, lab.b
+    );
+    let out = Command::new("ip")
+        .args(["netns", "exec", &lab.a])
+        .arg(std::env::current_exe().unwrap())
+        .args(["--worker-veth", &lab.a, &lab.b])
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output();
+    let line = out
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .rev()
+                .find(|l| l.starts_with('{'))
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    drop(lab);
+    serde_json::from_str(&line).unwrap_or_else(|e| {
+        eprintln!("veth: the worker gave no results ({e})");
+        Value::Null
+    })
+}
+
+/// In namespace A: the target servers in B, then every system's rounds.
+pub async fn worker(_a: &str, b: &str) {
+    let rounds = env_num("BENCH_ROUNDS", 3) as usize;
+    let size = env_num("BENCH_BYTES", GIB);
+    let exe = std::env::current_exe().unwrap();
+    let targets = Proc::spawn(
+        "target servers",
+        command_in(Some(b), exe.to_str().unwrap())
+            .args(["--serve-targets", &IpAddr::from(SERVER_IP).to_string()]),
+    );
+    let line = targets.line_matching(|l| l.starts_with("targets "));
+    let addrs: Vec<SocketAddr> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|a| a.parse().unwrap())
+        .collect();
+    let place = Place {
+        server_netns: Some(b.to_owned()),
+        server_ip: IpAddr::from(SERVER_IP),
+        client_ip: IpAddr::from(CLIENT_IP),
+    };
+    let factories = factories(&place, addrs[0], addrs[1]);
+    let results = run_rounds(&place, &factories, rounds, size, None).await;
+    println!(
+        "{}",
+        json!({ "mtu": 1500, "raw": results, "median": medians(&results) })
+    );
+}
