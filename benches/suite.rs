@@ -1222,6 +1222,176 @@ fn out_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/bench"))
 }
 
+/// The systems in the order the tables list them.
+const ORDER: [&str; 8] = [
+    "direct TCP",
+    QUINN,
+    "tunnel",
+    "tunnel (baseline)",
+    "bore 0.6",
+    "rathole 0.5 (tcp, no encryption)",
+    "rathole 0.5 (noise)",
+    DUMBPIPE,
+];
+
+fn num(v: &Value) -> f64 {
+    v.as_f64().unwrap_or(f64::NAN)
+}
+
+/// Throughput of every system with its ratio to direct TCP, and its CPU per GiB.
+fn throughput_table(md: &mut String, obj: &serde_json::Map<String, Value>) {
+    md.push_str("| system | upload, 1 stream | download, 1 stream | 8 streams | 64 streams | CPU-s/GiB up | CPU-s/GiB down |\n|---|---|---|---|---|---|---|\n");
+    let direct = obj.get("direct TCP").cloned().unwrap_or(Value::Null);
+    let names = obj.keys().filter(|n| !ORDER.contains(&n.as_str()));
+    for name in ORDER
+        .iter()
+        .map(|n| n.to_string())
+        .chain(names.cloned())
+        .filter(|n| obj.contains_key(n))
+    {
+        let m = &obj[&name];
+        let cell = |k: &str| {
+            format!(
+                "{:.2} ({:.0}%)",
+                num(&m[k]),
+                100.0 * num(&m[k]) / num(&direct[k])
+            )
+        };
+        let cpu = |k: &str| {
+            m.get(k)
+                .map(|v| format!("{:.2}", num(v)))
+                .unwrap_or_else(|| "—".into())
+        };
+        md.push_str(&format!(
+            "| {name} | {} | {} | {} | {} | {} | {} |\n",
+            cell("upload_1_gbit"),
+            cell("download_1_gbit"),
+            cell("download_8_gbit"),
+            cell("download_64_gbit"),
+            cpu("cpu_s_per_gib_up"),
+            cpu("cpu_s_per_gib_down"),
+        ));
+    }
+}
+
+/// The targets of issue 16 (speed on real paths), each with its same-run baseline.
+fn targets_16(
+    md: &mut String,
+    lo: &serde_json::Map<String, Value>,
+    veth: Option<&serde_json::Map<String, Value>>,
+    media: &Value,
+) {
+    let met = |ok: bool| if ok { "met" } else { "NOT met" };
+    md.push_str("\n## Targets of issue 16 (speed on real paths)\n\n| target | measured (same run) | verdict |\n|---|---|---|\n");
+    let row = |md: &mut String, target: &str, measured: String, ok: Option<bool>| {
+        md.push_str(&format!(
+            "| {target} | {measured} | {} |\n",
+            ok.map(met).unwrap_or("not measured")
+        ));
+    };
+    let get = |m: Option<&serde_json::Map<String, Value>>, name: &str, k: &str| {
+        m.and_then(|m| m.get(name)).map(|s| num(&s[k]))
+    };
+    // One stream on the 1500-byte path, each direction against the same direction.
+    let vs = |md: &mut String, target: &str, peer: &str, factor: f64| {
+        let mut text = Vec::new();
+        let mut ok = Some(true);
+        for (dir, k) in [("up", "upload_1_gbit"), ("down", "download_1_gbit")] {
+            match (get(veth, "tunnel", k), get(veth, peer, k)) {
+                (Some(t), Some(p)) => {
+                    text.push(format!("{dir} {t:.2} vs {p:.2} Gbit/s ({:.2}×)", t / p));
+                    ok = ok.map(|o| o && t >= factor * p);
+                }
+                _ => ok = None,
+            }
+        }
+        row(md, target, text.join("; "), ok);
+    };
+    vs(md, "1500-MTU path, 1 stream ≥ 2× rathole+noise", "rathole 0.5 (noise)", 2.0);
+    vs(md, "1500-MTU path, 1 stream ≥ 2.5× dumbpipe", DUMBPIPE, 2.5);
+    vs(md, "1500-MTU path, 1 stream ≥ 70% of quinn alone", QUINN, 0.7);
+    let cpu: Vec<f64> = ["cpu_s_per_gib_up", "cpu_s_per_gib_down"]
+        .iter()
+        .filter_map(|k| get(veth, "tunnel", k))
+        .collect();
+    row(
+        md,
+        "1500-MTU path, ≤ 3 CPU-seconds per GiB, both processes",
+        cpu.iter()
+            .map(|c| format!("{c:.2}"))
+            .collect::<Vec<_>>()
+            .join(" up, ")
+            + " down",
+        (cpu.len() == 2).then(|| cpu.iter().all(|c| *c <= 3.0)),
+    );
+    for n in [8, 64] {
+        let k = format!("download_{n}_gbit");
+        let (many, one) = (get(veth, "tunnel", &k), get(veth, "tunnel", "download_1_gbit"));
+        row(
+            md,
+            &format!("1500-MTU path, {n} streams aggregate ≥ 1 stream"),
+            format!("{:.2} vs {:.2} Gbit/s", many.unwrap_or(f64::NAN), one.unwrap_or(f64::NAN)),
+            many.zip(one).map(|(m, o)| m >= o),
+        );
+    }
+    let lo = Some(lo);
+    let added = |k: &str| get(lo, "tunnel", k).zip(get(lo, "direct TCP", k)).map(|(t, d)| t - d);
+    let quinn = |k: &str| get(lo, QUINN, k).map(|q| format!(" (quinn alone: {q:.0} µs)")).unwrap_or_default();
+    for (p, k, limit) in [("p50", "rtt_p50_us", 90.0), ("p99", "rtt_p99_us", 200.0)] {
+        let a = added(k);
+        row(
+            md,
+            &format!("loopback, added round trip {p} ≤ {limit:.0} µs"),
+            format!("{:.0} µs{}", a.unwrap_or(f64::NAN), quinn(k)),
+            a.map(|a| a <= limit),
+        );
+    }
+    let open = get(lo, "tunnel", "open_p50_us");
+    let rtt = get(lo, "tunnel", "rtt_p50_us");
+    let connect = get(lo, "direct TCP", "open_p50_us");
+    row(
+        md,
+        "loopback, stream open ≤ one tunnel round trip + the target's connect",
+        format!(
+            "open p50 {:.0} µs vs round trip p50 {:.0} + direct open p50 {:.0} µs",
+            open.unwrap_or(f64::NAN),
+            rtt.unwrap_or(f64::NAN),
+            connect.unwrap_or(f64::NAN)
+        ),
+        open.zip(rtt).zip(connect).map(|((o, r), c)| o <= r + c),
+    );
+    match (media.get("alone"), media.get("with_paced_bulk")) {
+        (Some(a), Some(p)) => {
+            let (ja, jp) = (num(&a["jitter_p99_ms"]), num(&p["jitter_p99_ms"]));
+            row(
+                md,
+                "media jitter p99 under a paced 400 Mbit/s download within 10% of unloaded",
+                format!("{jp:.2} ms vs {ja:.2} ms"),
+                Some(jp <= ja * 1.1),
+            );
+        }
+        _ => row(md, "media jitter p99 under a paced 400 Mbit/s download within 10% of unloaded", "not measured in this run".into(), None),
+    }
+}
+
+/// Round trip and stream-open latency of every system, "added" over direct TCP.
+fn latency_table(md: &mut String, obj: &serde_json::Map<String, Value>) {
+    let f = num;
+    let direct = obj.get("direct TCP").cloned().unwrap_or(Value::Null);
+    for name in ORDER.iter().filter(|n| obj.contains_key(**n)) {
+        let m = &obj[*name];
+        md.push_str(&format!(
+            "| {name} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |\n",
+            f(&m["rtt_p50_us"]),
+            f(&m["rtt_p99_us"]),
+            f(&m["rtt_p50_us"]) - f(&direct["rtt_p50_us"]),
+            f(&m["rtt_p99_us"]) - f(&direct["rtt_p99_us"]),
+            f(&m["open_p50_us"]),
+            f(&m["open_p99_us"])
+        ));
+    }
+}
+
 fn write_report(report: &Value) {
     let dir = out_dir();
     std::fs::create_dir_all(&dir).unwrap();
@@ -1242,39 +1412,19 @@ fn write_report(report: &Value) {
         report["rounds"],
         f(&report["bytes_per_transfer"]) / 1048576.0
     ));
-    md.push_str("## Throughput (Gbit/s; ratio to direct TCP)\n\n| system | upload, 1 stream | download, 1 stream | 8 streams | 64 streams |\n|---|---|---|---|---|\n");
+    md.push_str("## Throughput (Gbit/s; ratio to direct TCP) and CPU per GiB\n\nCPU: user + system seconds of the system's own processes (both tunnel processes; quinn's server and client) per GiB moved, over the one-stream transfers.\n\n");
     let obj = med.as_object().cloned().unwrap_or_default();
-    let order = [
-        "direct TCP",
-        "tunnel",
-        "bore 0.6",
-        "rathole 0.5 (tcp, no encryption)",
-        "rathole 0.5 (noise)",
-        "dumbpipe 0.40 (QUIC)",
-    ];
-    for name in order.iter().filter(|n| obj.contains_key(**n)) {
-        let m = &obj[*name];
-        let cell = |k: &str| format!("{:.2} ({:.0}%)", f(&m[k]), 100.0 * f(&m[k]) / f(&direct[k]));
-        md.push_str(&format!(
-            "| {name} | {} | {} | {} | {} |\n",
-            cell("upload_1_gbit"),
-            cell("download_1_gbit"),
-            cell("download_8_gbit"),
-            cell("download_64_gbit")
-        ));
+    throughput_table(&mut md, &obj);
+    let veth = report["veth"]["median"].as_object().cloned();
+    if let Some(v) = &veth {
+        md.push_str("\n## The 1500-byte-MTU path (Gbit/s; ratio to direct TCP) and CPU per GiB\n\nTwo network namespaces joined by a veth pair with MTU 1500: the load generator and the client halves in one (198.51.100.1), the target servers and the exposing halves in the other (198.51.100.2). QUIC's packets are at most 1,452 bytes here (quinn's default ceiling); TCP still hands 64 KB segments to the veth (segmentation offload), as it does to a real NIC. Same rounds, same transfers as above.\n\n");
+        throughput_table(&mut md, v);
     }
     md.push_str("\n## Latency (µs)\n\n100-byte request / 100-byte reply on one connection (5,000 round trips), and stream open: client connect → first byte of the server's greeting (300 opens). \"added\" is over direct TCP in the same round.\n\n| system | round trip p50 | p99 | added p50 | added p99 | open p50 | open p99 |\n|---|---|---|---|---|---|---|\n");
-    for name in order.iter().filter(|n| obj.contains_key(**n)) {
-        let m = &obj[*name];
-        md.push_str(&format!(
-            "| {name} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |\n",
-            f(&m["rtt_p50_us"]),
-            f(&m["rtt_p99_us"]),
-            f(&m["rtt_p50_us"]) - f(&direct["rtt_p50_us"]),
-            f(&m["rtt_p99_us"]) - f(&direct["rtt_p99_us"]),
-            f(&m["open_p50_us"]),
-            f(&m["open_p99_us"])
-        ));
+    latency_table(&mut md, &obj);
+    if let Some(v) = &veth {
+        md.push_str("\nOn the 1500-byte-MTU path (veth):\n\n| system | round trip p50 | p99 | added p50 | added p99 | open p50 | open p99 |\n|---|---|---|---|---|---|---|\n");
+        latency_table(&mut md, v);
     }
     md.push_str("\n## Idle streams\n\n| system | streams | opened in (s) | RSS per stream (KiB) | CPU while idle (% of a core) |\n|---|---|---|---|---|\n");
     if let Some(scale) = report["scale"].as_object() {
@@ -1378,6 +1528,7 @@ fn write_report(report: &Value) {
         }
         _ => md.push_str("| media jitter p99 under load within 10% of unloaded | not measured in this run | not measured |\n"),
     }
+    targets_16(&mut md, &obj, veth.as_ref(), &report["media"]);
     std::fs::write(dir.join("report.md"), md).unwrap();
     eprintln!("wrote {}", dir.join("report.md").display());
 }
