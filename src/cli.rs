@@ -45,6 +45,12 @@ pub struct Cli {
     /// fields) for log shippers.
     #[arg(long, global = true, env = "TUNNEL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Threads that run this process's tasks [default: 1 for `expose` and `connect`, one per
+    /// core for `rendezvous`]. One QUIC connection is driven by one task whatever the count,
+    /// and handing its packets between threads cost more than it gained: one thread moved
+    /// 25–40% more per CPU-second (docs/bench/README.md, "Threads").
+    #[arg(long, global = true, env = "TUNNEL_THREADS", value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    threads: Option<u16>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -325,7 +331,12 @@ fn init_logging(format: LogFormat) {
 }
 
 fn run(cli: Cli) -> Result<(), Failure> {
+    let threads = cli.threads.map(usize::from).unwrap_or_else(|| match cli.command {
+        Command::Rendezvous(_) => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        _ => 1,
+    });
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
