@@ -515,10 +515,14 @@ async fn scale(sys: &System, n: usize) -> Value {
 fn main() {
     // The tunnels' own logs at warn only: logging is not what is measured.
     std::env::set_var("RUST_LOG", "warn");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |i: usize| args.get(i).map(String::as_str).unwrap_or("");
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if arg(1).starts_with("--quinn-") {
+        // quinn alone runs as the tunnel does: one runtime thread (`tunnel --threads`).
+        rt.worker_threads(1);
+    }
+    let rt = rt.enable_all().build().unwrap();
     if std::env::args().any(|a| a == "--serve-greet") {
         // Child mode: the greeting service alone, so 10,000 idle streams need 10,000 file
         // descriptors here and 10,000 in the parent, not 20,000 in one process.
@@ -529,8 +533,6 @@ fn main() {
         });
         return;
     }
-    let args: Vec<String> = std::env::args().collect();
-    let arg = |i: usize| args.get(i).map(String::as_str).unwrap_or("");
     match arg(1) {
         "--worker-dumbpipe" => rt.block_on(dumbpipe_worker()),
         "--worker-veth" => rt.block_on(veth::worker(arg(2), arg(3))),
@@ -1307,9 +1309,19 @@ fn targets_16(
         }
         row(md, target, text.join("; "), ok);
     };
-    vs(md, "1500-MTU path, 1 stream ≥ 2× rathole+noise", "rathole 0.5 (noise)", 2.0);
+    vs(
+        md,
+        "1500-MTU path, 1 stream ≥ 2× rathole+noise",
+        "rathole 0.5 (noise)",
+        2.0,
+    );
     vs(md, "1500-MTU path, 1 stream ≥ 2.5× dumbpipe", DUMBPIPE, 2.5);
-    vs(md, "1500-MTU path, 1 stream ≥ 70% of quinn alone", QUINN, 0.7);
+    vs(
+        md,
+        "1500-MTU path, 1 stream ≥ 70% of quinn alone",
+        QUINN,
+        0.7,
+    );
     let cpu: Vec<f64> = ["cpu_s_per_gib_up", "cpu_s_per_gib_down"]
         .iter()
         .filter_map(|k| get(veth, "tunnel", k))
@@ -1326,17 +1338,32 @@ fn targets_16(
     );
     for n in [8, 64] {
         let k = format!("download_{n}_gbit");
-        let (many, one) = (get(veth, "tunnel", &k), get(veth, "tunnel", "download_1_gbit"));
+        let (many, one) = (
+            get(veth, "tunnel", &k),
+            get(veth, "tunnel", "download_1_gbit"),
+        );
         row(
             md,
             &format!("1500-MTU path, {n} streams aggregate ≥ 1 stream"),
-            format!("{:.2} vs {:.2} Gbit/s", many.unwrap_or(f64::NAN), one.unwrap_or(f64::NAN)),
+            format!(
+                "{:.2} vs {:.2} Gbit/s",
+                many.unwrap_or(f64::NAN),
+                one.unwrap_or(f64::NAN)
+            ),
             many.zip(one).map(|(m, o)| m >= o),
         );
     }
     let lo = Some(lo);
-    let added = |k: &str| get(lo, "tunnel", k).zip(get(lo, "direct TCP", k)).map(|(t, d)| t - d);
-    let quinn = |k: &str| get(lo, QUINN, k).map(|q| format!(" (quinn alone: {q:.0} µs)")).unwrap_or_default();
+    let added = |k: &str| {
+        get(lo, "tunnel", k)
+            .zip(get(lo, "direct TCP", k))
+            .map(|(t, d)| t - d)
+    };
+    let quinn = |k: &str| {
+        get(lo, QUINN, k)
+            .map(|q| format!(" (quinn alone: {q:.0} µs)"))
+            .unwrap_or_default()
+    };
     for (p, k, limit) in [("p50", "rtt_p50_us", 90.0), ("p99", "rtt_p99_us", 200.0)] {
         let a = added(k);
         row(
@@ -1370,7 +1397,12 @@ fn targets_16(
                 Some(jp <= ja * 1.1),
             );
         }
-        _ => row(md, "media jitter p99 under a paced 400 Mbit/s download within 10% of unloaded", "not measured in this run".into(), None),
+        _ => row(
+            md,
+            "media jitter p99 under a paced 400 Mbit/s download within 10% of unloaded",
+            "not measured in this run".into(),
+            None,
+        ),
     }
 }
 

@@ -1416,12 +1416,11 @@ fn a_40_s_uplink_cut_fails_the_stream_clearly_and_the_tunnel_comes_back_by_itsel
         "the download went on through a cut link?\n{}",
         run.connect.stderr()
     );
-    // The tunnel said why, and the client was not left hanging past the idle timeout.
-    assert!(
-        run.connect.stderr().contains("connection lost"),
-        "{}",
-        run.connect.stderr()
-    );
+    // The tunnel said why (its log line may come just after the client's socket closed),
+    // and the client was not left hanging past the idle timeout.
+    run.connect.wait_stderr_for(Duration::from_secs(5), |log| {
+        log.contains("connection lost")
+    });
     assert!(failed_after < Duration::from_secs(40), "{failed_after:?}");
     std::thread::sleep(Duration::from_secs(40).saturating_sub(cut_at.elapsed()));
     nft_in(&run.lab, "natA", "delete table inet cut");
