@@ -331,10 +331,13 @@ fn init_logging(format: LogFormat) {
 }
 
 fn run(cli: Cli) -> Result<(), Failure> {
-    let threads = cli.threads.map(usize::from).unwrap_or_else(|| match cli.command {
-        Command::Rendezvous(_) => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        _ => 1,
-    });
+    let threads = cli
+        .threads
+        .map(usize::from)
+        .unwrap_or_else(|| match cli.command {
+            Command::Rendezvous(_) => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            _ => 1,
+        });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
         .enable_all()
