@@ -133,8 +133,17 @@ pub async fn worker(_a: &str, b: &str) {
     };
     let factories = factories(&place, addrs[0], addrs[1]);
     let results = run_rounds(&place, &factories, rounds, size, None).await;
+    let media = if env_num("BENCH_MEDIA", 1) == 1 && crate::wanted("tunnel") {
+        let p = place.clone();
+        crate::media_under_load(&place, addrs[0], move |b, g| {
+            crate::tunnel_of(crate::process::tunnel_bin(), "tunnel", &p, b, g)
+        })
+        .await
+    } else {
+        Value::Null
+    };
     println!(
         "{}",
-        json!({ "mtu": 1500, "raw": results, "median": medians(&results) })
+        json!({ "mtu": 1500, "raw": results, "median": medians(&results), "media": media })
     );
 }
