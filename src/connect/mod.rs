@@ -239,7 +239,9 @@ impl Session {
         let known = self.known().get(&service).map(|k| k.protocol);
         if known == Some(Protocol::Http) {
             // Streams are opened per request by the HTTP layer.
-            return self.serve_http(tcp, client, service, None).await;
+            // Boxed, as the RTSP layer is in `forward`: the HTTP layer's future would make
+            // every byte stream's task as big as its own.
+            return Box::pin(self.serve_http(tcp, client, service, None)).await;
         }
         // Answered by the session's dial deadline at the latest (`connect_timeout`).
         let (pc, lease) = match self.acquire_peer_conn().await {
@@ -267,7 +269,8 @@ impl Session {
                             hold: Box::new(lease),
                             unconfirmed: None,
                         };
-                        return self.serve_http(tcp, client, service, Some(upstream)).await;
+                        return Box::pin(self.serve_http(tcp, client, service, Some(upstream)))
+                            .await;
                     }
                     (response.protocol, Downstream::Payload(first))
                 }

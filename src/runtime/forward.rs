@@ -67,7 +67,13 @@ pub(crate) fn forward(
                     },
                 ),
             };
-            Either::Right(splice_rtsp(tcp, send, recv, downstream, ctx, cancel))
+            // Boxed: the RTSP layer's future is several times the splice's, and an `Either`
+            // is as big as its bigger side, so unboxed every plain TCP stream's task would
+            // carry it (10,000 idle streams: 22.1 KiB per stream on the connecting side
+            // instead of ~6).
+            Either::Right(Box::pin(splice_rtsp(
+                tcp, send, recv, downstream, ctx, cancel,
+            )))
         }
     }
 }
