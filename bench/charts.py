@@ -16,11 +16,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 bench = Path(__file__).resolve().parent.parent / "docs" / "bench"
 report = json.loads((bench / "report.json").read_text())
 med = report["median"]
-order = [n for n in ["direct TCP", "tunnel", "bore 0.6", "rathole 0.5 (tcp, no encryption)",
-                     "rathole 0.5 (noise)", "dumbpipe 0.40 (QUIC)"] if n in med]
+SYSTEMS = ["direct TCP", "quinn 0.11 alone (memory to memory)", "tunnel", "bore 0.6",
+           "rathole 0.5 (tcp, no encryption)", "rathole 0.5 (noise)", "dumbpipe 0.40 (QUIC)"]
+order = [n for n in SYSTEMS if n in med]
 
 
-def bars(metrics, labels, title, ylabel, path, systems, log=False):
+def bars(metrics, labels, title, ylabel, path, systems, log=False, med=med):
     fig, ax = plt.subplots(figsize=(10, 4.5))
     width = 0.8 / len(metrics)
     for i, (metric, label) in enumerate(zip(metrics, labels)):
@@ -42,6 +43,16 @@ def bars(metrics, labels, title, ylabel, path, systems, log=False):
 bars(["upload_1_gbit", "download_1_gbit", "download_8_gbit", "download_64_gbit"],
      ["upload, 1 stream", "download, 1 stream", "8 streams", "64 streams"],
      "Throughput on loopback (median of rounds)", "Gbit/s", "throughput.png", order)
+veth = (report.get("veth") or {}).get("median") or {}
+if veth:
+    bars(["upload_1_gbit", "download_1_gbit", "download_8_gbit", "download_64_gbit"],
+         ["upload, 1 stream", "download, 1 stream", "8 streams", "64 streams"],
+         "Throughput on the 1500-byte-MTU path (veth, median of rounds)", "Gbit/s",
+         "throughput-1500.png", [n for n in SYSTEMS if n in veth], med=veth)
+    cpu = [n for n in SYSTEMS if n in veth and "cpu_s_per_gib_down" in veth[n]]
+    bars(["cpu_s_per_gib_up", "cpu_s_per_gib_down"], ["upload", "download"],
+         "CPU-seconds per GiB moved, both processes (1500-byte-MTU path)", "CPU-s / GiB",
+         "cpu-per-gib.png", cpu, med=veth)
 bars(["rtt_p50_us", "rtt_p99_us", "open_p50_us"],
      ["round trip p50", "round trip p99", "stream open p50"],
      "Latency: 100 B request/reply and stream open", "µs (log)", "latency.png", order, log=True)
