@@ -136,7 +136,10 @@ fn an_idle_byte_stream_costs_each_side_at_most_16_kib() {
     let held: Vec<_> = (0..STREAMS).map(|_| open()).collect();
     std::thread::sleep(Duration::from_millis(500));
     let after = (rss_kib(&pair.expose), rss_kib(&pair.connect));
-    for (side, b, a) in [("expose", before.0, after.0), ("connect", before.1, after.1)] {
+    for (side, b, a) in [
+        ("expose", before.0, after.0),
+        ("connect", before.1, after.1),
+    ] {
         let per = a.saturating_sub(b) as f64 / STREAMS as f64;
         println!("{side}: {per:.2} KiB per idle stream ({b} -> {a} KiB)");
         assert!(
