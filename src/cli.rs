@@ -47,8 +47,9 @@ pub struct Cli {
     log_format: LogFormat,
     /// Threads that run this process's tasks [default: 1 for `expose` and `connect`, one per
     /// core for `rendezvous`]. One QUIC connection is driven by one task whatever the count,
-    /// and handing its packets between threads cost more than it gained: one thread moved
-    /// 25–40% more per CPU-second (docs/bench/README.md, "Threads").
+    /// and handing its packets between threads cost more than it gained: on 2 cores one
+    /// thread moved 25–40% more and spent 18–37% less CPU per GiB (docs/bench/README.md,
+    /// "Threads"). A node serving many peers at once on a bigger box may want more.
     #[arg(long, global = true, env = "TUNNEL_THREADS", value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     threads: Option<u16>,
 }

@@ -136,6 +136,11 @@ fn an_idle_byte_stream_costs_each_side_at_most_16_kib() {
     let held: Vec<_> = (0..STREAMS).map(|_| open()).collect();
     std::thread::sleep(Duration::from_millis(500));
     let after = (rss_kib(&pair.expose), rss_kib(&pair.connect));
+    // A process that died reads as 0 KiB: that must not pass as "no growth".
+    assert!(
+        after.0 > 0 && after.1 > 0,
+        "a tunnel process is gone: {after:?}"
+    );
     for (side, b, a) in [
         ("expose", before.0, after.0),
         ("connect", before.1, after.1),

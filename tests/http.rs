@@ -835,3 +835,82 @@ fn sighup_reloads_the_rules_granting_and_revoking_and_a_broken_file_keeps_the_ol
     assert!(expose.stderr().contains("line 2"), "{}", expose.stderr());
     assert_eq!(status(&at(dad_port, "web")), 200);
 }
+
+/// The connection to the exposing side is lost while a request waits for its answer (here:
+/// the device never answers, and the peer's access is revoked meanwhile): the browser gets a
+/// page saying why, not a reset connection.
+#[test]
+fn a_connection_lost_while_a_request_waits_gets_a_page_not_a_reset() {
+    if !tools() {
+        return;
+    }
+    // A device that accepts and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for tcp in silent.incoming().flatten() {
+            held.push(tcp);
+        }
+    });
+    let dir = TempDir::new("lost");
+    let udp = free_udp_port();
+    let kid = dir.path("kid.pem");
+    let kid_id = peer_id(&kid);
+    let rules = dir.path("rules.toml");
+    let write_rules = |peers: &str| {
+        std::fs::write(
+            &rules,
+            format!(
+                "[expose]\nlisten = \"127.0.0.1:{udp}\"\n\
+                 [expose.services]\nslow = \"http://127.0.0.1:{silent_port}\"\n{peers}"
+            ),
+        )
+        .unwrap()
+    };
+    write_rules(&format!(
+        "[[expose.peer]]\nid = \"{kid_id}\"\nservices = [\"slow\"]\n"
+    ));
+    let expose = Proc::spawn(
+        "tunnel expose",
+        Command::new(tunnel_bin())
+            .args(["expose", "--config"])
+            .arg(&rules)
+            .arg("--identity")
+            .arg(dir.path("expose.pem")),
+    );
+    expose.line_matching(|l| l.trim_start().starts_with("tunnel connect "));
+    let peer = format!("{}@127.0.0.1:{udp}", peer_id(&dir.path("expose.pem")));
+    let (kid_c, kid_port, _) = connect_http(&kid, &peer, &[]);
+    let host = format!("slow.peer.localhost:{kid_port}");
+    let mut tcp = TcpStream::connect(("127.0.0.1", kid_port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(tcp, "GET / HTTP/1.1\r\nHost: {host}\r\n\r\n").unwrap();
+    // The request is on its way to the device (which holds it) before access is revoked.
+    expose.wait_stderr_for(WAIT, |log| {
+        log.contains("stream open") || log.contains("peer connected")
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    // Another peer only (rules allowing nobody are refused).
+    let other_id = peer_id(&dir.path("other.pem"));
+    write_rules(&format!(
+        "[[expose.peer]]\nid = \"{other_id}\"\nservices = [\"slow\"]\n"
+    ));
+    expose.signal("HUP");
+    expose.wait_log("rules reloaded");
+    kid_c.wait_log("access revoked by the rules");
+    let mut answer = Vec::new();
+    let read = tcp.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        read.is_ok(),
+        "the client's connection was reset ({read:?}); it read {answer:?}\n{}",
+        kid_c.stderr()
+    );
+    assert!(
+        answer.starts_with("HTTP/1.1 502"),
+        "{answer}\n{}",
+        kid_c.stderr()
+    );
+    assert!(answer.contains("access revoked by the rules"), "{answer}");
+}

@@ -294,16 +294,25 @@ impl Probe {
         }
     }
 
-    fn ask(&mut self, line: &str) -> serde_json::Value {
+    /// The client's answer to `line`, or None (said on stderr) if it failed: a failed probe
+    /// costs its own figures, not the suite's.
+    fn ask(&mut self, line: &str) -> Option<serde_json::Value> {
         use std::io::Write;
-        writeln!(self.stdin, "{line}").unwrap();
-        self.stdin.flush().unwrap();
-        let answer = self.lines.next().expect("probe answers").unwrap();
-        serde_json::from_str(&answer).unwrap()
+        let sent = writeln!(self.stdin, "{line}").and_then(|()| self.stdin.flush());
+        let answer = sent
+            .ok()
+            .and_then(|()| self.lines.next())
+            .and_then(Result::ok);
+        let value = answer.as_deref().and_then(|a| serde_json::from_str(a).ok());
+        if value.is_none() {
+            eprintln!("quinn probe: no answer to {line:?} ({answer:?}); its figures are left out");
+        }
+        value
     }
 
-    /// The suite's per-round figures (`measure` in suite.rs), memory to memory.
-    pub fn measure(&mut self, size: u64) -> std::collections::BTreeMap<String, f64> {
+    /// The suite's per-round figures (`measure` in suite.rs), memory to memory; None if the
+    /// probe failed.
+    pub fn measure(&mut self, size: u64) -> Option<std::collections::BTreeMap<String, f64>> {
         let mut r = std::collections::BTreeMap::new();
         let server = self.server.pid();
         for (key, op, streams) in [
@@ -313,9 +322,9 @@ impl Probe {
             ("download_64", "D", 64),
         ] {
             let cpu0 = crate::cpu_seconds(&[server]);
-            let a = self.ask(&format!("{op} {size} {streams}"));
-            let cpu = crate::cpu_seconds(&[server]) - cpu0 + a["client_cpu_s"].as_f64().unwrap();
-            r.insert(format!("{key}_gbit"), a["gbit"].as_f64().unwrap());
+            let a = self.ask(&format!("{op} {size} {streams}"))?;
+            let cpu = crate::cpu_seconds(&[server]) - cpu0 + a["client_cpu_s"].as_f64()?;
+            r.insert(format!("{key}_gbit"), a["gbit"].as_f64()?);
             if streams == 1 {
                 let dir = if op == "U" { "up" } else { "down" };
                 r.insert(
@@ -324,21 +333,21 @@ impl Probe {
                 );
             }
         }
-        let sorted = |v: &serde_json::Value| -> Vec<f64> {
-            v["us"]
-                .as_array()
-                .unwrap()
+        let sorted = |v: &serde_json::Value| -> Option<Vec<f64>> {
+            let v: Vec<f64> = v["us"]
+                .as_array()?
                 .iter()
                 .filter_map(|x| x.as_f64())
-                .collect()
+                .collect();
+            (!v.is_empty()).then_some(v)
         };
-        let echo = sorted(&self.ask("E 5000"));
+        let echo = sorted(&self.ask("E 5000")?)?;
         r.insert("rtt_p50_us".into(), crate::pct(&echo, 0.5));
         r.insert("rtt_p99_us".into(), crate::pct(&echo, 0.99));
-        let open = sorted(&self.ask("O 300"));
+        let open = sorted(&self.ask("O 300")?)?;
         r.insert("open_p50_us".into(), crate::pct(&open, 0.5));
         r.insert("open_p99_us".into(), crate::pct(&open, 0.99));
-        r
+        Some(r)
     }
 }
 

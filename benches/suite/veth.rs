@@ -86,28 +86,30 @@ pub fn run() -> Value {
         "veth: 1500-byte MTU path between namespaces {} and {}",
         lab.a, lab.b
     );
-    let out = Command::new("ip")
-        .args(["netns", "exec", &lab.a])
+    // Bounded: a stalled transfer must not hold the suite (and the namespaces) forever.
+    let out = Command::new("timeout")
+        .args(["3600", "ip", "netns", "exec", &lab.a])
         .arg(std::env::current_exe().unwrap())
         .args(["--worker-veth", &lab.a, &lab.b])
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())
         .output();
-    let line = out
-        .ok()
-        .and_then(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .rev()
-                .find(|l| l.starts_with('{'))
-                .map(str::to_owned)
-        })
-        .unwrap_or_default();
     drop(lab);
-    serde_json::from_str(&line).unwrap_or_else(|e| {
-        eprintln!("veth: the worker gave no results ({e})");
-        Value::Null
-    })
+    // One JSON line with the rounds, then one with the media figures: what the worker
+    // printed before a failure is kept.
+    let mut merged = serde_json::Map::new();
+    if let Ok(o) = out {
+        for line in String::from_utf8_lossy(&o.stdout).lines() {
+            if let Ok(Value::Object(m)) = serde_json::from_str::<Value>(line) {
+                merged.extend(m);
+            }
+        }
+    }
+    if merged.is_empty() {
+        eprintln!("veth: the worker gave no results");
+        return Value::Null;
+    }
+    Value::Object(merged)
 }
 
 /// In namespace A: the target servers in B, then every system's rounds.
@@ -133,6 +135,10 @@ pub async fn worker(_a: &str, b: &str) {
     };
     let factories = factories(&place, addrs[0], addrs[1]);
     let results = run_rounds(&place, &factories, rounds, size, None).await;
+    println!(
+        "{}",
+        json!({ "mtu": 1500, "raw": results, "median": medians(&results) })
+    );
     let media = if env_num("BENCH_MEDIA", 1) == 1 && crate::wanted("tunnel") {
         let p = place.clone();
         crate::media_under_load(&place, addrs[0], move |b, g| {
@@ -142,8 +148,5 @@ pub async fn worker(_a: &str, b: &str) {
     } else {
         Value::Null
     };
-    println!(
-        "{}",
-        json!({ "mtu": 1500, "raw": results, "median": medians(&results), "media": media })
-    );
+    println!("{}", json!({ "media": media }));
 }

@@ -386,8 +386,12 @@ impl Expose {
         let io = match rules.device_tls.get(req.service.as_str()) {
             None => DeviceIo::Tcp(tcp),
             Some(tls) => {
-                let handshake =
-                    device::connect(tcp, target.host(), tls.clone(), rules.config.dial_timeout);
+                let handshake = Box::pin(device::connect(
+                    tcp,
+                    target.host(),
+                    tls.clone(),
+                    rules.config.dial_timeout,
+                ));
                 let done = tokio::select! {
                     r = handshake => r,
                     () = self.node.abort.cancelled() => {
@@ -439,8 +443,17 @@ impl Expose {
                 )
                 .await
             }
+            // Boxed, as the RTSP layer is in `forward`: a TLS splice's future would otherwise
+            // make every stream task as big as its own.
             DeviceIo::Tls(tls) => {
-                splice_io(tls, send, recv, downstream, self.node.abort.clone()).await
+                Box::pin(splice_io(
+                    tls,
+                    send,
+                    recv,
+                    downstream,
+                    self.node.abort.clone(),
+                ))
+                .await
             }
         };
         // Seen from the client: up is what it sent (the stream's bytes toward the service).

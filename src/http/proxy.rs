@@ -185,11 +185,25 @@ pub async fn serve<U: Upstreams>(
         closing: &closing,
         upstreams: &*upstreams,
     };
+    let responses = responses.run(inbox);
+    tokio::pin!(responses);
     let result = tokio::select! {
         biased;
         () = ctx.abort.cancelled() => Err(Abort::Shutdown),
-        r = responses.run(inbox) => r,
-        r = async { requests.run(first).await?; std::future::pending().await } => r,
+        r = &mut responses => r,
+        r = async { requests.run(first).await?; std::future::pending().await } => match r {
+            Err(Abort::Local(e)) => Err(Abort::Local(e)),
+            // The way to the device failed as a request went out (its connection lost, say):
+            // the response half, whose orders end here, answers what is pending (a page
+            // saying why, when nothing was sent for it yet) before the connection closes,
+            // instead of the client seeing a reset.
+            Err(e) => tokio::select! {
+                biased;
+                () = ctx.abort.cancelled() => Err(Abort::Shutdown),
+                r = tokio::time::timeout(CLOSE_GRACE, &mut responses) => r.unwrap_or(Err(e)),
+            },
+            Ok(()) => Ok(()),
+        },
     };
     match result {
         Ok(()) => {
@@ -741,7 +755,19 @@ impl<U: Upstreams> Responses<'_, U> {
                         write_tcp(self.tcp, &page).await?;
                         return Ok(Next::Close);
                     }
-                    Ok(None) => cur.fill().await?,
+                    Ok(None) => match cur.fill().await {
+                        Ok(()) => {}
+                        // Nothing of this answer went to the client yet, and it is the first
+                        // on this connection (a later one is closed unanswered, above): a
+                        // page says why there is none.
+                        Err(e) if cur.answered == 0 && !matches!(e, Abort::Local(_)) => {
+                            let (status, why) = pages::refusal(&e);
+                            warn!(peer = %cur.key.peer, service = %cur.key.service, status, "{why}");
+                            write_tcp(self.tcp, &pages::error(status, &why)).await?;
+                            return Ok(Next::Close);
+                        }
+                        Err(e) => return Err(e),
+                    },
                     Err(e) => {
                         warn!(peer = %cur.key.peer, service = %cur.key.service, "bad response from the device: {e}");
                         let page = pages::error(

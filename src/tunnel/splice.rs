@@ -284,7 +284,9 @@ pub(crate) async fn delivered(send: &mut SendStream) -> Result<(), Abort> {
 /// own FIN, at most `limit` long and 16 MiB, so that closing the socket does not make the
 /// kernel send RST (which can destroy the answer the client has not read yet).
 pub(crate) async fn linger(tcp: &TcpStream, limit: Duration) {
-    let mut buf = [0u8; 16 * 1024];
+    // On the heap: an array here would sit in the state of every task that may linger (a
+    // `--http` or `--rtsp` client's), idle or not.
+    let mut buf = vec![0u8; 16 * 1024];
     let mut left: usize = 16 << 20;
     let drain = async {
         while left > 0 {
