@@ -564,43 +564,12 @@ async fn dumbpipe_worker() {
     let greet = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let greet_addr = greet.local_addr().unwrap();
     tokio::spawn(serve_greet(greet));
-    let mut procs = Vec::new();
-    let mut locals = Vec::new();
-    for target in [bulk_addr, greet_addr] {
-        let listen = Proc::spawn(
-            "dumbpipe listen-tcp",
-            Command::new("dumbpipe").args([
-                "listen-tcp",
-                "--host",
-                &target.to_string(),
-                "--ipv4-addr",
-                "127.0.0.1:0",
-            ]),
-        );
-        procs.push(listen);
-    }
-    for listen in &procs[..2] {
-        locals.push((dumbpipe_ticket(listen), free_port()));
-    }
-    for (ticket, port) in &locals {
-        procs.push(Proc::spawn(
-            "dumbpipe connect-tcp",
-            Command::new("dumbpipe").args([
-                "connect-tcp",
-                "--addr",
-                &format!("127.0.0.1:{port}"),
-                "--ipv4-addr",
-                "127.0.0.1:0",
-                ticket.trim(),
-            ]),
-        ));
-    }
-    let b: SocketAddr = format!("127.0.0.1:{}", locals[0].1).parse().unwrap();
-    let g: SocketAddr = format!("127.0.0.1:{}", locals[1].1).parse().unwrap();
-    wait_connectable(&b.to_string());
-    wait_connectable(&g.to_string());
-    bulk(b, 8 << 20, 1, false).await;
+    let Some(sys) = dumbpipe(&Place::loopback(), bulk_addr, greet_addr) else {
+        return;
+    };
+    bulk(sys.bulk, 8 << 20, 1, false).await;
     println!("ready");
+    let pids: Vec<u32> = sys.pids.iter().map(|(_, p)| *p).collect();
     let mut line = String::new();
     while std::io::stdin()
         .read_line(&mut line)
@@ -608,11 +577,9 @@ async fn dumbpipe_worker() {
         .unwrap_or(false)
     {
         line.clear();
-        let pids: Vec<u32> = procs.iter().map(Proc::pid).collect();
-        let m = measure(b, g, size, &pids).await;
+        let m = measure(sys.bulk, sys.greet, size, &pids).await;
         println!("{}", serde_json::to_string(&m).unwrap());
     }
-    drop(procs);
 }
 
 /// The ticket `dumbpipe listen-tcp` prints once it is up (after its relay look-ups time out).
@@ -730,7 +697,8 @@ struct DumbpipeWorker {
     child: std::process::Child,
     stdin: std::process::ChildStdin,
     lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
-    netns: String,
+    /// Dropped after the worker: everything in it is killed, then it is deleted.
+    _netns: veth::Netns,
 }
 
 impl DumbpipeWorker {
@@ -739,23 +707,12 @@ impl DumbpipeWorker {
         if !process::have("dumbpipe") {
             return None;
         }
-        let netns = format!("tbench{}", std::process::id());
-        let ok = Command::new("ip")
-            .args(["netns", "add", &netns])
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false)
-            && Command::new("ip")
-                .args(["-n", &netns, "link", "set", "lo", "up"])
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false);
-        if !ok {
+        let Some(netns) = veth::Netns::add(format!("tbench{}", std::process::id())) else {
             eprintln!("dumbpipe: cannot make a lo-only network namespace (not root?): skipped");
             return None;
-        }
+        };
         let mut child = Command::new("ip")
-            .args(["netns", "exec", &netns])
+            .args(["netns", "exec", &netns.0])
             .arg(std::env::current_exe().unwrap())
             .arg("--worker-dumbpipe")
             .stdin(std::process::Stdio::piped())
@@ -770,7 +727,7 @@ impl DumbpipeWorker {
                 child,
                 stdin,
                 lines,
-                netns,
+                _netns: netns,
             }),
             other => {
                 eprintln!("dumbpipe worker failed to start: {other:?}");
@@ -779,7 +736,7 @@ impl DumbpipeWorker {
                     child,
                     stdin,
                     lines,
-                    netns,
+                    _netns: netns,
                 });
                 None
             }
@@ -810,17 +767,6 @@ impl Drop for DumbpipeWorker {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = Command::new("ip")
-            .args(["netns", "pids", &self.netns])
-            .output()
-            .map(|o| {
-                for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
-                    let _ = Command::new("kill").arg(pid).status();
-                }
-            });
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.netns])
-            .status();
     }
 }
 
@@ -1560,12 +1506,13 @@ fn write_report(report: &Value) {
         f(&t["download_1_gbit"]),
         met(f(&t["download_8_gbit"]) >= f(&t["download_1_gbit"]))
     ));
-    let (a50, a99) = (
-        f(&t["rtt_p50_us"]) - f(&direct["rtt_p50_us"]),
-        f(&t["rtt_p99_us"]) - f(&direct["rtt_p99_us"]),
-    );
-    md.push_str(&format!("| added latency p50 ≤ 100 µs | {a50:.0} µs | {} |\n| added latency p99 ≤ 1 ms | {a99:.0} µs | {} |\n", met(a50 <= 100.0), met(a99 <= 1000.0)));
-    md.push_str(&format!("| stream open ≤ 1 round trip over the connection | open p50 {:.0} µs vs round trip p50 {:.0} µs (direct TCP open {:.0} µs) | {} |\n", f(&t["open_p50_us"]), f(&t["rtt_p50_us"]), f(&direct["open_p50_us"]), met(f(&t["open_p50_us"]) - f(&direct["open_p50_us"]) <= f(&t["rtt_p50_us"]))));
+    // The added round trip's bounds, the stream open and the paced media row are issue
+    // 16's now (below, tighter); this table keeps the looser p99 bound.
+    let a99 = f(&t["rtt_p99_us"]) - f(&direct["rtt_p99_us"]);
+    md.push_str(&format!(
+        "| added latency p99 ≤ 1 ms | {a99:.0} µs | {} |\n",
+        met(a99 <= 1000.0)
+    ));
     if let Some(s) = report["scale"].get("tunnel") {
         let worst = s["rss_kib_per_stream"]
             .as_object()
@@ -1580,10 +1527,6 @@ fn write_report(report: &Value) {
         (Some(a), Some(l)) => {
             let (ja, jl) = (f(&a["jitter_p99_ms"]), f(&l["jitter_p99_ms"]));
             md.push_str(&format!("| media jitter p99 under load within 10% of unloaded (download using every CPU cycle) | {jl:.2} ms vs {ja:.2} ms | {} |\n", met(jl <= ja * 1.1)));
-            if let Some(p) = report["media"].get("with_paced_bulk") {
-                let jp = f(&p["jitter_p99_ms"]);
-                md.push_str(&format!("| media jitter p99 under load within 10% of unloaded (400 Mbit/s download) | {jp:.2} ms vs {ja:.2} ms | {} |\n", met(jp <= ja * 1.1)));
-            }
         }
         _ => md.push_str("| media jitter p99 under load within 10% of unloaded | not measured in this run | not measured |\n"),
     }

@@ -635,6 +635,46 @@ fn whole_json_answer(tcp: &mut TcpStream) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// `tunnel expose` run from a rules file (in `dir`, listening on 127.0.0.1 at a free UDP
+/// port) whose `[expose.services]` are `services` and whose peers part `write` rewrites (for
+/// a SIGHUP).
+struct RulesExpose {
+    expose: Proc,
+    path: std::path::PathBuf,
+    head: String,
+    /// `ID@127.0.0.1:UDP`, to connect to.
+    peer: String,
+}
+
+impl RulesExpose {
+    fn start(dir: &TempDir, services: &str, peers: &str) -> RulesExpose {
+        let udp = free_udp_port();
+        let path = dir.path("rules.toml");
+        let head = format!("[expose]\nlisten = \"127.0.0.1:{udp}\"\n[expose.services]\n{services}");
+        std::fs::write(&path, format!("{head}{peers}")).unwrap();
+        let expose = Proc::spawn(
+            "tunnel expose",
+            Command::new(tunnel_bin())
+                .args(["expose", "--config"])
+                .arg(&path)
+                .arg("--identity")
+                .arg(dir.path("expose.pem")),
+        );
+        expose.line_matching(|l| l.trim_start().starts_with("tunnel connect "));
+        let peer = format!("{}@127.0.0.1:{udp}", peer_id(&dir.path("expose.pem")));
+        RulesExpose {
+            expose,
+            path,
+            head,
+            peer,
+        }
+    }
+
+    fn write(&self, peers: &str) {
+        std::fs::write(&self.path, format!("{}{peers}", self.head)).unwrap();
+    }
+}
+
 /// `tunnel connect ID@127.0.0.1:UDP --http 127.0.0.1:0` with `identity` and more flags: the
 /// process and its `--http` port.
 fn connect_http(
@@ -771,36 +811,19 @@ fn sighup_reloads_the_rules_granting_and_revoking_and_a_broken_file_keeps_the_ol
     let (_nas, nas_port) = device("nas", None);
     let (_web, web_port) = device("web", None);
     let dir = TempDir::new("reload");
-    let udp = free_udp_port();
     let (dad, kid) = (dir.path("dad.pem"), dir.path("kid.pem"));
     let (dad_id, kid_id) = (peer_id(&dad), peer_id(&kid));
-    let rules = dir.path("rules.toml");
-    let write_rules = |peers: &str| {
-        std::fs::write(
-            &rules,
-            format!(
-                "[expose]\nlisten = \"127.0.0.1:{udp}\"\n\
-                 [expose.services]\nnas = \"http://127.0.0.1:{nas_port}\"\nweb = \"http://127.0.0.1:{web_port}\"\n{peers}"
-            ),
-        )
-        .unwrap()
-    };
-    write_rules(&format!(
-        "[[expose.peer]]\nid = \"{dad_id}\"\nservices = [\"nas\"]\n\
-         [[expose.peer]]\nid = \"{kid_id}\"\nservices = [\"web\"]\n"
-    ));
-    let expose = Proc::spawn(
-        "tunnel expose",
-        Command::new(tunnel_bin())
-            .args(["expose", "--config"])
-            .arg(&rules)
-            .arg("--identity")
-            .arg(dir.path("expose.pem")),
+    let rules = RulesExpose::start(
+        &dir,
+        &format!("nas = \"http://127.0.0.1:{nas_port}\"\nweb = \"http://127.0.0.1:{web_port}\"\n"),
+        &format!(
+            "[[expose.peer]]\nid = \"{dad_id}\"\nservices = [\"nas\"]\n\
+             [[expose.peer]]\nid = \"{kid_id}\"\nservices = [\"web\"]\n"
+        ),
     );
-    expose.line_matching(|l| l.trim_start().starts_with("tunnel connect "));
-    let peer = format!("{}@127.0.0.1:{udp}", peer_id(&dir.path("expose.pem")));
-    let (_dad_c, dad_port, _) = connect_http(&dad, &peer, &[]);
-    let (kid_c, kid_port, _) = connect_http(&kid, &peer, &[]);
+    let (expose, peer) = (&rules.expose, &rules.peer);
+    let (_dad_c, dad_port, _) = connect_http(&dad, peer, &[]);
+    let (kid_c, kid_port, _) = connect_http(&kid, peer, &[]);
     let at = |port: u16, service: &str| {
         let host = format!("{service}.peer.localhost");
         curl(&[
@@ -814,7 +837,7 @@ fn sighup_reloads_the_rules_granting_and_revoking_and_a_broken_file_keeps_the_ol
     assert_eq!(status(&at(kid_port, "web")), 200);
 
     // The dad gets web too; the kid is no longer listed: disconnected with a reason.
-    write_rules(&format!(
+    rules.write(&format!(
         "[[expose.peer]]\nid = \"{dad_id}\"\nservices = [\"nas\", \"web\"]\n"
     ));
     expose.signal("HUP");
@@ -829,7 +852,7 @@ fn sighup_reloads_the_rules_granting_and_revoking_and_a_broken_file_keeps_the_ol
     assert_eq!(status(&at(dad_port, "nas")), 200);
 
     // A broken file is reported with its line, and the rules in force stay.
-    std::fs::write(&rules, "[expose]\nlisten = 5\n").unwrap();
+    std::fs::write(&rules.path, "[expose]\nlisten = 5\n").unwrap();
     expose.signal("HUP");
     expose.wait_log("rules not reloaded, the old ones stay");
     assert!(expose.stderr().contains("line 2"), "{}", expose.stderr());
@@ -854,34 +877,15 @@ fn a_connection_lost_while_a_request_waits_gets_a_page_not_a_reset() {
         }
     });
     let dir = TempDir::new("lost");
-    let udp = free_udp_port();
     let kid = dir.path("kid.pem");
     let kid_id = peer_id(&kid);
-    let rules = dir.path("rules.toml");
-    let write_rules = |peers: &str| {
-        std::fs::write(
-            &rules,
-            format!(
-                "[expose]\nlisten = \"127.0.0.1:{udp}\"\n\
-                 [expose.services]\nslow = \"http://127.0.0.1:{silent_port}\"\n{peers}"
-            ),
-        )
-        .unwrap()
-    };
-    write_rules(&format!(
-        "[[expose.peer]]\nid = \"{kid_id}\"\nservices = [\"slow\"]\n"
-    ));
-    let expose = Proc::spawn(
-        "tunnel expose",
-        Command::new(tunnel_bin())
-            .args(["expose", "--config"])
-            .arg(&rules)
-            .arg("--identity")
-            .arg(dir.path("expose.pem")),
+    let rules = RulesExpose::start(
+        &dir,
+        &format!("slow = \"http://127.0.0.1:{silent_port}\"\n"),
+        &format!("[[expose.peer]]\nid = \"{kid_id}\"\nservices = [\"slow\"]\n"),
     );
-    expose.line_matching(|l| l.trim_start().starts_with("tunnel connect "));
-    let peer = format!("{}@127.0.0.1:{udp}", peer_id(&dir.path("expose.pem")));
-    let (kid_c, kid_port, _) = connect_http(&kid, &peer, &[]);
+    let (expose, peer) = (&rules.expose, &rules.peer);
+    let (kid_c, kid_port, _) = connect_http(&kid, peer, &[]);
     let host = format!("slow.peer.localhost:{kid_port}");
     let mut tcp = TcpStream::connect(("127.0.0.1", kid_port)).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
@@ -893,7 +897,7 @@ fn a_connection_lost_while_a_request_waits_gets_a_page_not_a_reset() {
     std::thread::sleep(Duration::from_millis(300));
     // Another peer only (rules allowing nobody are refused).
     let other_id = peer_id(&dir.path("other.pem"));
-    write_rules(&format!(
+    rules.write(&format!(
         "[[expose.peer]]\nid = \"{other_id}\"\nservices = [\"slow\"]\n"
     ));
     expose.signal("HUP");

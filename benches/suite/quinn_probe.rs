@@ -22,22 +22,16 @@ use tunnel::quic::{tls, Tuning};
 const ALPN: &[u8] = b"bench-quinn";
 const CHUNK: usize = 256 * 1024;
 
-/// A UDP socket with the tunnel's buffer sizes (`quic::bind_udp`).
+/// A UDP socket as the tunnel binds its own (`quic::bind_udp`, the same buffer sizes).
 fn socket(ip: IpAddr) -> UdpSocket {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let addr = SocketAddr::new(ip, 0);
-    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).unwrap();
-    let buffer = Tuning::default().socket_buffer;
-    let _ = s.set_recv_buffer_size(buffer);
-    let _ = s.set_send_buffer_size(buffer);
-    s.bind(&addr.into()).unwrap();
-    s.into()
+    tunnel::quic::bind_udp(SocketAddr::new(ip, 0), Tuning::default().socket_buffer).unwrap()
 }
 
 /// As the tunnel's endpoint: packets up to 64 KB may be sent where MTU discovery finds them.
 fn endpoint_config() -> quinn::EndpointConfig {
     let mut c = quinn::EndpointConfig::default();
-    c.max_udp_payload_size(65_527).unwrap();
+    c.max_udp_payload_size(tunnel::quic::MAX_UDP_PAYLOAD)
+        .unwrap();
     c
 }
 
@@ -114,19 +108,6 @@ async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, 
     let _ = send.stopped().await;
 }
 
-/// CPU time of this process so far, in seconds.
-fn own_cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let f: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
-}
-
 pub async fn client(addr: SocketAddr, peer: PeerId) {
     use std::io::BufRead;
     let identity = Identity::generate().unwrap();
@@ -163,11 +144,10 @@ pub async fn client(addr: SocketAddr, peer: PeerId) {
     while let Some(line) = rx.recv().await {
         let w: Vec<&str> = line.split_whitespace().collect();
         let num = |i: usize| w.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(1);
-        let cpu = own_cpu_seconds();
         let out = match w.first().copied() {
             Some(op @ ("U" | "D")) => {
                 let bps = transfer(&conn, op == "U", num(1), num(2)).await;
-                json!({ "gbit": bps * 8.0 / 1e9, "client_cpu_s": own_cpu_seconds() - cpu })
+                json!({ "gbit": bps * 8.0 / 1e9 })
             }
             Some("E") => json!({ "us": echo(&conn, num(1) as usize).await }),
             Some("O") => json!({ "us": open(&conn, num(1) as usize).await }),
@@ -314,16 +294,18 @@ impl Probe {
     /// probe failed.
     pub fn measure(&mut self, size: u64) -> Option<std::collections::BTreeMap<String, f64>> {
         let mut r = std::collections::BTreeMap::new();
-        let server = self.server.pid();
+        // Both processes, read here from /proc around each transfer (the client's warm-up
+        // is before `ready`).
+        let pids = [self.server.pid(), self.client.id()];
         for (key, op, streams) in [
             ("upload_1", "U", 1),
             ("download_1", "D", 1),
             ("download_8", "D", 8),
             ("download_64", "D", 64),
         ] {
-            let cpu0 = crate::cpu_seconds(&[server]);
+            let cpu0 = crate::cpu_seconds(&pids);
             let a = self.ask(&format!("{op} {size} {streams}"))?;
-            let cpu = crate::cpu_seconds(&[server]) - cpu0 + a["client_cpu_s"].as_f64()?;
+            let cpu = crate::cpu_seconds(&pids) - cpu0;
             r.insert(format!("{key}_gbit"), a["gbit"].as_f64()?);
             if streams == 1 {
                 let dir = if op == "U" { "up" } else { "down" };

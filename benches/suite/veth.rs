@@ -21,10 +21,35 @@ const CLIENT_IP: [u8; 4] = [198, 51, 100, 1];
 const SERVER_IP: [u8; 4] = [198, 51, 100, 2];
 const MTU: &str = "1500";
 
-/// Two namespaces and the veth pair between them.
+/// A network namespace with only `lo` up, made by the suite; on drop every process in it is
+/// killed and it is deleted (also when the suite fails).
+pub struct Netns(pub String);
+
+impl Netns {
+    pub fn add(name: String) -> Option<Netns> {
+        if !ip(&["netns", "add", &name]) {
+            return None;
+        }
+        let ns = Netns(name);
+        ip(&["-n", &ns.0, "link", "set", "lo", "up"]).then_some(ns)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Ok(o) = Command::new("ip").args(["netns", "pids", &self.0]).output() {
+            for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                let _ = Command::new("kill").args(["-9", pid]).status();
+            }
+        }
+        ip(&["netns", "del", &self.0]);
+    }
+}
+
+/// Two namespaces and the veth pair between them (it goes with them).
 struct Lab {
-    a: String,
-    b: String,
+    a: Netns,
+    b: Netns,
 }
 
 fn ip(args: &[&str]) -> bool {
@@ -38,41 +63,23 @@ fn ip(args: &[&str]) -> bool {
 impl Lab {
     fn new() -> Option<Lab> {
         let tag = std::process::id();
-        let lab = Lab {
-            a: format!("tbva{tag}"),
-            b: format!("tbvb{tag}"),
-        };
+        let made = Netns::add(format!("tbva{tag}"))
+            .zip(Netns::add(format!("tbvb{tag}")))
+            .map(|(a, b)| Lab { a, b });
         let (va, vb) = (format!("tva{tag}"), format!("tvb{tag}"));
-        let ok = ip(&["netns", "add", &lab.a])
-            && ip(&["netns", "add", &lab.b])
-            && ip(&[
-                "link", "add", &va, "netns", &lab.a, "type", "veth", "peer", "name", &vb, "netns",
-                &lab.b,
-            ])
-            && ip(&["-n", &lab.a, "addr", "add", "198.51.100.1/24", "dev", &va])
-            && ip(&["-n", &lab.b, "addr", "add", "198.51.100.2/24", "dev", &vb])
-            && ip(&["-n", &lab.a, "link", "set", &va, "mtu", MTU, "up"])
-            && ip(&["-n", &lab.b, "link", "set", &vb, "mtu", MTU, "up"])
-            && ip(&["-n", &lab.a, "link", "set", "lo", "up"])
-            && ip(&["-n", &lab.b, "link", "set", "lo", "up"]);
-        if !ok {
+        let lab = made.filter(|lab| {
+            let (a, b) = (&lab.a.0, &lab.b.0);
+            ip(&[
+                "link", "add", &va, "netns", a, "type", "veth", "peer", "name", &vb, "netns", b,
+            ]) && ip(&["-n", a, "addr", "add", "198.51.100.1/24", "dev", &va])
+                && ip(&["-n", b, "addr", "add", "198.51.100.2/24", "dev", &vb])
+                && ip(&["-n", a, "link", "set", &va, "mtu", MTU, "up"])
+                && ip(&["-n", b, "link", "set", &vb, "mtu", MTU, "up"])
+        });
+        if lab.is_none() {
             eprintln!("veth: cannot make two network namespaces (not root?): skipped");
-            return None;
         }
-        Some(lab)
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for ns in [&self.a, &self.b] {
-            if let Ok(o) = Command::new("ip").args(["netns", "pids", ns]).output() {
-                for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
-                    let _ = Command::new("kill").args(["-9", pid]).status();
-                }
-            }
-            ip(&["netns", "del", ns]);
-        }
+        lab
     }
 }
 
@@ -84,13 +91,13 @@ pub fn run() -> Value {
     };
     eprintln!(
         "veth: 1500-byte MTU path between namespaces {} and {}",
-        lab.a, lab.b
+        lab.a.0, lab.b.0
     );
     // Bounded: a stalled transfer must not hold the suite (and the namespaces) forever.
     let out = Command::new("timeout")
-        .args(["3600", "ip", "netns", "exec", &lab.a])
+        .args(["3600", "ip", "netns", "exec", &lab.a.0])
         .arg(std::env::current_exe().unwrap())
-        .args(["--worker-veth", &lab.a, &lab.b])
+        .args(["--worker-veth", &lab.a.0, &lab.b.0])
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())
         .output();

@@ -239,9 +239,7 @@ impl Session {
         let known = self.known().get(&service).map(|k| k.protocol);
         if known == Some(Protocol::Http) {
             // Streams are opened per request by the HTTP layer.
-            // Boxed, as the RTSP layer is in `forward`: the HTTP layer's future would make
-            // every byte stream's task as big as its own.
-            return Box::pin(self.serve_http(tcp, client, service, None)).await;
+            return self.serve_http(tcp, client, service, None).await;
         }
         // Answered by the session's dial deadline at the latest (`connect_timeout`).
         let (pc, lease) = match self.acquire_peer_conn().await {
@@ -269,8 +267,7 @@ impl Session {
                             hold: Box::new(lease),
                             unconfirmed: None,
                         };
-                        return Box::pin(self.serve_http(tcp, client, service, Some(upstream)))
-                            .await;
+                        return self.serve_http(tcp, client, service, Some(upstream)).await;
                     }
                     (response.protocol, Downstream::Payload(first))
                 }
@@ -358,7 +355,9 @@ impl Session {
         };
         let first = first.map(|u| (key.clone(), u));
         let route = Arc::new(OneService { session: self, key });
-        http::proxy::serve(tcp, client, route, first, &ctx).await;
+        // Boxed, as the RTSP layer is in `forward`: inline, the HTTP layer's state would make
+        // the task of every byte stream (its caller, `serve_client`) as big as its own.
+        Box::pin(http::proxy::serve(tcp, client, route, first, &ctx)).await;
     }
 
     /// A stream to an HTTP service, its response header read: what the HTTP layer asks for

@@ -760,7 +760,7 @@ impl<U: Upstreams> Responses<'_, U> {
                         // Nothing of this answer went to the client yet, and it is the first
                         // on this connection (a later one is closed unanswered, above): a
                         // page says why there is none.
-                        Err(e) if cur.answered == 0 && !matches!(e, Abort::Local(_)) => {
+                        Err(e) if cur.answered == 0 => {
                             let (status, why) = pages::refusal(&e);
                             warn!(peer = %cur.key.peer, service = %cur.key.service, status, "{why}");
                             write_tcp(self.tcp, &pages::error(status, &why)).await?;

@@ -27,7 +27,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Largest UDP payload this endpoint sends or accepts (what MTU discovery may reach).
-const MAX_UDP_PAYLOAD: u16 = 65_527;
+pub const MAX_UDP_PAYLOAD: u16 = 65_527;
 
 /// Flow control and liveness settings of every connection. The defaults favour throughput:
 /// windows far above quinn's, so one stream can fill a fast link with a 100 ms round trip.
@@ -397,7 +397,9 @@ fn no_ipv6(e: &std::io::Error) -> bool {
     )
 }
 
-fn bind_udp(addr: SocketAddr, buffer: usize) -> std::io::Result<UdpSocket> {
+/// A UDP socket bound at `addr` (dual-stack for `[::]`) with `buffer`-byte send and receive
+/// buffers as far as the kernel allows; public for the benchmark's quinn-only probe.
+pub fn bind_udp(addr: SocketAddr, buffer: usize) -> std::io::Result<UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
