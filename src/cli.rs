@@ -26,7 +26,7 @@ use crate::nat::server::broker::{Admission, Limits};
 use crate::nat::server::RendezvousConfig;
 use crate::node::Node;
 use crate::protocol::control::{decode_answer, encode_request, Command as ControlCommand};
-use crate::quic::{Congestion, Tuning};
+use crate::quic::{Congestion, TransportError, Tuning};
 use crate::time::rate::Rate;
 
 const DEFAULT_LISTEN: &str = "[::]:4433";
@@ -731,14 +731,13 @@ async fn rendezvous(args: RendezvousArgs) -> Result<(), Failure> {
         Admission::Open => None,
         Admission::Listed(ids) => Some(ids.len()),
     };
-    let node = Node::bind(listen, identity, args.common.tuning())
-        .map_err(|e| anyhow::anyhow!("{e}; choose another port with --listen ADDR"))?;
+    let (node, link) = bind_udp_and_tcp(listen, identity, args.common.tuning())?;
     node.serve_rendezvous(config)
         .context("starting the rendezvous server")?;
     let local = node.local_addr().context("reading the bound address")?;
     // TCP on the UDP socket's own address and port (the TCP link), then the others.
-    let mut tcp = Vec::new();
-    for addr in std::iter::once(local).chain(more_tcp) {
+    let mut tcp = vec![link];
+    for addr in more_tcp {
         let listener = bind_tcp_dual_stack(addr).map_err(|e| {
             usage(format!(
                 "cannot listen on TCP {addr} (for peers whose network drops UDP): {e}; choose another address with --listen ADDR"
@@ -770,6 +769,48 @@ async fn rendezvous(args: RendezvousArgs) -> Result<(), Failure> {
     serve_status(&node, &args.common, &rules, "rendezvous").await?;
     node.run_until_signal(drain, ()).await;
     Ok(())
+}
+
+/// The rendezvous's node on UDP `listen` and its TCP link listener on the same address and
+/// port. With port 0 the kernel picks the TCP port first and UDP takes the same number; a
+/// number whose UDP side is taken is skipped for another (bounded), so a port some unrelated
+/// program holds cannot fail the start.
+fn bind_udp_and_tcp(
+    listen: SocketAddr,
+    identity: Arc<Identity>,
+    tuning: Tuning,
+) -> Result<(Node, tokio::net::TcpListener), Failure> {
+    let tcp_failure = |addr: SocketAddr, e: std::io::Error| {
+        usage(format!(
+            "cannot listen on TCP {addr} (for peers whose network drops UDP): {e}; choose another address with --listen ADDR"
+        ))
+    };
+    let udp_failure =
+        |e: TransportError| anyhow::anyhow!("{e}; choose another port with --listen ADDR").into();
+    if listen.port() != 0 {
+        let node = Node::bind(listen, identity, tuning).map_err(udp_failure)?;
+        let tcp = bind_tcp_dual_stack(listen).map_err(|e| tcp_failure(listen, e))?;
+        return Ok((node, tcp));
+    }
+    const ATTEMPTS: usize = 32;
+    // A number whose UDP side is taken keeps its TCP listener until the end, so the kernel
+    // (which prefers odd numbers for bind) offers another one next time.
+    let mut refused = Vec::new();
+    for attempt in 1..=ATTEMPTS {
+        let tcp = bind_tcp_dual_stack(listen).map_err(|e| tcp_failure(listen, e))?;
+        let port = tcp.local_addr().map_err(|e| tcp_failure(listen, e))?.port();
+        let addr = SocketAddr::new(listen.ip(), port);
+        match Node::bind(addr, identity.clone(), tuning.clone()) {
+            Ok(node) => return Ok((node, tcp)),
+            Err(TransportError::Bind { source, .. })
+                if source.kind() == std::io::ErrorKind::AddrInUse && attempt < ATTEMPTS =>
+            {
+                refused.push(tcp);
+            }
+            Err(e) => return Err(udp_failure(e)),
+        }
+    }
+    unreachable!("the last attempt returns")
 }
 
 /// A TCP listener on `addr`; an IPv6 wildcard takes IPv4 too, as the UDP socket does (some

@@ -2316,3 +2316,51 @@ fn both_networks_drop_udp_and_the_relay_joins_their_tcp_links() {
         first_byte.as_secs_f64()
     );
 }
+
+/// `rendezvous --listen ADDR:0` takes one port number for both UDP and its TCP link. In a
+/// namespace whose ephemeral range is 4 ports, with TCP 40000 and UDP 40001 and 40003 held by
+/// another program, only 40002 is free for both: each of 8 starts must find it. (Binding UDP first
+/// and TCP on the same number after failed half of such starts with "Address already in
+/// use"; CI saw it once when an unrelated connection held the number.)
+#[test]
+fn a_rendezvous_on_port_0_finds_a_port_free_for_udp_and_tcp() {
+    if !lab_available() {
+        return;
+    }
+    let dir = TempDir::new("rz-port0");
+    let pem = dir.path("rz.pem");
+    const SCRIPT: &str = r#"
+import socket, subprocess, sys
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+open("/proc/sys/net/ipv4/ip_local_port_range", "w").write("40000 40003")
+t = socket.socket(socket.AF_INET, socket.SOCK_STREAM); t.bind(("127.0.0.1", 40000)); t.listen()
+u = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+u[0].bind(("127.0.0.1", 40001)); u[1].bind(("127.0.0.1", 40003))
+for i in range(8):
+    p = subprocess.Popen([sys.argv[1], "rendezvous", "--listen", "127.0.0.1:0", "--identity", sys.argv[2]],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = p.stdout.readline().strip()
+        if not line.startswith("rendezvous listening on"):
+            p.kill()
+            print("start", i, "failed:", line, p.stderr.read().strip())
+            sys.exit(1)
+        print(line, flush=True)
+    finally:
+        p.kill()
+        p.wait()
+"#;
+    let out = Command::new("timeout")
+        .args(["60", "unshare", "-n", "python3", "-c", SCRIPT, tunnel_bin()])
+        .arg(&pem)
+        .output()
+        .expect("unshare");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 8, "{stdout}\n{stderr}");
+    for line in lines {
+        assert_eq!(line, "rendezvous listening on 127.0.0.1:40002");
+    }
+}
