@@ -485,14 +485,6 @@ fn an_offline_peer_gets_a_page_naming_it_and_the_others_still_work() {
     assert!(body(&r).contains("offline"), "{r}");
 }
 
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// `tunnel expose` of `services` on a fixed UDP port with a fixed identity, allowing `allow`.
 fn expose_on(dir: &TempDir, port: u16, allow: &str, services: &[(&str, &str)]) -> Proc {
     expose_with(dir, port, allow, services, &[])

@@ -309,11 +309,46 @@ pub fn wait_connectable(addr: &str) {
 
 /// A free TCP port on 127.0.0.1, for third-party servers that cannot report theirs.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    unused_port()
+}
+
+/// A free UDP port on 127.0.0.1, for a `tunnel` whose address a peer must know beforehand.
+pub fn free_udp_port() -> u16 {
+    unused_port()
+}
+
+/// A port of 127.0.0.1 free for both TCP and UDP, taken below the kernel's ephemeral range:
+/// a port the kernel hands out (bind to port 0) can be taken again by any outgoing connection
+/// of a test running alongside before the server that was given it binds it. Numbers go up
+/// from a start drawn from the pid and the clock, so the tests of one binary get different
+/// ones.
+fn unused_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 10_000;
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let span = ephemeral.saturating_sub(LOW).max(1_000);
+    static START: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        std::process::id().wrapping_mul(7_919).wrapping_add(nanos)
+    });
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (LOW + start.wrapping_add(n) % span) as u16;
+        let tcp = std::net::TcpListener::bind(("127.0.0.1", port));
+        let udp = std::net::UdpSocket::bind(("127.0.0.1", port));
+        if tcp.is_ok() && udp.is_ok() {
+            return port;
+        }
+    }
+    panic!("no port of 127.0.0.1 below {ephemeral} is free for TCP and UDP")
 }
 
 /// The last `frame=N` ffmpeg reported in its log.
