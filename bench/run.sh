@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The benchmark suite, in one command (not run by CI; about 15 minutes on 2 cores, plus the
+# The benchmark suite, in one command (not run by CI; about 30 minutes on 2 cores, plus the
 # first installs). Writes docs/bench/report.md, report.json and PNG charts.
 # Needs root for the NAT lab and for dumbpipe's lo-only network namespace.
 set -euo pipefail

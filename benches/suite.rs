@@ -12,6 +12,8 @@ mod process;
 mod quinn_probe;
 #[path = "suite/veth.rs"]
 mod veth;
+#[path = "suite/wan.rs"]
+mod wan;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -339,10 +341,56 @@ fn rathole(place: &Place, bulk: SocketAddr, greet: SocketAddr, noise: bool) -> O
 
 /// Bytes per second moving `total` bytes over `streams` parallel connections.
 async fn bulk(addr: SocketAddr, total: u64, streams: u64, upload: bool) -> f64 {
+    bulk_timed(addr, total, streams, upload).await.0
+}
+
+/// Bytes moved so far over all of a transfer's streams, and when the first half was done.
+struct Progress {
+    half: u64,
+    moved: std::sync::atomic::AtomicU64,
+    halfway: std::sync::OnceLock<Instant>,
+}
+
+impl Progress {
+    fn new(total: u64) -> std::sync::Arc<Progress> {
+        std::sync::Arc::new(Progress {
+            half: total / 2,
+            moved: Default::default(),
+            halfway: Default::default(),
+        })
+    }
+
+    fn add(&self, n: u64) {
+        let moved = self
+            .moved
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed)
+            + n;
+        if moved >= self.half {
+            self.halfway.get_or_init(Instant::now);
+        }
+    }
+
+    /// Bytes/s over the whole transfer of `total` bytes begun at `start`, and over its
+    /// second half (the ramp-up left out).
+    fn rates(&self, start: Instant, total: u64) -> (f64, f64) {
+        let end = Instant::now();
+        let all = total as f64 / (end - start).as_secs_f64();
+        let second = self.halfway.get().map_or(f64::NAN, |h| {
+            (total - self.half) as f64 / (end - *h).as_secs_f64()
+        });
+        (all, second)
+    }
+}
+
+/// As [`bulk`], and the rate of the transfer's second half (bytes/s), which leaves out the
+/// ramp-up: what a long path carries once the sender found its rate.
+async fn bulk_timed(addr: SocketAddr, total: u64, streams: u64, upload: bool) -> (f64, f64) {
     let per = total / streams;
+    let progress = Progress::new(per * streams);
     let start = Instant::now();
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..streams {
+        let progress = progress.clone();
         set.spawn(async move {
             let mut tcp = TcpStream::connect(addr).await.unwrap();
             tcp.set_nodelay(true).unwrap();
@@ -354,6 +402,7 @@ async fn bulk(addr: SocketAddr, total: u64, streams: u64, upload: bool) -> f64 {
                     let k = left.min(buf.len() as u64) as usize;
                     tcp.write_all(&buf[..k]).await.unwrap();
                     left -= k as u64;
+                    progress.add(k as u64);
                 }
                 tcp.shutdown().await.unwrap();
                 let mut n = [0u8; 8];
@@ -370,6 +419,7 @@ async fn bulk(addr: SocketAddr, total: u64, streams: u64, upload: bool) -> f64 {
                         break;
                     }
                     n += k as u64;
+                    progress.add(k as u64);
                 }
                 assert_eq!(n, per, "all bytes arrived");
             }
@@ -378,7 +428,7 @@ async fn bulk(addr: SocketAddr, total: u64, streams: u64, upload: bool) -> f64 {
     while let Some(r) = set.join_next().await {
         r.unwrap();
     }
-    (per * streams) as f64 / start.elapsed().as_secs_f64()
+    progress.rates(start, per * streams)
 }
 
 /// Round trips of 100-byte request / 100-byte reply on one connection, in µs, sorted.
@@ -536,6 +586,11 @@ fn main() {
     match arg(1) {
         "--worker-dumbpipe" => rt.block_on(dumbpipe_worker()),
         "--worker-veth" => rt.block_on(veth::worker(arg(2), arg(3))),
+        "--worker-wan" => {
+            let rest: Vec<&str> = args[2..].iter().map(String::as_str).collect();
+            rt.block_on(wan::worker(&rest))
+        }
+        "--link-emulator" => wan::emulate(arg(2), arg(3), arg(4).parse().unwrap()),
         "--serve-targets" => rt.block_on(async {
             let (b, g) = start_targets(arg(2).parse().unwrap()).await;
             println!("targets {b} {g}");
@@ -657,24 +712,7 @@ async fn measure(
     pids: &[u32],
 ) -> BTreeMap<String, f64> {
     let gbit = |bps: f64| bps * 8.0 / 1e9;
-    let gib = size as f64 / GIB as f64;
-    let mut r = BTreeMap::new();
-    for (dir, upload) in [("up", true), ("down", false)] {
-        let cpu = cpu_seconds(pids);
-        let bps = bulk(bulk_addr, size, 1, upload).await;
-        let key = if upload {
-            "upload_1_gbit"
-        } else {
-            "download_1_gbit"
-        };
-        r.insert(key.into(), gbit(bps));
-        if !pids.is_empty() {
-            r.insert(
-                format!("cpu_s_per_gib_{dir}"),
-                (cpu_seconds(pids) - cpu) / gib,
-            );
-        }
-    }
+    let mut r = one_stream(bulk_addr, size, pids).await;
     r.insert(
         "download_8_gbit".into(),
         gbit(bulk(bulk_addr, size, 8, false).await),
@@ -689,6 +727,39 @@ async fn measure(
     let open = open_latency(greet_addr, 300).await;
     r.insert("open_p50_us".into(), pct(&open, 0.5));
     r.insert("open_p99_us".into(), pct(&open, 0.99));
+    r
+}
+
+/// One stream up, then one down, `size` bytes each: Gbit/s, and the CPU-seconds per GiB the
+/// processes `pids` took for each.
+async fn one_stream(bulk_addr: SocketAddr, size: u64, pids: &[u32]) -> BTreeMap<String, f64> {
+    let mut r = BTreeMap::new();
+    for upload in [true, false] {
+        r.extend(one_way(bulk_addr, size, pids, upload).await);
+    }
+    r
+}
+
+/// One stream of `size` bytes up or down: Gbit/s and the CPU-seconds per GiB of `pids`.
+async fn one_way(addr: SocketAddr, size: u64, pids: &[u32], upload: bool) -> Vec<(String, f64)> {
+    let cpu = cpu_seconds(pids);
+    let (bps, second_half) = bulk_timed(addr, size, 1, upload).await;
+    let (key, dir) = if upload {
+        ("upload_1", "up")
+    } else {
+        ("download_1", "down")
+    };
+    let mut r = vec![
+        (format!("{key}_gbit"), bps * 8.0 / 1e9),
+        (format!("{key}_second_half_gbit"), second_half * 8.0 / 1e9),
+    ];
+    if !pids.is_empty() {
+        let gib = size as f64 / GIB as f64;
+        r.push((
+            format!("cpu_s_per_gib_{dir}"),
+            (cpu_seconds(pids) - cpu) / gib,
+        ));
+    }
     r
 }
 
@@ -909,12 +980,13 @@ async fn suite() {
     let only = std::env::var("BENCH_ONLY").ok();
     let loopback = Place::loopback();
     let factories = factories(&loopback, bulk_addr, greet_addr);
-    let mut dumbpipe = if wanted(DUMBPIPE) && only.as_deref() != Some("direct TCP") {
+    let on_loopback = env_num("BENCH_LOOPBACK", 1) == 1;
+    let mut dumbpipe = if on_loopback && wanted(DUMBPIPE) && only.as_deref() != Some("direct TCP") {
         DumbpipeWorker::start()
     } else {
         None
     };
-    let results = if env_num("BENCH_LOOPBACK", 1) == 1 {
+    let results = if on_loopback {
         run_rounds(&loopback, &factories, rounds, size, dumbpipe.as_mut()).await
     } else {
         Results::new()
@@ -935,6 +1007,17 @@ async fn suite() {
     write_report(&json!({
         "machine": machine(), "rounds": rounds, "bytes_per_transfer": size,
         "raw": results, "median": medians, "scale": {}, "media": null, "veth": veth,
+    }));
+    // A 100 ms round trip through a 1 Gbit/s bottleneck (`wan.rs`).
+    let wan = if env_num("BENCH_WAN", 1) == 1 {
+        wan::run()
+    } else {
+        Value::Null
+    };
+    write_report(&json!({
+        "machine": machine(), "rounds": rounds, "bytes_per_transfer": size,
+        "raw": results, "median": medians, "scale": {}, "media": null, "veth": veth,
+        "wan": wan,
     }));
     eprintln!("scale: {scale_n} idle streams");
     let mut scale_results = BTreeMap::new();
@@ -991,6 +1074,7 @@ async fn suite() {
         "median": medians,
         "scale": scale_results,
         "veth": veth,
+        "wan": wan,
     });
     write_report(&report);
 }
@@ -1237,11 +1321,50 @@ fn throughput_table(md: &mut String, obj: &serde_json::Map<String, Value>) {
     }
 }
 
+/// The long path: one stream each way of every system with its ratio to direct TCP, its CPU
+/// per GiB, and what crossed the bottleneck for it.
+fn wan_table(md: &mut String, obj: &serde_json::Map<String, Value>) {
+    md.push_str("| system | upload, 1 stream: whole (second half) | download, 1 stream: whole (second half) | CPU-s/GiB up / down | bottleneck bytes per payload byte, up / down | packets dropped there, up / down |\n|---|---|---|---|---|---|\n");
+    let names = obj.keys().filter(|n| !ORDER.contains(&n.as_str()));
+    for name in ORDER
+        .iter()
+        .map(|n| n.to_string())
+        .chain(names.cloned())
+        .filter(|n| obj.contains_key(n))
+    {
+        let m = &obj[&name];
+        let cell = |k: &str| {
+            format!(
+                "{:.3} ({:.3})",
+                num(&m[format!("{k}_gbit")]),
+                num(&m[format!("{k}_second_half_gbit")]),
+            )
+        };
+        let pair = |k: &str, digits: usize| {
+            let one = |dir: &str| {
+                m.get(format!("{k}_{dir}"))
+                    .map(|v| format!("{:.*}", digits, num(v)))
+                    .unwrap_or_else(|| "—".into())
+            };
+            format!("{} / {}", one("up"), one("down"))
+        };
+        md.push_str(&format!(
+            "| {name} | {} | {} | {} | {} | {} |\n",
+            cell("upload_1"),
+            cell("download_1"),
+            pair("cpu_s_per_gib", 2),
+            pair("link_bytes_per_byte", 3),
+            pair("dropped", 0),
+        ));
+    }
+}
+
 /// The targets of issue 16 (speed on real paths), each with its same-run baseline.
 fn targets_16(
     md: &mut String,
     lo: &serde_json::Map<String, Value>,
     veth: Option<&serde_json::Map<String, Value>>,
+    wan: Option<&serde_json::Map<String, Value>>,
     media: [(&str, &Value); 2],
 ) {
     let met = |ok: bool| if ok { "met" } else { "NOT met" };
@@ -1311,6 +1434,35 @@ fn targets_16(
             many.zip(one).map(|(m, o)| m >= o),
         );
     }
+    // The flow-control windows against a long fat path: a 100 ms round trip, 1 Gbit/s.
+    // The link carries at most ~0.95 Gbit/s of payload (headers); the ramp-up is left out.
+    // Judged on the download, timed where the bytes arrive; an upload's halfway point is
+    // timed by the sender's writes, early by what the buffers hold (below the figure).
+    let mut text = Vec::new();
+    let mut ok = None;
+    for (dir, k) in [("down", "download_1"), ("up", "upload_1")] {
+        if let (Some(second), Some(whole)) = (
+            get(wan, "tunnel", &format!("{k}_second_half_gbit")),
+            get(wan, "tunnel", &format!("{k}_gbit")),
+        ) {
+            text.push(format!(
+                "{dir} {second:.3} Gbit/s over the second half ({whole:.3} over the whole transfer)"
+            ));
+            if dir == "down" {
+                ok = Some(second >= 0.9);
+            }
+        }
+    }
+    row(
+        md,
+        "100 ms round trip through a 1 Gbit/s link: 1 download fills it (≥ 0.9 Gbit/s once up to speed)",
+        if text.is_empty() {
+            "not measured in this run".into()
+        } else {
+            text.join("; ")
+        },
+        ok,
+    );
     let lo = Some(lo);
     let added = |k: &str| {
         get(lo, "tunnel", k)
@@ -1436,6 +1588,19 @@ fn write_report(report: &Value) {
         md.push_str("\n## The 1500-byte-MTU path (Gbit/s; ratio to direct TCP) and CPU per GiB\n\nTwo network namespaces joined by a veth pair with MTU 1500: the load generator and the client halves in one (198.51.100.1), the target servers and the exposing halves in the other (198.51.100.2). QUIC's packets are at most 1,452 bytes here (quinn's default ceiling); TCP still hands 64 KB segments to the veth (segmentation offload), as it does to a real NIC. Same rounds, same transfers as above.\n\n");
         throughput_table(&mut md, v);
     }
+    if let Some(w) = report["wan"]["median"].as_object() {
+        md.push_str(&format!(
+            "\n## A long path: {} ms round trip through a {} link (Gbit/s) and CPU per GiB\n\nThree namespaces: the clients' side, the link, the servers' side; 1500-byte MTU (TCP segments and QUIC packets sized for it; segmentation super-frames cross the link whole, as between veths). The link holds every frame {} ms each way (a link emulator, this kernel has no netem) and `tbf` on its way out is the bottleneck ({}, a {} queue; what overflows is dropped). One stream each way, {} MiB, {} round(s): the rate over the whole transfer (the ramp-up included) and, in brackets, over its second half (a download's timed where it arrives; an upload's halfway point is when the sender had written half, early by what the tunnel's and the kernel's buffers hold, so its second half reads low). The bandwidth-delay product is 12.5 MB: a stream's flow-control window must be at least that to fill the link. Kernel TCP keeps Linux's default buffers (at most 6 MB), which caps a TCP connection near 0.2 Gbit/s here. Bottleneck bytes per payload byte: what the link carried for the transfer (headers, ACKs excluded, every retransmission) over the bytes delivered; packets dropped: what its queue refused (a super-frame counts once).\n\n",
+            report["wan"]["rtt_ms"],
+            report["wan"]["rate_label"].as_str().unwrap_or(""),
+            report["wan"]["rtt_ms"].as_u64().unwrap_or(0) / 2,
+            report["wan"]["rate"].as_str().unwrap_or(""),
+            report["wan"]["queue"].as_str().unwrap_or(""),
+            f(&report["wan"]["bytes_per_transfer"]) / 1048576.0,
+            report["wan"]["rounds"],
+        ));
+        wan_table(&mut md, w);
+    }
     md.push_str("\n## Latency (µs)\n\n100-byte request / 100-byte reply on one connection (5,000 round trips), and stream open: client connect → first byte of the server's greeting (300 opens). \"added\" is over direct TCP in the same round. quinn alone: 100-byte echoes on one stream, and a new stream per 1-byte request (no TCP connect in it).\n\n| system | round trip p50 | p99 | added p50 | added p99 | open p50 | open p99 |\n|---|---|---|---|---|---|---|\n");
     latency_table(&mut md, &obj);
     if let Some(v) = &veth {
@@ -1534,6 +1699,7 @@ fn write_report(report: &Value) {
         &mut md,
         &obj,
         veth.as_ref(),
+        report["wan"]["median"].as_object(),
         [
             ("loopback", &report["media"]),
             ("1500-MTU path", &report["veth"]["media"]),

@@ -146,8 +146,8 @@ pub async fn client(addr: SocketAddr, peer: PeerId) {
         let num = |i: usize| w.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(1);
         let out = match w.first().copied() {
             Some(op @ ("U" | "D")) => {
-                let bps = transfer(&conn, op == "U", num(1), num(2)).await;
-                json!({ "gbit": bps * 8.0 / 1e9 })
+                let (bps, second) = transfer(&conn, op == "U", num(1), num(2)).await;
+                json!({ "gbit": bps * 8.0 / 1e9, "second_half_gbit": second * 8.0 / 1e9 })
             }
             Some("E") => json!({ "us": echo(&conn, num(1) as usize).await }),
             Some("O") => json!({ "us": open(&conn, num(1) as usize).await }),
@@ -160,12 +160,15 @@ pub async fn client(addr: SocketAddr, peer: PeerId) {
 }
 
 /// Bytes per second moving `total` bytes over `streams` parallel streams of `conn`.
-async fn transfer(conn: &quinn::Connection, upload: bool, total: u64, streams: u64) -> f64 {
+/// Bytes/s over the whole transfer and over its second half (`crate::Progress`).
+async fn transfer(conn: &quinn::Connection, upload: bool, total: u64, streams: u64) -> (f64, f64) {
     let per = total / streams;
+    let progress = crate::Progress::new(per * streams);
     let start = Instant::now();
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..streams {
         let conn = conn.clone();
+        let progress = progress.clone();
         set.spawn(async move {
             let (mut send, mut recv) = conn.open_bi().await.unwrap();
             if upload {
@@ -176,6 +179,7 @@ async fn transfer(conn: &quinn::Connection, upload: bool, total: u64, streams: u
                     let k = left.min(CHUNK as u64) as usize;
                     send.write_chunk(data.slice(..k)).await.unwrap();
                     left -= k as u64;
+                    progress.add(k as u64);
                 }
                 send.finish().unwrap();
                 let mut n = [0u8; 8];
@@ -187,6 +191,7 @@ async fn transfer(conn: &quinn::Connection, upload: bool, total: u64, streams: u
                 let mut n = 0u64;
                 while let Some(c) = recv.read_chunk(usize::MAX, true).await.unwrap() {
                     n += c.bytes.len() as u64;
+                    progress.add(c.bytes.len() as u64);
                 }
                 assert_eq!(n, per, "all bytes arrived");
             }
@@ -195,7 +200,7 @@ async fn transfer(conn: &quinn::Connection, upload: bool, total: u64, streams: u
     while let Some(r) = set.join_next().await {
         r.unwrap();
     }
-    (per * streams) as f64 / start.elapsed().as_secs_f64()
+    progress.rates(start, per * streams)
 }
 
 /// Round trips of 100 bytes each way on one stream, in µs, sorted.
@@ -293,20 +298,37 @@ impl Probe {
     /// The suite's per-round figures (`measure` in suite.rs), memory to memory; None if the
     /// probe failed.
     pub fn measure(&mut self, size: u64) -> Option<std::collections::BTreeMap<String, f64>> {
+        self.transfers(
+            size,
+            &[
+                ("upload_1", "U", 1),
+                ("download_1", "D", 1),
+                ("download_8", "D", 8),
+                ("download_64", "D", 64),
+            ],
+        )
+        .and_then(|r| self.latency(r))
+    }
+
+    /// `(key, U|D, streams)` transfers of `size` bytes: Gbit/s each, and CPU-seconds per GiB
+    /// for the one-stream ones.
+    pub fn transfers(
+        &mut self,
+        size: u64,
+        which: &[(&str, &str, u32)],
+    ) -> Option<std::collections::BTreeMap<String, f64>> {
         let mut r = std::collections::BTreeMap::new();
         // Both processes, read here from /proc around each transfer (the client's warm-up
         // is before `ready`).
         let pids = [self.server.pid(), self.client.id()];
-        for (key, op, streams) in [
-            ("upload_1", "U", 1),
-            ("download_1", "D", 1),
-            ("download_8", "D", 8),
-            ("download_64", "D", 64),
-        ] {
+        for &(key, op, streams) in which {
             let cpu0 = crate::cpu_seconds(&pids);
             let a = self.ask(&format!("{op} {size} {streams}"))?;
             let cpu = crate::cpu_seconds(&pids) - cpu0;
             r.insert(format!("{key}_gbit"), a["gbit"].as_f64()?);
+            if let Some(second) = a["second_half_gbit"].as_f64() {
+                r.insert(format!("{key}_second_half_gbit"), second);
+            }
             if streams == 1 {
                 let dir = if op == "U" { "up" } else { "down" };
                 r.insert(
@@ -315,6 +337,14 @@ impl Probe {
                 );
             }
         }
+        Some(r)
+    }
+
+    /// Adds the echo and stream-open latencies to `r`.
+    fn latency(
+        &mut self,
+        mut r: std::collections::BTreeMap<String, f64>,
+    ) -> Option<std::collections::BTreeMap<String, f64>> {
         let sorted = |v: &serde_json::Value| -> Option<Vec<f64>> {
             let v: Vec<f64> = v["us"]
                 .as_array()?
