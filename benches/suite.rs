@@ -1285,17 +1285,22 @@ fn num(v: &Value) -> f64 {
     v.as_f64().unwrap_or(f64::NAN)
 }
 
+/// The systems of `obj`, in the report's order (`ORDER`, then the others).
+fn in_order(obj: &serde_json::Map<String, Value>) -> Vec<String> {
+    let others = obj.keys().filter(|n| !ORDER.contains(&n.as_str()));
+    ORDER
+        .iter()
+        .map(|n| n.to_string())
+        .chain(others.cloned())
+        .filter(|n| obj.contains_key(n))
+        .collect()
+}
+
 /// Throughput of every system with its ratio to direct TCP, and its CPU per GiB.
 fn throughput_table(md: &mut String, obj: &serde_json::Map<String, Value>) {
     md.push_str("| system | upload, 1 stream | download, 1 stream | 8 streams | 64 streams | CPU-s/GiB up | CPU-s/GiB down |\n|---|---|---|---|---|---|---|\n");
     let direct = obj.get("direct TCP").cloned().unwrap_or(Value::Null);
-    let names = obj.keys().filter(|n| !ORDER.contains(&n.as_str()));
-    for name in ORDER
-        .iter()
-        .map(|n| n.to_string())
-        .chain(names.cloned())
-        .filter(|n| obj.contains_key(n))
-    {
+    for name in in_order(obj) {
         let m = &obj[&name];
         let cell = |k: &str| {
             format!(
@@ -1325,13 +1330,7 @@ fn throughput_table(md: &mut String, obj: &serde_json::Map<String, Value>) {
 /// per GiB, and what crossed the bottleneck for it.
 fn wan_table(md: &mut String, obj: &serde_json::Map<String, Value>) {
     md.push_str("| system | upload, 1 stream: whole (second half) | download, 1 stream: whole (second half) | CPU-s/GiB up / down | bottleneck bytes per payload byte, up / down | packets dropped there, up / down |\n|---|---|---|---|---|---|\n");
-    let names = obj.keys().filter(|n| !ORDER.contains(&n.as_str()));
-    for name in ORDER
-        .iter()
-        .map(|n| n.to_string())
-        .chain(names.cloned())
-        .filter(|n| obj.contains_key(n))
-    {
+    for name in in_order(obj) {
         let m = &obj[&name];
         let cell = |k: &str| {
             format!(

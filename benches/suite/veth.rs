@@ -52,7 +52,8 @@ struct Lab {
     b: Netns,
 }
 
-fn ip(args: &[&str]) -> bool {
+/// `ip ARGS`, and whether it succeeded.
+pub fn ip(args: &[&str]) -> bool {
     Command::new("ip")
         .args(args)
         .status()
@@ -119,22 +120,28 @@ pub fn run() -> Value {
     Value::Object(merged)
 }
 
-/// In namespace A: the target servers in B, then every system's rounds.
-pub async fn worker(_a: &str, b: &str) {
-    let rounds = env_num("BENCH_ROUNDS", 3) as usize;
-    let size = env_num("BENCH_BYTES", GIB);
+/// The target servers (bulk, greeting) in namespace `ns` on `ip`: their process and
+/// addresses.
+pub fn targets_in(ns: &str, ip: IpAddr) -> (Proc, Vec<SocketAddr>) {
     let exe = std::env::current_exe().unwrap();
     let targets = Proc::spawn(
         "target servers",
-        command_in(Some(b), exe.to_str().unwrap())
-            .args(["--serve-targets", &IpAddr::from(SERVER_IP).to_string()]),
+        command_in(Some(ns), exe.to_str().unwrap()).args(["--serve-targets", &ip.to_string()]),
     );
     let line = targets.line_matching(|l| l.starts_with("targets "));
-    let addrs: Vec<SocketAddr> = line
+    let addrs = line
         .split_whitespace()
         .skip(1)
         .map(|a| a.parse().unwrap())
         .collect();
+    (targets, addrs)
+}
+
+/// In namespace A: the target servers in B, then every system's rounds.
+pub async fn worker(_a: &str, b: &str) {
+    let rounds = env_num("BENCH_ROUNDS", 3) as usize;
+    let size = env_num("BENCH_BYTES", GIB);
+    let (_targets, addrs) = targets_in(b, IpAddr::from(SERVER_IP));
     let place = Place {
         server_netns: Some(b.to_owned()),
         server_ip: IpAddr::from(SERVER_IP),

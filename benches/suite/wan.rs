@@ -18,7 +18,7 @@
 
 use std::collections::VecDeque;
 use std::ffi::CString;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::os::fd::RawFd;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::process::{command_in, Proc};
-use crate::veth::Netns;
+use crate::veth::{ip, Netns};
 use crate::{env_num, factories, medians, wanted, Place, Results, QUINN};
 
 const CLIENT_IP: [u8; 4] = [198, 51, 100, 1];
@@ -37,14 +37,6 @@ pub const DELAY_MS: u64 = 50;
 pub const RATE: &str = "1gbit";
 const RATE_LABEL: &str = "1 Gbit/s";
 pub const QUEUE: &str = "50ms";
-
-fn ip(args: &[&str]) -> bool {
-    Command::new("ip")
-        .args(args)
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-}
 
 /// The three namespaces, the emulator in M (killed with M) and what joins them.
 struct Lab {
@@ -170,18 +162,7 @@ pub async fn worker(args: &[&str]) {
     };
     let rounds = env_num("BENCH_WAN_ROUNDS", 1) as usize;
     let size = env_num("BENCH_WAN_BYTES", 1 << 30);
-    let exe = std::env::current_exe().unwrap();
-    let targets = Proc::spawn(
-        "target servers",
-        command_in(Some(b), exe.to_str().unwrap())
-            .args(["--serve-targets", &IpAddr::from(SERVER_IP).to_string()]),
-    );
-    let line = targets.line_matching(|l| l.starts_with("targets "));
-    let addrs: Vec<SocketAddr> = line
-        .split_whitespace()
-        .skip(1)
-        .map(|a| a.parse().unwrap())
-        .collect();
+    let (_targets, addrs) = crate::veth::targets_in(b, IpAddr::from(SERVER_IP));
     let place = Place {
         server_netns: Some(b.to_string()),
         server_ip: IpAddr::from(SERVER_IP),
