@@ -1589,7 +1589,7 @@ fn write_report(report: &Value) {
     }
     if let Some(w) = report["wan"]["median"].as_object() {
         md.push_str(&format!(
-            "\n## A long path: {} ms round trip through a {} link (Gbit/s) and CPU per GiB\n\nThree namespaces: the clients' side, the link, the servers' side; 1500-byte MTU (TCP segments and QUIC packets sized for it; segmentation super-frames cross the link whole, as between veths). The link holds every frame {} ms each way (a link emulator, this kernel has no netem) and `tbf` on its way out is the bottleneck ({}, a {} queue; what overflows is dropped). One stream each way, {} MiB, {} round(s): the rate over the whole transfer (the ramp-up included) and, in brackets, over its second half (a download's timed where it arrives; an upload's halfway point is when the sender had written half, early by what the tunnel's and the kernel's buffers hold, so its second half reads low). The bandwidth-delay product is 12.5 MB: a stream's flow-control window must be at least that to fill the link. Kernel TCP keeps Linux's default buffers (at most 6 MB), which caps a TCP connection near 0.2 Gbit/s here. Bottleneck bytes per payload byte: what the link carried for the transfer (headers, ACKs excluded, every retransmission) over the bytes delivered; packets dropped: what its queue refused (a super-frame counts once).\n\n",
+            "\n## A long path: {} ms round trip through a {} link (Gbit/s) and CPU per GiB\n\nThree namespaces: the clients' side, the link, the servers' side; 1500-byte MTU (TCP segments and QUIC packets sized for it; segmentation super-frames cross the link whole, as between veths). The link holds every frame {} ms each way (a link emulator, this kernel has no netem) and `tbf` on its way out is the bottleneck ({}, a {} queue; what overflows is dropped). One stream each way, {} MiB, {} round(s): the rate over the whole transfer (the ramp-up included) and, in brackets, over its second half (a download's timed where it arrives; an upload's halfway point is when the sender had written half, early by what the tunnel's and the kernel's buffers hold, so its second half reads low). The bandwidth-delay product is 12.5 MB: a stream's flow-control window must be at least that to fill the link. {} Bottleneck bytes per payload byte: what the link carried for the transfer (headers, ACKs excluded, every retransmission) over the bytes delivered; packets dropped: what its queue refused (a super-frame counts once).\n\n",
             report["wan"]["rtt_ms"],
             report["wan"]["rate_label"].as_str().unwrap_or(""),
             report["wan"]["rtt_ms"].as_u64().unwrap_or(0) / 2,
@@ -1597,6 +1597,10 @@ fn write_report(report: &Value) {
             report["wan"]["queue"].as_str().unwrap_or(""),
             f(&report["wan"]["bytes_per_transfer"]) / 1048576.0,
             report["wan"]["rounds"],
+            match report["wan"]["tcp_buffer"].as_u64() {
+                Some(max) => format!("Kernel TCP's buffers may grow to {} MB here (`BENCH_WAN_TCP_BUFFER`).", max >> 20),
+                None => "Kernel TCP keeps Linux's default buffers (at most 6 MB to receive, 4 MB to send), which caps a TCP connection near 0.2 Gbit/s here.".into(),
+            },
         ));
         wan_table(&mut md, w);
     }

@@ -774,7 +774,8 @@ async fn rendezvous(args: RendezvousArgs) -> Result<(), Failure> {
 /// The rendezvous's node on UDP `listen` and its TCP link listener on the same address and
 /// port. With port 0 the kernel picks the TCP port first and UDP takes the same number; a
 /// number whose UDP side is taken is skipped for another (bounded), so a port some unrelated
-/// program holds cannot fail the start.
+/// program holds cannot fail the start. `[::]` on a host without IPv6 is IPv4 only, for
+/// both, as [`Node::bind`] does for UDP.
 fn bind_udp_and_tcp(
     listen: SocketAddr,
     identity: Arc<Identity>,
@@ -789,28 +790,44 @@ fn bind_udp_and_tcp(
         |e: TransportError| anyhow::anyhow!("{e}; choose another port with --listen ADDR").into();
     if listen.port() != 0 {
         let node = Node::bind(listen, identity, tuning).map_err(udp_failure)?;
-        let tcp = bind_tcp_dual_stack(listen).map_err(|e| tcp_failure(listen, e))?;
+        // Where UDP went: `[::]` may have become `0.0.0.0`.
+        let local = node.local_addr().context("reading the bound address")?;
+        let tcp = bind_tcp_dual_stack(local).map_err(|e| tcp_failure(local, e))?;
         return Ok((node, tcp));
     }
     const ATTEMPTS: usize = 32;
+    let mut at = listen;
     // A number whose UDP side is taken keeps its TCP listener until the end, so the kernel
     // (which prefers odd numbers for bind) offers another one next time.
     let mut refused = Vec::new();
-    for attempt in 1..=ATTEMPTS {
-        let tcp = bind_tcp_dual_stack(listen).map_err(|e| tcp_failure(listen, e))?;
-        let port = tcp.local_addr().map_err(|e| tcp_failure(listen, e))?.port();
-        let addr = SocketAddr::new(listen.ip(), port);
-        match Node::bind(addr, identity.clone(), tuning.clone()) {
+    for _ in 0..ATTEMPTS {
+        let tcp = match bind_tcp_dual_stack(at) {
+            Err(e) if at.ip() == std::net::Ipv6Addr::UNSPECIFIED && crate::quic::no_ipv6(&e) => {
+                at = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0));
+                bind_tcp_dual_stack(at)
+            }
+            other => other,
+        }
+        .map_err(|e| tcp_failure(at, e))?;
+        let port = tcp.local_addr().map_err(|e| tcp_failure(at, e))?.port();
+        match Node::bind(
+            SocketAddr::new(at.ip(), port),
+            identity.clone(),
+            tuning.clone(),
+        ) {
             Ok(node) => return Ok((node, tcp)),
             Err(TransportError::Bind { source, .. })
-                if source.kind() == std::io::ErrorKind::AddrInUse && attempt < ATTEMPTS =>
+                if source.kind() == std::io::ErrorKind::AddrInUse =>
             {
                 refused.push(tcp);
             }
             Err(e) => return Err(udp_failure(e)),
         }
     }
-    unreachable!("the last attempt returns")
+    Err(usage(format!(
+        "no port of {} was free for both UDP and TCP after {ATTEMPTS} tries; choose one with --listen ADDR:PORT",
+        at.ip()
+    )))
 }
 
 /// A TCP listener on `addr`; an IPv6 wildcard takes IPv4 too, as the UDP socket does (some

@@ -38,6 +38,12 @@ pub const RATE: &str = "1gbit";
 const RATE_LABEL: &str = "1 Gbit/s";
 pub const QUEUE: &str = "50ms";
 
+/// `BENCH_WAN_TCP_BUFFER`: how far kernel TCP's buffers may grow in A and B (None: Linux's
+/// defaults, 6 MB to receive and 4 MB to send at most).
+fn tcp_buffer() -> Option<u64> {
+    std::env::var("BENCH_WAN_TCP_BUFFER").ok()?.parse().ok()
+}
+
 /// The three namespaces, the emulator in M (killed with M) and what joins them.
 struct Lab {
     _emulator: Proc,
@@ -52,11 +58,14 @@ struct Lab {
 impl Lab {
     fn new() -> Option<Lab> {
         let tag = std::process::id();
-        let (a, m, b) = (
-            Netns::add(format!("twa{tag}"))?,
-            Netns::add(format!("twm{tag}"))?,
-            Netns::add(format!("twb{tag}"))?,
-        );
+        let made = Netns::add(format!("twa{tag}")).and_then(|a| {
+            let m = Netns::add(format!("twm{tag}"))?;
+            Some((a, m, Netns::add(format!("twb{tag}"))?))
+        });
+        let Some((a, m, b)) = made else {
+            eprintln!("wan: cannot make three network namespaces (not root?): skipped");
+            return None;
+        };
         let (wa, wma, wb, wmb) = (
             format!("wa{tag}"),
             format!("wma{tag}"),
@@ -87,13 +96,15 @@ impl Lab {
         }
         // `BENCH_WAN_TCP_BUFFER=BYTES`: kernel TCP's buffers may grow that far in A and B
         // (Linux's default, 6 MB, caps one TCP connection near 0.2 Gbit/s at 100 ms).
-        if let Ok(max) = std::env::var("BENCH_WAN_TCP_BUFFER") {
+        if let Some(max) = tcp_buffer() {
             for ns in [&a.0, &b.0] {
                 for key in ["net.ipv4.tcp_rmem", "net.ipv4.tcp_wmem"] {
-                    let _ = Command::new("ip")
+                    let set = Command::new("ip")
                         .args(["netns", "exec", ns, "sysctl", "-qw"])
                         .arg(format!("{key}=4096 131072 {max}"))
-                        .status();
+                        .status()
+                        .is_ok_and(|s| s.success());
+                    assert!(set, "wan: cannot set {key} in {ns}");
                 }
             }
         }
@@ -132,9 +143,15 @@ pub fn run() -> Value {
         lab.b.0,
         lab.m.0
     );
-    // Bounded: a stalled transfer must not hold the suite (and the namespaces) forever.
+    // Bounded: a stalled transfer must not hold the suite (and the namespaces) forever. One
+    // round of 1 GiB takes ~10 minutes (the TCP tunnels move ~0.22 Gbit/s, dumbpipe ~0.09).
+    let gib = env_num("BENCH_WAN_BYTES", 1 << 30)
+        .div_ceil(crate::GIB)
+        .max(1);
+    let limit = 2400 * env_num("BENCH_WAN_ROUNDS", 1).max(1) * gib;
     let out = Command::new("timeout")
-        .args(["2400", "ip", "netns", "exec", &lab.a.0])
+        .arg(limit.to_string())
+        .args(["ip", "netns", "exec", &lab.a.0])
         .arg(std::env::current_exe().unwrap())
         .args(["--worker-wan", &lab.a.0, &lab.b.0, &lab.m.0])
         .args([&lab.toward_a, &lab.toward_b])
@@ -169,7 +186,19 @@ pub async fn worker(args: &[&str]) {
         client_ip: IpAddr::from(CLIENT_IP),
     };
     let mut systems = factories(&place, addrs[0], addrs[1]);
-    // The tunnel with quinn's Cubic instead of its default (BBR) on both sides.
+    // The tunnel with quinn's Cubic instead of its default (BBR) on both sides: a script that
+    // runs the same binary with TUNNEL_CONGESTION=cubic.
+    let scripts = crate::process::TempDir::new("wan-cubic");
+    let cubic = scripts.path("tunnel-cubic");
+    std::fs::write(
+        &cubic,
+        format!(
+            "#!/bin/sh\nTUNNEL_CONGESTION=cubic exec {} \"$@\"\n",
+            crate::process::tunnel_bin()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&cubic, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let p = place.clone();
     let (bulk_addr, greet_addr) = (addrs[0], addrs[1]);
     systems.insert(
@@ -177,16 +206,8 @@ pub async fn worker(args: &[&str]) {
         (
             CUBIC,
             Box::new(move || {
-                std::env::set_var("TUNNEL_CONGESTION", "cubic");
-                let sys = crate::tunnel_of(
-                    crate::process::tunnel_bin(),
-                    CUBIC,
-                    &p,
-                    bulk_addr,
-                    greet_addr,
-                );
-                std::env::remove_var("TUNNEL_CONGESTION");
-                Some(sys)
+                let bin = cubic.to_str().unwrap();
+                Some(crate::tunnel_of(bin, CUBIC, &p, bulk_addr, greet_addr))
             }),
         ),
     );
@@ -243,7 +264,7 @@ pub async fn worker(args: &[&str]) {
         "{}",
         json!({
             "rtt_ms": 2 * DELAY_MS, "rate": RATE, "rate_label": RATE_LABEL, "queue": QUEUE,
-            "mtu": 1500,
+            "mtu": 1500, "tcp_buffer": tcp_buffer(),
             "bytes_per_transfer": size, "rounds": rounds,
             "raw": results, "median": medians(&results),
         })
@@ -326,10 +347,12 @@ fn packet_socket(name: &str) -> RawFd {
             std::io::Error::last_os_error()
         );
         let cname = CString::new(name).unwrap();
+        let index = libc::if_nametoindex(cname.as_ptr());
+        assert!(index != 0, "no interface {name}");
         let mut addr: libc::sockaddr_ll = std::mem::zeroed();
         addr.sll_family = libc::AF_PACKET as u16;
         addr.sll_protocol = proto;
-        addr.sll_ifindex = libc::if_nametoindex(cname.as_ptr()) as i32;
+        addr.sll_ifindex = index as i32;
         let bound = libc::bind(
             fd,
             std::ptr::addr_of!(addr).cast(),
@@ -351,12 +374,17 @@ fn packet_socket(name: &str) -> RawFd {
             (libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &size),
             (libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, &size),
         ] {
-            libc::setsockopt(
+            let set = libc::setsockopt(
                 fd,
                 level,
                 opt,
                 std::ptr::from_ref(value).cast(),
                 std::mem::size_of::<libc::c_int>() as u32,
+            );
+            assert!(
+                set == 0,
+                "socket option {opt} on {name}: {}",
+                std::io::Error::last_os_error()
             );
         }
         fd
@@ -364,8 +392,14 @@ fn packet_socket(name: &str) -> RawFd {
 }
 
 /// Frames from `from` to `to`, each held for `delay` (arrival order kept: the delay is the
-/// same for all). What the bottleneck's queue cannot take is dropped there (`tbf`).
+/// same for all). What the bottleneck's queue cannot take is dropped there (`tbf`, counted
+/// by `tc`); any other failure to take or give a frame is said on stderr, so a report of no
+/// drops means none.
 fn forward(from: RawFd, to: RawFd, delay: Duration) {
+    let failed = |what: &str| {
+        let e = std::io::Error::last_os_error();
+        eprintln!("link emulator: {what} failed: {e} (a frame lost outside the bottleneck)");
+    };
     let mut queue: VecDeque<(Instant, Vec<u8>)> = VecDeque::new();
     // An offload header and a frame of up to 64 KB (a segmentation super-frame).
     let mut buf = vec![0u8; 128 * 1024];
@@ -389,7 +423,12 @@ fn forward(from: RawFd, to: RawFd, delay: Duration) {
             // SAFETY: `buf` is writable for its length.
             let n =
                 unsafe { libc::recv(from, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
-            if n <= 0 {
+            if n < 0 {
+                let again =
+                    std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock;
+                if !again {
+                    failed("recv");
+                }
                 break;
             }
             queue.push_back((Instant::now() + delay, buf[..n as usize].to_vec()));
@@ -398,8 +437,11 @@ fn forward(from: RawFd, to: RawFd, delay: Duration) {
         while queue.front().is_some_and(|(due, _)| *due <= now) {
             let (_, frame) = queue.pop_front().unwrap();
             // SAFETY: `frame` is readable for its length. A full bottleneck queue refuses
-            // the frame (ENOBUFS): dropped, as a router would.
-            unsafe { libc::send(to, frame.as_ptr().cast(), frame.len(), 0) };
+            // the frame (ENOBUFS): dropped, as a router would, and counted by `tc`.
+            let sent = unsafe { libc::send(to, frame.as_ptr().cast(), frame.len(), 0) };
+            if sent < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::ENOBUFS) {
+                failed("send");
+            }
         }
     }
 }

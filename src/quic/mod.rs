@@ -388,9 +388,8 @@ impl Transport {
     }
 }
 
-/// Binds a UDP socket with large buffers; an IPv6 wildcard also accepts IPv4.
 /// Whether binding an IPv6 socket failed for want of IPv6 (disabled or not built in).
-fn no_ipv6(e: &std::io::Error) -> bool {
+pub(crate) fn no_ipv6(e: &std::io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL | libc::EPROTONOSUPPORT)

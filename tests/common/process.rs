@@ -330,7 +330,15 @@ fn unused_port() -> u16 {
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
         .unwrap_or(32_768);
-    let span = ephemeral.saturating_sub(LOW).max(1_000);
+    if ephemeral < LOW + 1_000 {
+        // No room below the range: a port the kernel picks, as before.
+        return std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+    }
+    let span = ephemeral - LOW;
     static START: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
     let start = *START.get_or_init(|| {
         let nanos = std::time::SystemTime::now()
