@@ -738,12 +738,7 @@ async fn rendezvous(args: RendezvousArgs) -> Result<(), Failure> {
     // TCP on the UDP socket's own address and port (the TCP link), then the others.
     let mut tcp = vec![link];
     for addr in more_tcp {
-        let listener = bind_tcp_dual_stack(addr).map_err(|e| {
-            usage(format!(
-                "cannot listen on TCP {addr} (for peers whose network drops UDP): {e}; choose another address with --listen ADDR"
-            ))
-        })?;
-        tcp.push(listener);
+        tcp.push(bind_tcp(addr)?);
     }
     let tcp_addrs: Vec<String> = tcp
         .iter()
@@ -781,40 +776,22 @@ fn bind_udp_and_tcp(
     identity: Arc<Identity>,
     tuning: Tuning,
 ) -> Result<(Node, tokio::net::TcpListener), Failure> {
-    let tcp_failure = |addr: SocketAddr, e: std::io::Error| {
-        usage(format!(
-            "cannot listen on TCP {addr} (for peers whose network drops UDP): {e}; choose another address with --listen ADDR"
-        ))
-    };
     let udp_failure =
         |e: TransportError| anyhow::anyhow!("{e}; choose another port with --listen ADDR").into();
     if listen.port() != 0 {
         let node = Node::bind(listen, identity, tuning).map_err(udp_failure)?;
         // Where UDP went: `[::]` may have become `0.0.0.0`.
         let local = node.local_addr().context("reading the bound address")?;
-        let tcp = bind_tcp_dual_stack(local).map_err(|e| tcp_failure(local, e))?;
-        return Ok((node, tcp));
+        return Ok((node, bind_tcp(local)?));
     }
     const ATTEMPTS: usize = 32;
-    let mut at = listen;
     // A number whose UDP side is taken keeps its TCP listener until the end, so the kernel
     // (which prefers odd numbers for bind) offers another one next time.
     let mut refused = Vec::new();
     for _ in 0..ATTEMPTS {
-        let tcp = match bind_tcp_dual_stack(at) {
-            Err(e) if at.ip() == std::net::Ipv6Addr::UNSPECIFIED && crate::quic::no_ipv6(&e) => {
-                at = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0));
-                bind_tcp_dual_stack(at)
-            }
-            other => other,
-        }
-        .map_err(|e| tcp_failure(at, e))?;
-        let port = tcp.local_addr().map_err(|e| tcp_failure(at, e))?.port();
-        match Node::bind(
-            SocketAddr::new(at.ip(), port),
-            identity.clone(),
-            tuning.clone(),
-        ) {
+        let tcp = bind_tcp(listen)?;
+        let at = tcp.local_addr().context("reading the bound address")?;
+        match Node::bind(at, identity.clone(), tuning.clone()) {
             Ok(node) => return Ok((node, tcp)),
             Err(TransportError::Bind { source, .. })
                 if source.kind() == std::io::ErrorKind::AddrInUse =>
@@ -826,12 +803,30 @@ fn bind_udp_and_tcp(
     }
     Err(usage(format!(
         "no port of {} was free for both UDP and TCP after {ATTEMPTS} tries; choose one with --listen ADDR:PORT",
-        at.ip()
+        listen.ip()
     )))
 }
 
-/// A TCP listener on `addr`; an IPv6 wildcard takes IPv4 too, as the UDP socket does (some
-/// hosts default to IPv6 only).
+/// A TCP listener for the TCP link on `addr`; an IPv6 wildcard takes IPv4 too, as the UDP
+/// socket does (some hosts default to IPv6 only), and on a host without IPv6 becomes
+/// `0.0.0.0`, as the UDP socket does too ([`crate::quic::Transport::bind`]).
+fn bind_tcp(addr: SocketAddr) -> Result<tokio::net::TcpListener, Failure> {
+    let bound = match bind_tcp_dual_stack(addr) {
+        Err(e) if addr.ip() == std::net::Ipv6Addr::UNSPECIFIED && crate::quic::no_ipv6(&e) => {
+            bind_tcp_dual_stack(SocketAddr::from((
+                std::net::Ipv4Addr::UNSPECIFIED,
+                addr.port(),
+            )))
+        }
+        other => other,
+    };
+    bound.map_err(|e| {
+        usage(format!(
+            "cannot listen on TCP {addr} (for peers whose network drops UDP): {e}; choose another address with --listen ADDR"
+        ))
+    })
+}
+
 fn bind_tcp_dual_stack(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;

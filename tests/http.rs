@@ -701,34 +701,18 @@ fn per_peer_rules_give_each_peer_only_its_services_and_its_own_cap() {
     let (_nas, nas_port) = device("nas", None);
     let (_web, web_port) = device("web", None);
     let dir = TempDir::new("peers");
-    let udp = free_udp_port();
     let (dad, kid) = (dir.path("dad.pem"), dir.path("kid.pem"));
-    let rules = dir.path("rules.toml");
-    std::fs::write(
-        &rules,
-        format!(
-            "[expose]\nlisten = \"127.0.0.1:{udp}\"\n\
-             [expose.services]\nnas = \"http://127.0.0.1:{nas_port}\"\nweb = \"http://127.0.0.1:{web_port}\"\n\
-             [[expose.peer]]\nid = \"{}\"\nname = \"dad\"\nservices = [\"nas\"]\n\
+    let rules = RulesExpose::start(
+        &dir,
+        &format!("nas = \"http://127.0.0.1:{nas_port}\"\nweb = \"http://127.0.0.1:{web_port}\"\n"),
+        &format!(
+            "[[expose.peer]]\nid = \"{}\"\nname = \"dad\"\nservices = [\"nas\"]\n\
              [[expose.peer]]\nid = \"{}\"\nname = \"kid\"\nservices = [\"web\"]\nmax_streams = 1\n",
             peer_id(&dad),
             peer_id(&kid)
         ),
-    )
-    .unwrap();
-    let _expose = {
-        let p = Proc::spawn(
-            "tunnel expose",
-            Command::new(tunnel_bin())
-                .args(["expose", "--config"])
-                .arg(&rules)
-                .arg("--identity")
-                .arg(dir.path("expose.pem")),
-        );
-        p.line_matching(|l| l.trim_start().starts_with("tunnel connect "));
-        p
-    };
-    let expose_id = format!("{}@127.0.0.1:{udp}", peer_id(&dir.path("expose.pem")));
+    );
+    let expose_id = rules.peer.clone();
     let (dad_c, dad_port, dad_lines) = connect_http(
         &dad,
         &expose_id,

@@ -18,12 +18,16 @@ use common::{random_bytes, sha256};
 const LAB: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/natlab/lab.sh");
 const RENDEZVOUS: &str = "198.51.100.1:3478";
 
-fn lab_available() -> bool {
-    let root = Command::new("id")
+fn is_root() -> bool {
+    Command::new("id")
         .arg("-u")
         .output()
         .map(|o| o.stdout == b"0\n")
-        .unwrap_or(false);
+        .unwrap_or(false)
+}
+
+fn lab_available() -> bool {
+    let root = is_root();
     let tools = ["ip", "nft", "curl", "python3", "ethtool"].iter().all(|t| {
         Command::new("sh")
             .args(["-c", &format!("command -v {t}")])
@@ -2324,12 +2328,7 @@ fn both_networks_drop_udp_and_the_relay_joins_their_tcp_links() {
 /// use"; CI saw it once when an unrelated connection held the number.)
 #[test]
 fn a_rendezvous_on_port_0_finds_a_port_free_for_udp_and_tcp() {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout == b"0\n")
-        .unwrap_or(false);
-    if !(root && have("unshare") && have("python3")) {
+    if !(is_root() && have("unshare") && have("python3")) {
         if std::env::var("TUNNEL_REQUIRE_TOOLS").as_deref() == Ok("1") {
             panic!("needs root, unshare and python3 (TUNNEL_REQUIRE_TOOLS=1)");
         }
