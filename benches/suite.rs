@@ -47,6 +47,13 @@ struct System {
     _dir: Option<TempDir>,
 }
 
+impl System {
+    /// The pids of its own processes.
+    fn pids(&self) -> Vec<u32> {
+        self.pids.iter().map(|(_, p)| *p).collect()
+    }
+}
+
 /// Where a system's two sides run: the side next to the target servers in network namespace
 /// `server_netns` (or here) at `server_ip`, the side next to the clients here at `client_ip`.
 /// On loopback both are 127.0.0.1 here; on the veth path (`veth.rs`) two namespaces.
@@ -624,7 +631,7 @@ async fn dumbpipe_worker() {
     };
     bulk(sys.bulk, 8 << 20, 1, false).await;
     println!("ready");
-    let pids: Vec<u32> = sys.pids.iter().map(|(_, p)| *p).collect();
+    let pids = sys.pids();
     let mut line = String::new();
     while std::io::stdin()
         .read_line(&mut line)
@@ -910,43 +917,50 @@ async fn run_rounds(
         if let Some(worker) = dumbpipe.as_deref_mut() {
             eprintln!("round {}/{rounds}: dumbpipe", round + 1);
             if let Some(m) = worker.measure() {
-                let r = results.entry(DUMBPIPE.into()).or_default();
-                for (k, v) in m {
-                    r.entry(k).or_default().push(v);
-                }
+                push_all(results.entry(DUMBPIPE.into()).or_default(), m);
             }
         }
+        let round = format!("round {}/{rounds}", round + 1);
         for (name, make) in factories {
-            if !wanted(name) {
-                continue;
-            }
-            let Some(sys) = make() else {
-                eprintln!("{name}: not installed, skipped");
+            let Some(sys) = start_system(name, make, &round).await else {
                 continue;
             };
-            eprintln!("round {}/{rounds}: {}", round + 1, sys.name);
-            // Warm up: connections and lazily made state exist before timing.
-            bulk(sys.bulk, 8 << 20, 1, false).await;
-            let pids: Vec<u32> = sys.pids.iter().map(|(_, p)| *p).collect();
-            let r = results.entry(sys.name.clone()).or_default();
-            for (k, v) in measure(sys.bulk, sys.greet, size, &pids).await {
-                r.entry(k).or_default().push(v);
-            }
-            drop(sys);
+            let pids = sys.pids();
+            let m = measure(sys.bulk, sys.greet, size, &pids).await;
+            push_all(results.entry(sys.name.clone()).or_default(), m);
         }
         if wanted(QUINN) {
-            eprintln!("round {}/{rounds}: {QUINN}", round + 1);
+            eprintln!("{round}: {QUINN}");
             if let Some(mut probe) = quinn_probe::Probe::start(place.ns(), place.server_ip) {
                 if let Some(m) = tokio::task::block_in_place(|| probe.measure(size)) {
-                    let r = results.entry(QUINN.into()).or_default();
-                    for (k, v) in m {
-                        r.entry(k).or_default().push(v);
-                    }
+                    push_all(results.entry(QUINN.into()).or_default(), m);
                 }
             }
         }
     }
     results
+}
+
+/// `name`'s system, made and warmed up (its connections and lazily made state exist before
+/// timing), or None when it is not wanted (`BENCH_ONLY`) or not installed.
+async fn start_system(name: &str, make: &Factory, round: &str) -> Option<System> {
+    if !wanted(name) {
+        return None;
+    }
+    let Some(sys) = make() else {
+        eprintln!("{name}: not installed, skipped");
+        return None;
+    };
+    eprintln!("{round}: {}", sys.name);
+    bulk(sys.bulk, 8 << 20, 1, false).await;
+    Some(sys)
+}
+
+/// Adds one round's figures `m` to a system's figures `r`.
+fn push_all(r: &mut BTreeMap<String, Vec<f64>>, m: impl IntoIterator<Item = (String, f64)>) {
+    for (k, v) in m {
+        r.entry(k).or_default().push(v);
+    }
 }
 
 fn medians(results: &Results) -> BTreeMap<String, BTreeMap<String, f64>> {
@@ -993,32 +1007,23 @@ async fn suite() {
     };
     drop(dumbpipe);
     let medians = medians(&results);
-    // Written now too, so a later failure does not lose the rounds.
-    write_report(&json!({
+    // One report, written again as each part ends, so a later failure loses nothing before it.
+    let mut report = json!({
         "machine": machine(), "rounds": rounds, "bytes_per_transfer": size,
-        "raw": results, "median": medians, "scale": {}, "media": null, "veth": null,
-    }));
+        "raw": results, "median": medians, "scale": {}, "media": null, "media_runs": [],
+        "veth": null, "wan": null,
+    });
+    write_report(&report);
     // The 1500-byte-MTU path between two namespaces (`veth.rs`).
-    let veth = if env_num("BENCH_VETH", 1) == 1 {
-        veth::run()
-    } else {
-        Value::Null
-    };
-    write_report(&json!({
-        "machine": machine(), "rounds": rounds, "bytes_per_transfer": size,
-        "raw": results, "median": medians, "scale": {}, "media": null, "veth": veth,
-    }));
+    if env_num("BENCH_VETH", 1) == 1 {
+        report["veth"] = veth::run();
+        write_report(&report);
+    }
     // A 100 ms round trip through a 1 Gbit/s bottleneck (`wan.rs`).
-    let wan = if env_num("BENCH_WAN", 1) == 1 {
-        wan::run()
-    } else {
-        Value::Null
-    };
-    write_report(&json!({
-        "machine": machine(), "rounds": rounds, "bytes_per_transfer": size,
-        "raw": results, "median": medians, "scale": {}, "media": null, "veth": veth,
-        "wan": wan,
-    }));
+    if env_num("BENCH_WAN", 1) == 1 {
+        report["wan"] = wan::run();
+        write_report(&report);
+    }
     eprintln!("scale: {scale_n} idle streams");
     let mut scale_results = BTreeMap::new();
     for (name, make) in &factories[1..] {
@@ -1064,18 +1069,9 @@ async fn suite() {
             }
         }
     }
-    let report = json!({
-        "media": media,
-        "media_runs": media_runs,
-        "machine": machine(),
-        "rounds": rounds,
-        "bytes_per_transfer": size,
-        "raw": results,
-        "median": medians,
-        "scale": scale_results,
-        "veth": veth,
-        "wan": wan,
-    });
+    report["scale"] = json!(scale_results);
+    report["media"] = media;
+    report["media_runs"] = json!(media_runs);
     write_report(&report);
 }
 

@@ -159,8 +159,8 @@ pub async fn client(addr: SocketAddr, peer: PeerId) {
     ep.wait_idle().await;
 }
 
-/// Bytes per second moving `total` bytes over `streams` parallel streams of `conn`.
-/// Bytes/s over the whole transfer and over its second half (`crate::Progress`).
+/// Moves `total` bytes over `streams` parallel streams of `conn`: bytes/s over the whole
+/// transfer and over its second half (`crate::Progress`).
 async fn transfer(conn: &quinn::Connection, upload: bool, total: u64, streams: u64) -> (f64, f64) {
     let per = total / streams;
     let progress = crate::Progress::new(per * streams);

@@ -95,29 +95,34 @@ pub fn run() -> Value {
         lab.a.0, lab.b.0
     );
     // Bounded: a stalled transfer must not hold the suite (and the namespaces) forever.
+    let out = run_worker(3600, &lab.a.0, &["--worker-veth", &lab.a.0, &lab.b.0]);
+    drop(lab);
+    out.unwrap_or_else(|| {
+        eprintln!("veth: the worker gave no results");
+        Value::Null
+    })
+}
+
+/// This bench binary with `args` in namespace `ns`, killed after `limit_s` seconds: the JSON
+/// objects it printed, one per line, merged (what it printed before a failure is kept), or
+/// None if it printed none.
+pub fn run_worker(limit_s: u64, ns: &str, args: &[&str]) -> Option<Value> {
     let out = Command::new("timeout")
-        .args(["3600", "ip", "netns", "exec", &lab.a.0])
+        .arg(limit_s.to_string())
+        .args(["ip", "netns", "exec", ns])
         .arg(std::env::current_exe().unwrap())
-        .args(["--worker-veth", &lab.a.0, &lab.b.0])
+        .args(args)
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())
-        .output();
-    drop(lab);
-    // One JSON line with the rounds, then one with the media figures: what the worker
-    // printed before a failure is kept.
+        .output()
+        .ok()?;
     let mut merged = serde_json::Map::new();
-    if let Ok(o) = out {
-        for line in String::from_utf8_lossy(&o.stdout).lines() {
-            if let Ok(Value::Object(m)) = serde_json::from_str::<Value>(line) {
-                merged.extend(m);
-            }
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if let Ok(Value::Object(m)) = serde_json::from_str::<Value>(line) {
+            merged.extend(m);
         }
     }
-    if merged.is_empty() {
-        eprintln!("veth: the worker gave no results");
-        return Value::Null;
-    }
-    Value::Object(merged)
+    (!merged.is_empty()).then_some(Value::Object(merged))
 }
 
 /// The target servers (bulk, greeting) in namespace `ns` on `ip`: their process and

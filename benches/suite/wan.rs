@@ -20,14 +20,14 @@ use std::collections::VecDeque;
 use std::ffi::CString;
 use std::net::IpAddr;
 use std::os::fd::RawFd;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
 use crate::process::{command_in, Proc};
 use crate::veth::{ip, Netns};
-use crate::{env_num, factories, medians, wanted, Place, Results, QUINN};
+use crate::{env_num, factories, medians, push_all, wanted, Place, Results, QUINN};
 
 const CLIENT_IP: [u8; 4] = [198, 51, 100, 1];
 const SERVER_IP: [u8; 4] = [198, 51, 100, 2];
@@ -149,22 +149,20 @@ pub fn run() -> Value {
         .div_ceil(crate::GIB)
         .max(1);
     let limit = 2400 * env_num("BENCH_WAN_ROUNDS", 1).max(1) * gib;
-    let out = Command::new("timeout")
-        .arg(limit.to_string())
-        .args(["ip", "netns", "exec", &lab.a.0])
-        .arg(std::env::current_exe().unwrap())
-        .args(["--worker-wan", &lab.a.0, &lab.b.0, &lab.m.0])
-        .args([&lab.toward_a, &lab.toward_b])
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output();
+    let out = crate::veth::run_worker(
+        limit,
+        &lab.a.0,
+        &[
+            "--worker-wan",
+            &lab.a.0,
+            &lab.b.0,
+            &lab.m.0,
+            &lab.toward_a,
+            &lab.toward_b,
+        ],
+    );
     drop(lab);
-    let line = out.ok().and_then(|o| {
-        String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .find_map(|l| serde_json::from_str::<Value>(l).ok())
-    });
-    line.unwrap_or_else(|| {
+    out.unwrap_or_else(|| {
         eprintln!("wan: the worker gave no results");
         Value::Null
     })
@@ -218,29 +216,21 @@ pub async fn worker(args: &[&str]) {
     };
     let mut results = Results::new();
     for round in 0..rounds {
+        let round = format!("wan round {}/{rounds}", round + 1);
         for (name, make) in &systems {
-            if !wanted(name) {
-                continue;
-            }
-            let Some(sys) = make() else {
-                eprintln!("{name}: not installed, skipped");
+            let Some(sys) = crate::start_system(name, make, &round).await else {
                 continue;
             };
-            eprintln!("wan round {}/{rounds}: {}", round + 1, sys.name);
-            // Warm up: the connection exists first.
-            crate::bulk(sys.bulk, 8 << 20, 1, false).await;
-            let pids: Vec<u32> = sys.pids.iter().map(|(_, p)| *p).collect();
+            let pids = sys.pids();
             let r = results.entry(sys.name.clone()).or_default();
             for upload in [true, false] {
                 let before = link.counters(upload);
-                for (k, v) in crate::one_way(sys.bulk, size, &pids, upload).await {
-                    r.entry(k).or_default().push(v);
-                }
-                link.record(r, upload, before, size);
+                push_all(r, crate::one_way(sys.bulk, size, &pids, upload).await);
+                push_all(r, link.since(before, upload, size));
             }
         }
         if wanted(QUINN) {
-            eprintln!("wan round {}/{rounds}: {QUINN}", round + 1);
+            eprintln!("{round}: {QUINN}");
             if let Some(mut probe) = crate::quinn_probe::Probe::start(place.ns(), place.server_ip) {
                 let r = results.entry(QUINN.into()).or_default();
                 for (upload, which) in [
@@ -252,10 +242,8 @@ pub async fn worker(args: &[&str]) {
                     else {
                         break;
                     };
-                    for (k, v) in m {
-                        r.entry(k).or_default().push(v);
-                    }
-                    link.record(r, upload, before, size);
+                    push_all(r, m);
+                    push_all(r, link.since(before, upload, size));
                 }
             }
         }
@@ -303,21 +291,19 @@ impl Link {
         Some((after("Sent")?, after("(dropped")?))
     }
 
-    /// What crossed the bottleneck for one transfer: bytes per payload byte (headers and
-    /// every retransmission) and packets it dropped.
-    fn record(
-        &self,
-        r: &mut std::collections::BTreeMap<String, Vec<f64>>,
-        upload: bool,
-        before: Option<(f64, f64)>,
-        size: u64,
-    ) {
+    /// What crossed the bottleneck for one transfer of `size` bytes since `before`: bytes per
+    /// payload byte (headers and every retransmission) and packets it dropped.
+    fn since(&self, before: Option<(f64, f64)>, upload: bool, size: u64) -> Vec<(String, f64)> {
         let dir = if upload { "up" } else { "down" };
-        if let (Some((s0, d0)), Some((s1, d1))) = (before, self.counters(upload)) {
-            r.entry(format!("link_bytes_per_byte_{dir}"))
-                .or_default()
-                .push((s1 - s0) / size as f64);
-            r.entry(format!("dropped_{dir}")).or_default().push(d1 - d0);
+        match (before, self.counters(upload)) {
+            (Some((s0, d0)), Some((s1, d1))) => vec![
+                (
+                    format!("link_bytes_per_byte_{dir}"),
+                    (s1 - s0) / size as f64,
+                ),
+                (format!("dropped_{dir}"), d1 - d0),
+            ],
+            _ => Vec::new(),
         }
     }
 }
